@@ -1,0 +1,218 @@
+"""The Backend protocol the manager talks to, and its value types.
+
+A backend runs *jobs*: it accepts a batch of items, embeds them somewhere
+(Vertex AI batch prediction, or this machine), and streams the results back.
+It knows nothing about SQLite, chunks, retries or deduplication — those live
+in the manager, once. Concrete backends import only this module.
+
+Every method may raise :class:`BackendError`. :class:`PermanentError` means
+"retrying the same call will not help" (a 400/403/404, a model that does not
+exist); any other exception is treated as transient and retried later.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchd.config import Config
+
+
+class JobState(enum.Enum):
+    """A remote job's state, after aiplatform_v1.JobState (names kept, UNSPECIFIED dropped)."""
+
+    QUEUED = "QUEUED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    PARTIALLY_SUCCEEDED = "PARTIALLY_SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+    PAUSED = "PAUSED"
+    EXPIRED = "EXPIRED"
+    UPDATING = "UPDATING"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def has_results(self) -> bool:
+        """True for final states whose output files should be read."""
+        return self in (JobState.SUCCEEDED, JobState.PARTIALLY_SUCCEEDED)
+
+
+_TERMINAL = frozenset(
+    {
+        JobState.SUCCEEDED,
+        JobState.PARTIALLY_SUCCEEDED,
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.EXPIRED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One distinct text to embed. ``key`` is its content hash (see :func:`content_hash`)."""
+
+    key: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """What a backend knows about one remote job."""
+
+    name: str
+    state: JobState
+    error: str | None = None
+    succeeded: int | None = None
+    failed: int | None = None
+    output: str | None = None  # where results live (a gs:// folder, a file path)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultLine:
+    """The answer for one or more items.
+
+    ``keys`` are the content hashes the line answers (classic Vertex lines answer
+    every row with the same text). Exactly one of ``vector`` / ``error`` is set.
+    ``vector`` is a little-endian float32 blob of length ``4 * dimensions``.
+    """
+
+    keys: tuple[str, ...]
+    vector: bytes | None = None
+    error: str | None = None
+    token_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One line of ``batchd check``: what was checked, whether it passed, and why not."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class BackendError(Exception):
+    """A backend call failed; it may succeed if retried later."""
+
+
+class PermanentError(BackendError):
+    """A backend call failed in a way retrying will not fix (bad request, forbidden, no such model)."""
+
+
+class Stopped(Exception):
+    """Raised by a progress callback to abandon a long operation at a safe boundary (shutdown)."""
+
+
+Progress = Callable[[], None]
+"""Called by backends during long operations (per uploaded block, per embedded slice).
+
+It feeds the daemon's watchdog and may raise :class:`Stopped` when shutdown was asked for.
+"""
+
+
+def _noop() -> None:
+    return None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the manager needs from an embedding service. Five calls, all idempotent or best effort."""
+
+    def submit(self, batch_id: int, items: Iterable[Item], progress: Progress = _noop) -> str:
+        """Stage ``items`` and start a job for local batch ``batch_id``; return the job name.
+
+        The job must be findable afterwards with :meth:`find_job` (labels), so a crash after the
+        remote create but before the name is recorded is recoverable. Submitting the same batch twice
+        after a lost response may create a second job only if :meth:`find_job` could not see the
+        first; callers always call ``find_job`` before resubmitting.
+        """
+
+    def find_job(self, batch_id: int) -> str | None:
+        """The name of the job created for ``batch_id`` by this instance, or None."""
+
+    def status(self, job_name: str) -> JobInfo:
+        """The job's current state."""
+
+    def results(self, job_name: str, progress: Progress = _noop) -> Iterator[ResultLine]:
+        """Stream every result line of a finished job, in any order, in bounded memory.
+
+        Lines that cannot be parsed are skipped (their rows count as missing). May be called
+        again from the start after an interruption.
+        """
+
+    def cancel(self, job_name: str) -> None:
+        """Ask for the job to be cancelled. Best effort; never raises for a job already final."""
+
+
+@runtime_checkable
+class Cleanable(Protocol):
+    def cleanup(self, batch_id: int, job_name: str) -> None:
+        """Remove staged input/output of a batch whose results were applied. Idempotent."""
+
+
+@runtime_checkable
+class Checkable(Protocol):
+    def check(self) -> list[CheckResult]:
+        """Probe the service (credentials, bucket, API) and say what works."""
+
+
+@runtime_checkable
+class QueryEmbedder(Protocol):
+    def embed_query(self, text: str) -> bytes:
+        """Embed one search query online; a float32 blob."""
+
+
+def content_hash(text: str, model: str, task_type: str, dimensions: int) -> str:
+    """The key of a text in one embedding space.
+
+    Two chunks with the same key get the same vector, so the key covers everything that changes the
+    vector: model, task type and output dimensionality, not only the text. 32 hex chars (128 bits).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{model}\x1f{task_type}\x1f{dimensions}\x1f".encode())
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def make_backend(config: "Config", instance_id: str) -> Backend:
+    """The only place that names concrete backends."""
+    kind = config.embedding.backend
+    if kind == "vertex":
+        from batchd.backends.vertex import VertexBackend
+
+        return VertexBackend(config, instance_id)
+    if kind == "local":
+        from batchd.backends.local import LocalBackend
+
+        return LocalBackend(config, instance_id)
+    raise PermanentError(f"unknown backend {kind!r}")
+
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CheckResult",
+    "Checkable",
+    "Cleanable",
+    "Item",
+    "JobInfo",
+    "JobState",
+    "PermanentError",
+    "Progress",
+    "QueryEmbedder",
+    "ResultLine",
+    "Stopped",
+    "content_hash",
+    "make_backend",
+]
