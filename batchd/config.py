@@ -253,8 +253,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "queue.min_batch_size",
                           f"{q.min_batch_size} is greater than queue.max_batch_size ({q.max_batch_size})")
 
-    if emb.backend not in ("vertex", "local"):
-        raise ConfigError(src, "embedding.backend", f"must be \"vertex\" or \"local\", got {emb.backend!r}")
+    if emb.backend not in ("vertex", "local") and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
+        raise ConfigError(src, "embedding.backend",
+                          f"must be \"vertex\", \"local\" or a plugin \"package.module:Class\", got {emb.backend!r}")
     if emb.dimensions <= 0:
         raise ConfigError(src, "embedding.dimensions", "must be greater than zero")
     if emb.dimensions > 8192:

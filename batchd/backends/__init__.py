@@ -196,6 +196,16 @@ def make_backend(config: "Config", instance_id: str) -> Backend:
         from batchd.backends.local import LocalBackend
 
         return LocalBackend(config, instance_id)
+    if ":" in kind:
+        # A third-party backend: "package.module:Class", constructed as Class(config, instance_id).
+        import importlib
+
+        module_name, _, attr = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise PermanentError(f"cannot load backend {kind!r}: {e}") from None
+        return cls(config, instance_id)  # type: ignore[no-any-return]
     raise PermanentError(f"unknown backend {kind!r}")
 
 
