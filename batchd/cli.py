@@ -1,0 +1,279 @@
+"""The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
+
+Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check);
+2 usage error; 78 (EX_CONFIG) configuration error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from batchd.backends import Backend, Checkable, make_backend
+from batchd.config import ConfigError, Config, load, resolve_path, vertex_missing
+from batchd.store import Store, StoreError
+
+EX_CONFIG = 78
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"batchd: {message}", err=True)
+    sys.exit(code)
+
+
+class App:
+    """What a command needs, built on first use and closed when the command ends."""
+
+    def __init__(self, config_path: str | None):
+        self.config_path = resolve_path(config_path)
+        self._config: Config | None = None
+        self._store: Store | None = None
+        self._backend: Backend | None = None
+        self._manager: Any = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load(self.config_path)
+            except ConfigError as e:
+                fail(f"config error: {e}", EX_CONFIG)
+        return self._config
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            try:
+                self._store = Store.open(self.config)
+            except StoreError as e:
+                fail(f"database error: {self.config.database.path}: {e}")
+        return self._store
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            try:
+                self._backend = make_backend(self.config, self.store.instance_id)
+            except ConfigError as e:
+                fail(f"config error: {e}", EX_CONFIG)
+            except Exception as e:  # noqa: BLE001 - any construction failure is reported on one line
+                fail(f"backend {self.config.embedding.backend}: {_one_line(e)}")
+        return self._backend
+
+    @property
+    def manager(self) -> Any:
+        if self._manager is None:
+            from batchd.manager import BatchManager
+
+            self._manager = BatchManager(self.store, self.backend, self.config)
+        return self._manager
+
+    def setup_logging(self, stream: Any = None) -> None:
+        from batchd import logs
+
+        logs.configure(self.config.daemon.log_level, stream=stream if stream is not None else sys.stderr)
+
+    def close(self) -> None:
+        closer = getattr(self._backend, "close", None)
+        if callable(closer):
+            closer()
+        if self._store is not None:
+            self._store.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH",
+              help="Configuration file (default: $BATCHD_CONFIG, else /etc/batchd/batchd.toml).")
+@click.version_option(package_name="batchd")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Embed a SQLite table of text chunks with Vertex AI batch jobs (or a local model) into sqlite-vec."""
+    app = App(config_path)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+@main.command()
+@click.argument("file", type=click.File("rb"), default="-")
+@pass_app
+def enqueue(app: App, file: Any) -> None:
+    """Queue texts from JSON Lines: {"id": 17, "text": "..."} per line (id optional).
+
+    Without an id a new row is inserted; with an id an existing row is re-queued when its text changed and left
+    alone when it did not. Bad lines are reported with their number and skipped; exit status 1 if any was.
+    """
+    from batchd.ingest import Rejected, read_jsonl
+
+    app.setup_logging()
+    rejected = 0
+    name = getattr(file, "name", "-")
+
+    def on_reject(r: Rejected) -> None:
+        nonlocal rejected
+        rejected += 1
+        click.echo(f"batchd: enqueue: {name}:{r.line}: {r.reason}; line skipped", err=True)
+
+    done = 0
+    show = sys.stdout.isatty()
+
+    def on_slice(n: int) -> None:
+        nonlocal done
+        done += n
+        if show:
+            click.echo(f"\r  queued {done:,} chunks", nl=False)
+
+    counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    if show and done:
+        click.echo()
+    click.echo(f"inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged} "
+               f"rejected={rejected}")
+    if rejected:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size.")
+@pass_app
+def flush(app: App, force: bool) -> None:
+    """Claim pending chunks into batch jobs and submit them."""
+    app.setup_logging()
+    ids = app.manager.flush_queue(force=force)
+    failed = [b for b in (app.store.batch(i) for i in ids) if b is not None and b.status != "RUNNING"]
+    click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
+    for b in failed:
+        click.echo(f"batchd: flush: batch {b.id} not submitted ({b.status}): {b.error_message}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@pass_app
+def sync(app: App) -> None:
+    """Poll running jobs and apply the results of finished ones."""
+    app.setup_logging()
+    s = app.manager.sync_status()
+    click.echo(f"checked={s.checked} finished={s.finished} applied={s.applied} retried={s.errored - s.failed} "
+               f"failed={s.failed}")
+    for err in s.errors:
+        click.echo(f"batchd: sync: {err}", err=True)
+    if s.errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_app
+def stats(app: App, as_json: bool) -> None:
+    """Queue counts: pending, running (in a batch), ready, failed; batches by status."""
+    st = app.store.queue_stats()
+    if as_json:
+        click.echo(orjson.dumps(st).decode())
+        return
+    click.echo(f"pending  {st['pending']:>10,}")
+    click.echo(f"running  {st['running']:>10,}")
+    click.echo(f"ready    {st['ready']:>10,}")
+    click.echo(f"failed   {st['failed']:>10,}")
+    click.echo("batches  " + "  ".join(f"{k.lower()}={v}" for k, v in st["batches"].items()))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one batch per line.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="How many recent batches.")
+@pass_app
+def jobs(app: App, as_json: bool, limit: int) -> None:
+    """Recent batches: id, status, remote state, counts, age, error."""
+    from batchd.store import parse_iso
+
+    rows = app.store.batches(limit=limit)
+    now = time.time()
+    if as_json:
+        for b in rows:
+            click.echo(orjson.dumps(b.__dict__).decode())
+        return
+    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  {'age':>6}  error")
+    for b in rows:
+        created = parse_iso(b.created_at) or now
+        click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {_age(now - created):>6}  {b.error_message or ''}")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+@main.command()
+@click.option("--failed", is_flag=True, default=True, help="FAILED chunks back to PENDING (the default).")
+@pass_app
+def retry(app: App, failed: bool) -> None:
+    """Put FAILED chunks back in the queue with their attempts reset."""
+    app.setup_logging()
+    n = app.store.retry_failed(time.time())
+    click.echo(f"requeued {n} failed chunk(s)")
+
+
+@main.command()
+@click.argument("batch_id", type=int)
+@pass_app
+def cancel(app: App, batch_id: int) -> None:
+    """Cancel a batch (best effort remotely); its chunks go back to PENDING without counting an attempt."""
+    app.setup_logging()
+    if not app.manager.cancel(batch_id):
+        fail(f"cancel: batch {batch_id} does not exist or is already finished")
+    click.echo(f"cancelled batch {batch_id}")
+
+
+@main.command()
+@pass_app
+def check(app: App) -> None:
+    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
+    cfg = app.config  # exits 78 on a config error
+    click.echo(f"ok    config {app.config_path}")
+    problems = 0
+    try:
+        store = app.store
+    except SystemExit:
+        raise
+    click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
+               f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
+    if cfg.embedding.backend == "vertex":
+        for line in vertex_missing(cfg):
+            click.echo(f"FAIL  vertex: {line}")
+            problems += 1
+        if problems:
+            sys.exit(1)
+    try:
+        backend = make_backend(cfg, store.instance_id)
+    except ConfigError as e:
+        fail(f"config error: {e}", EX_CONFIG)
+    except Exception as e:  # noqa: BLE001
+        click.echo(f"FAIL  backend {cfg.embedding.backend}: {_one_line(e)}")
+        sys.exit(1)
+    click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
+    if isinstance(backend, Checkable):
+        for r in backend.check():
+            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
+            problems += 0 if r.ok else 1
+    closer = getattr(backend, "close", None)
+    if callable(closer):
+        closer()
+    if problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,223 @@
+"""A complete Backend implementation for tests: it "embeds" by hashing text, keeping its jobs as files.
+
+It is a real backend, loaded through the real plugin hook
+(``[embedding] backend = "tests.fakes.membackend:MemoryBackend"``, with the repository on PYTHONPATH), so it
+works inside a daemon subprocess too. State lives in a folder: ``$BATCHD_TEST_BACKEND_DIR``, else
+``<database folder>/testbackend``. Jobs are JSON files there; nothing is kept only in memory, so a restarted
+process sees the same jobs.
+
+Knobs live in ``knobs.json`` in that folder and are re-read on every call, so a test can change them while a
+daemon runs (use :func:`set_knobs`). All optional:
+
+- ``shuffle`` (bool): answer lines in a random order.
+- ``drop_every`` (int N): leave every Nth item (in submitted order) out of the output.
+- ``fail_every`` (int N): answer every Nth item with an error line ("status: simulated line failure").
+- ``fail_texts`` (list[str]): items whose text contains one of these get an error line.
+- ``final_state`` (str): the state jobs end in (default SUCCEEDED): FAILED, CANCELLED, EXPIRED,
+  PARTIALLY_SUCCEEDED.
+- ``polls_to_finish`` (int): status() calls a job answers RUNNING before it ends (default 0).
+- ``never_finish`` (bool): jobs stay RUNNING.
+- ``submit_errors`` (int N): the next N submits raise a transient error without creating anything.
+- ``submit_permanent`` (str): every submit raises PermanentError with this message.
+- ``lose_create`` (int N): the next N submits create the job, then raise (the lost-response case).
+- ``status_errors`` (int N): the next N status() calls raise a transient error.
+- ``block`` (str): "submit" | "status" | "results" — that call blocks forever (a wedged worker).
+- ``result_delay`` (float seconds): sleep this long before each result line (a slow sync).
+
+Counters (``submits``, ``creates``, ``cancels``, ``lines_sent``) are kept in ``counters.json`` for assertions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from batchd.backends import (
+    BackendError,
+    CheckResult,
+    Item,
+    JobInfo,
+    JobState,
+    PermanentError,
+    Progress,
+    ResultLine,
+)
+
+_lock = threading.Lock()
+
+
+def fake_vector(text: str, dimensions: int) -> bytes:
+    """The deterministic vector this backend returns for a text (float32 little-endian)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < 4 * dimensions:
+        digest = hashlib.sha256(f"{counter}\x00{text}".encode()).digest()
+        for i in range(0, len(digest), 2):
+            value = (int.from_bytes(digest[i:i + 2], "little") / 65535.0) * 2 - 1
+            out += struct.pack("<f", value)
+        counter += 1
+    return bytes(out[: 4 * dimensions])
+
+
+def backend_dir(config: Any) -> Path:
+    env = os.environ.get("BATCHD_TEST_BACKEND_DIR")
+    return Path(env) if env else config.state_dir / "testbackend"
+
+
+def set_knobs(folder: Path, **knobs: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "knobs.json", knobs)
+
+
+def read_counters(folder: Path) -> dict[str, int]:
+    return _read_json(folder / "counters.json", {})
+
+
+def jobs_for_batch(folder: Path, batch_id: int) -> list[dict[str, Any]]:
+    return [_read_json(p, {}) for p in sorted(folder.glob(f"job-{batch_id}-*.json"))]
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class MemoryBackend:
+    def __init__(self, config: Any, instance_id: str):
+        self.dimensions = config.embedding.dimensions
+        self.instance_id = instance_id
+        self.dir = backend_dir(config)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -------------------------------------------------------------- knobs and counters
+
+    def _knobs(self) -> dict[str, Any]:
+        return _read_json(self.dir / "knobs.json", {})
+
+    def _take(self, knob: str) -> bool:
+        """Consume one unit of a counted knob; True if it was still positive."""
+        with _lock:
+            knobs = self._knobs()
+            n = int(knobs.get(knob, 0) or 0)
+            if n <= 0:
+                return False
+            knobs[knob] = n - 1
+            _write_json(self.dir / "knobs.json", knobs)
+            return True
+
+    def _count(self, name: str, by: int = 1) -> None:
+        with _lock:
+            c = read_counters(self.dir)
+            c[name] = c.get(name, 0) + by
+            _write_json(self.dir / "counters.json", c)
+
+    def _block(self, call: str) -> None:
+        while self._knobs().get("block") == call:
+            time.sleep(0.2)
+
+    # -------------------------------------------------------------- the protocol
+
+    def submit(self, batch_id: int, items: Iterable[Item], progress: Progress = lambda: None) -> str:
+        self._block("submit")
+        self._count("submits")
+        knobs = self._knobs()
+        if knobs.get("submit_permanent"):
+            raise PermanentError(str(knobs["submit_permanent"]))
+        if self._take("submit_errors"):
+            raise BackendError("503 simulated: service unavailable")
+        rows = [[it.key, it.text] for it in items]
+        progress()
+        n = len(list(self.dir.glob(f"job-{batch_id}-*.json")))
+        name = f"memjobs/{self.instance_id}/{batch_id}/{n}"
+        _write_json(self._path(name), {"name": name, "batch_id": batch_id, "instance": self.instance_id,
+                                       "items": rows, "polls": 0, "cancelled": False, "created": time.time()})
+        self._count("creates")
+        self._count("lines_sent", len(rows))
+        if self._take("lose_create"):
+            raise BackendError("simulated: connection reset after the job was created")
+        return name
+
+    def find_job(self, batch_id: int) -> str | None:
+        for job in jobs_for_batch(self.dir, batch_id):
+            if job.get("instance") == self.instance_id:
+                return str(job["name"])
+        return None
+
+    def status(self, job_name: str) -> JobInfo:
+        self._block("status")
+        if self._take("status_errors"):
+            raise BackendError("429 simulated: quota exceeded")
+        job = self._load(job_name)
+        knobs = self._knobs()
+        if job["cancelled"]:
+            return JobInfo(job_name, JobState.CANCELLED, error="cancelled by request")
+        job["polls"] += 1
+        _write_json(self._path(job_name), job)
+        if knobs.get("never_finish") or job["polls"] <= int(knobs.get("polls_to_finish", 0)):
+            return JobInfo(job_name, JobState.RUNNING)
+        state = JobState(knobs.get("final_state", "SUCCEEDED"))
+        error = None if state.has_results else f"simulated {state.value.lower()} job"
+        return JobInfo(job_name, state, error=error, output=str(self._path(job_name)))
+
+    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
+        self._block("results")
+        job = self._load(job_name)
+        knobs = self._knobs()
+        fail_texts = knobs.get("fail_texts") or []
+        lines: list[ResultLine] = []
+        for n, (key, text) in enumerate(job["items"], start=1):
+            if knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0:
+                continue
+            if (knobs.get("fail_every") and n % int(knobs["fail_every"]) == 0) or any(s in text for s in fail_texts):
+                lines.append(ResultLine((key,), error="status: simulated line failure"))
+            else:
+                lines.append(ResultLine((key,), vector=fake_vector(text, self.dimensions), token_count=len(text.split())))
+        if knobs.get("shuffle"):
+            random.Random(job_name).shuffle(lines)
+        delay = float(knobs.get("result_delay", 0) or 0)
+        for line in lines:
+            if delay:
+                time.sleep(delay)
+            yield line
+
+    def cancel(self, job_name: str) -> None:
+        self._count("cancels")
+        try:
+            job = self._load(job_name)
+        except BackendError:
+            return
+        job["cancelled"] = True
+        _write_json(self._path(job_name), job)
+
+    def check(self) -> list[CheckResult]:
+        return [CheckResult("memory backend folder", self.dir.is_dir(), str(self.dir))]
+
+    def embed_query(self, text: str) -> bytes:
+        return fake_vector(text, self.dimensions)
+
+    # -------------------------------------------------------------- files
+
+    def _path(self, job_name: str) -> Path:
+        _, _, batch_id, n = job_name.split("/")
+        return self.dir / f"job-{batch_id}-{n}.json"
+
+    def _load(self, job_name: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._path(job_name).read_text())
+        except (FileNotFoundError, ValueError):
+            raise PermanentError(f"no such job {job_name}") from None
