@@ -126,7 +126,8 @@ class BatchManager:
             batch_id, n = claimed
             created.append(batch_id)
             log.info("batch.claimed", batch_id=batch_id, chunks=n)
-            self._submit(batch_id)
+            if self._submit(batch_id) is None:
+                break  # the service is refusing or failing: try again next cycle, not in a tight loop
             self.progress()
             pending, _ = self.store.pending_summary()
             if pending <= 0 or (not force and pending < threshold and not self.should_flush()):

@@ -11,6 +11,7 @@ daemon runs (use :func:`set_knobs`). All optional:
 
 - ``shuffle`` (bool): answer lines in a random order.
 - ``drop_every`` (int N): leave every Nth item (in submitted order) out of the output.
+- ``drop_texts`` (list[str]): items whose text is one of these are left out of the output.
 - ``fail_every`` (int N): answer every Nth item with an error line ("status: simulated line failure").
 - ``fail_texts`` (list[str]): items whose text contains one of these get an error line.
 - ``final_state`` (str): the state jobs end in (default SUCCEEDED): FAILED, CANCELLED, EXPIRED,
@@ -179,9 +180,10 @@ class MemoryBackend:
         job = self._load(job_name)
         knobs = self._knobs()
         fail_texts = knobs.get("fail_texts") or []
+        drop_texts = set(knobs.get("drop_texts") or [])
         lines: list[ResultLine] = []
         for n, (key, text) in enumerate(job["items"], start=1):
-            if knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0:
+            if (knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0) or text in drop_texts:
                 continue
             if (knobs.get("fail_every") and n % int(knobs["fail_every"]) == 0) or any(s in text for s in fail_texts):
                 lines.append(ResultLine((key,), error="status: simulated line failure"))

@@ -1,0 +1,105 @@
+"""Shared fixtures: real SQLite files in tmp_path, the real store, the file-backed test backend."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from batchd.config import Config, from_dict
+from batchd.manager import BatchManager
+from batchd.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+MEMBACKEND = "tests.fakes.membackend:MemoryBackend"
+
+
+class Clock:
+    """Time passed in by hand: tests step max_wait and job_timeout without sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        if isinstance(v, dict):
+            out.setdefault(k, {}).update(v)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    def make(**sections: dict[str, Any]) -> Config:
+        base = {
+            "database": {"path": str(tmp_path / "app.db")},
+            "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
+            "embedding": {"backend": MEMBACKEND, "model": "test-model", "dimensions": 16},
+        }
+        return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
+
+    return make
+
+
+@pytest.fixture
+def world(make_config: Callable[..., Config], clock: Clock, tmp_path: Path) -> Callable[..., Any]:
+    """Build (config, store, backend, manager) on the test backend; closes the stores at teardown."""
+    from batchd.backends import make_backend
+
+    opened: list[Store] = []
+
+    class World:
+        def __init__(self, config: Config):
+            self.config = config
+            self.store = Store.open(config)
+            opened.append(self.store)
+            self.backend = make_backend(config, self.store.instance_id)
+            self.manager = BatchManager(self.store, self.backend, config, clock=clock)
+            self.clock = clock
+            self.dir = tmp_path / "testbackend"
+
+        def knobs(self, **knobs: Any) -> None:
+            from tests.fakes.membackend import set_knobs
+
+            set_knobs(self.dir, **knobs)
+
+    def build(**sections: dict[str, Any]) -> World:
+        return World(make_config(**sections))
+
+    yield build
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def batchd_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running the real `batchd` console script in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("BATCHD_CONFIG", None)
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("JOURNAL_STREAM", None)
+    return env
+
+
+def batchd_cmd() -> list[str]:
+    """The installed console script next to this interpreter, else `python -m batchd.cli`."""
+    exe = Path(sys.executable).parent / "batchd"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "batchd.cli"]
