@@ -275,5 +275,39 @@ def check(app: App) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--once", is_flag=True, help="One recovery + flush + sync cycle, then exit (cron, systemd timer).")
+@click.option("--until-idle", is_flag=True, help="Flush and sync until nothing is pending or running, then exit.")
+@click.option("--poll", default="5s", show_default=True, metavar="DURATION",
+              help="With --until-idle: the pause between cycles.")
+@pass_app
+def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
+    """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
+    from batchd import daemon, logs
+    from batchd.config import parse_duration
+    from batchd.systemd import Notifier
+
+    if once and until_idle:
+        raise click.UsageError("--once and --until-idle cannot be combined")
+    try:
+        poll_s = parse_duration(poll)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--poll") from None
+    logs.configure(app.config.daemon.log_level, stream=sys.stdout)
+    worker = daemon.Worker(app.manager, notifier=Notifier())
+    if once:
+        sys.exit(daemon.run_once(worker))
+    if until_idle:
+        show = sys.stderr.isatty()
+
+        def on_cycle(st: dict[str, Any]) -> None:
+            if show:
+                click.echo(f"pending={st['pending']:,} running={st['running']:,} ready={st['ready']:,} "
+                           f"failed={st['failed']:,}", err=True)
+
+        sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
+    sys.exit(daemon.serve(worker))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

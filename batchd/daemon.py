@@ -1,0 +1,420 @@
+"""The long-running worker: APScheduler wiring, signals and the watchdog. No queue logic of its own.
+
+Three ways to run a :class:`Worker` (one BatchManager, one Store connection):
+
+- :func:`serve` — ``batchd run``: a BlockingScheduler with a ONE-thread executor and two interval jobs
+  (flush, sync), so every database call happens on that one thread, one at a time.
+- :func:`run_once` — ``batchd run --once``: recover + flush (forced if anything is pending) + sync, then exit.
+- :func:`run_until_idle` — ``batchd run --until-idle``: flush + sync every ``poll`` seconds until nothing is
+  pending or running.
+
+Shutdown: SIGTERM/SIGINT only set a flag. The manager's ``progress`` hook (called at every slice boundary)
+raises :class:`~batchd.backends.Stopped` once the flag is set, so the running step stops between two
+committed slices; the scheduler is shut down, STOPPING=1 is sent and the process exits 0. A second signal
+exits at once (SQLite's transactions keep the database whole).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import structlog
+
+from batchd.backends import Stopped
+from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
+
+log = structlog.get_logger("batchd.daemon")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+MAX_BACKOFF = 600.0  # seconds; a failing step is retried at least this often
+GIVE_UP_AFTER = 5  # --until-idle: consecutive failures of one step before exiting non-zero
+STOP_TIMEOUT = 60.0  # seconds to wait for the running step after SIGTERM (below the unit's TimeoutStopSec)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepState:
+    """Failure bookkeeping for one step (flush, sync, recover): consecutive errors and backoff."""
+
+    name: str
+    interval: float
+    consecutive: int = 0
+    failures: int = 0
+    first_failure: float | None = None
+    retry_at: float = 0.0
+    last_error: str = ""
+
+    def failed(self, now: float, error: str) -> float:
+        """Record a failure; return the backoff (seconds) before the step runs again."""
+        self.consecutive += 1
+        self.failures += 1
+        self.last_error = error
+        if self.first_failure is None:
+            self.first_failure = now
+        # 1st failure: retried at the next tick; then 1, 3, 7, ... extra intervals, capped.
+        delay = min(self.interval * (2 ** (self.consecutive - 1) - 1), max(MAX_BACKOFF, self.interval))
+        self.retry_at = now + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.consecutive, self.first_failure, self.retry_at, self.last_error = 0, None, 0.0, ""
+
+
+@dataclass
+class Outcome:
+    ok: bool = True
+    stopped: bool = False
+    skipped: bool = False
+    value: Any = None
+
+
+@dataclass
+class LastResults:
+    """What the STATUS= line reports besides the counts."""
+
+    sync_at: float | None = None
+    applied: int = 0
+    flush_at: float | None = None
+    submitted: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs the manager's steps through one wrapper that catches, logs, counts, backs off and logs recovery.
+
+    It installs itself as the manager's ``progress`` hook: every slice boundary feeds the watchdog and
+    raises :class:`Stopped` once :attr:`stop` is set.
+    """
+
+    def __init__(self, manager: Any, *, notifier: Notifier | None = None, health: Health | None = None,
+                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic):
+        self.manager = manager
+        self.notifier = notifier or Notifier({})
+        self.health = health or Health()
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        q = manager.config.queue
+        self.steps = {
+            "recover": StepState("recover", float(q.flush_interval)),
+            "flush": StepState("flush", float(q.flush_interval)),
+            "sync": StepState("sync", float(q.sync_interval)),
+        }
+        self.last = LastResults()
+        self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
+        manager.progress = self.progress
+
+    # ------------------------------------------------------------------ hooks
+
+    def progress(self) -> None:
+        """The manager's slice-boundary hook: record progress for the watchdog; abandon the step on shutdown."""
+        self.health.progress()
+        if self.stop.is_set():
+            raise Stopped()
+
+    # ------------------------------------------------------------------ steps
+
+    def recover(self) -> Outcome:
+        return self._step("recover", self.manager.recover)
+
+    def flush(self, force: bool | None = None) -> Outcome:
+        """Submit batches when the queue is due (or always, when ``force``; None = force if anything is pending)."""
+        def flush() -> list[int]:
+            f = force
+            if f is None:
+                f = self.manager.get_queue_stats()["pending"] > 0
+            return self.manager.flush_queue(force=f)
+
+        out = self._step("flush", flush)
+        if out.ok and not out.skipped:
+            self.last.flush_at, self.last.submitted = time.time(), len(out.value or [])
+        return out
+
+    def sync(self) -> Outcome:
+        out = self._step("sync", self.manager.sync_status)
+        if out.ok and not out.skipped and out.value is not None:
+            summary = out.value
+            self.last.sync_at, self.last.applied = time.time(), summary.applied
+            out.stopped = out.stopped or summary.stopped
+            if summary.checked or summary.finished or summary.errors:
+                log.info("sync.done", **summary.as_dict())
+        return out
+
+    def _step(self, name: str, fn: Callable[[], Any]) -> Outcome:
+        state = self.steps[name]
+        if self.stop.is_set():
+            return Outcome(skipped=True, stopped=True)
+        now = self.clock()
+        if now < state.retry_at:
+            log.debug("daemon.step_backoff", step=name, retry_in_s=round(state.retry_at - now, 1))
+            return Outcome(skipped=True)
+        with self.busy:
+            self.health.begin(name)
+            started = time.monotonic()
+            try:
+                value = fn()
+            except Stopped:
+                log.info("daemon.step_stopped", step=name)
+                return Outcome(stopped=True)
+            except Exception as e:  # noqa: BLE001 - the one place a failing step is caught
+                delay = state.failed(self.clock(), _describe(e))
+                log.error("daemon.step_failed", step=name, error=_describe(e),
+                          consecutive_failures=state.consecutive, failures_total=state.failures,
+                          retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
+                return Outcome(ok=False)
+            finally:
+                self.health.end()
+            duration_ms = round((time.monotonic() - started) * 1000)
+        if state.consecutive:
+            log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
+                     down_s=round(self.clock() - (state.first_failure or self.clock()), 1))
+        state.succeeded()
+        log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
+        return Outcome(value=value)
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> dict[str, Any] | None:
+        try:
+            return dict(self.manager.get_queue_stats())
+        except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
+            log.warning("daemon.stats_failed", error=_describe(e))
+            return None
+
+    def status_line(self, stats: dict[str, Any] | None = None) -> str:
+        """e.g. ``pending=150 running=500 ready=12000 failed=5; last sync 14:05:12 applied 1000``."""
+        stats = stats if stats is not None else self.stats()
+        parts = []
+        if stats is not None:
+            parts.append(" ".join(f"{k}={stats.get(k, 0)}" for k in ("pending", "running", "ready", "failed")))
+        if self.last.sync_at is not None:
+            parts.append(f"last sync {_hms(self.last.sync_at)} applied {self.last.applied}")
+        if self.last.flush_at is not None and self.last.submitted:
+            parts.append(f"last flush {_hms(self.last.flush_at)} submitted {self.last.submitted} batches")
+        for st in self.steps.values():
+            if st.consecutive:
+                parts.append(f"{st.name} failing ({st.consecutive}x): {st.last_error}"[:160])
+        return "; ".join(parts) or "starting"
+
+    def report(self) -> dict[str, Any] | None:
+        """Send STATUS= with the counts and last results; return the counts."""
+        stats = self.stats()
+        self.notifier.status(self.status_line(stats))
+        return stats
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+
+class Signals:
+    """SIGTERM/SIGINT set ``stop``; a second one exits at once. Handlers never log or unwind the stack."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "Signals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            # Second signal: leave now. Whatever transaction was open is rolled back by SQLite.
+            os.write(1, (_json_event("daemon.killed", "warning", signal=signal.Signals(signum).name) + "\n").encode())
+            os._exit(128 + signum)
+        self.received = signum
+        self.stop.set()
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+
+def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
+    """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers import SchedulerNotRunningError
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    q = worker.manager.config.queue
+    notifier = worker.notifier
+    signals = Signals(worker.stop).install()
+    watchdog = _start_watchdog(worker)
+    log.info("daemon.starting", pid=os.getpid(), flush_interval_s=float(q.flush_interval),
+             sync_interval_s=float(q.sync_interval), notify=notifier.enabled,
+             watchdog_s=watchdog.interval if watchdog else None)
+
+    worker.recover()
+    scheduler = BlockingScheduler(
+        executors={"default": ThreadPoolExecutor(max_workers=1)},  # one thread: one SQLite connection user
+        job_defaults={
+            "max_instances": 1,  # a slow sync is never run twice at once
+            "coalesce": True,  # ticks missed during a long step collapse into one run
+            "misfire_grace_time": 3600,  # a run delayed by a long step still happens
+        },
+        timezone=timezone.utc,
+    )
+    now = datetime.now(timezone.utc)
+    scheduler.add_job(lambda: _tick(worker, worker.flush), "interval", seconds=float(q.flush_interval),
+                      id="flush", name="flush", next_run_time=now)
+    scheduler.add_job(lambda: _tick(worker, worker.sync), "interval", seconds=float(q.sync_interval),
+                      id="sync", name="sync", next_run_time=now)
+
+    done = threading.Event()
+    stopper = threading.Thread(target=_stop_scheduler,
+                               args=(worker, scheduler, signals, done, SchedulerNotRunningError),
+                               name="batchd-stopper", daemon=True)
+    stopper.start()
+    if not worker.stop.is_set():
+        notifier.ready(worker.status_line())
+        log.info("daemon.ready", **(worker.stats() or {}))
+        scheduler.start()  # blocks until _stop_scheduler shuts it down
+    done.set()
+
+    # The scheduler no longer starts steps; wait for the one running to reach a slice boundary.
+    if not worker.busy.acquire(timeout=stop_timeout):
+        log.error("daemon.stop_timeout", waited_s=stop_timeout)
+        _flush_streams()
+        os._exit(EXIT_FAILED)
+    worker.busy.release()
+    if watchdog:
+        watchdog.stop()
+    log.info("daemon.stopped", signal=_signame(signals.received))
+    signals.restore()
+    return EXIT_OK
+
+
+def _tick(worker: Worker, step: Callable[[], Outcome]) -> None:
+    step()
+    if not worker.stop.is_set():
+        worker.report()
+
+
+def _stop_scheduler(worker: Worker, scheduler: Any, signals: Signals, done: threading.Event,
+                    not_running: type) -> None:
+    worker.stop.wait()
+    worker.notifier.stopping("stopping: finishing the current slice")
+    log.info("daemon.stopping", signal=_signame(signals.received))
+    while not done.is_set():
+        try:
+            scheduler.shutdown(wait=False)
+            return
+        except not_running:
+            time.sleep(0.05)  # asked to stop before the scheduler started
+
+
+def run_once(worker: Worker) -> int:
+    """``batchd run --once``: recover + flush (forced if anything is pending) + sync. 0, or 1 if a step failed."""
+    signals = Signals(worker.stop).install()
+    try:
+        results = [worker.recover(), worker.flush(force=None), worker.sync()]
+        stats = worker.report()
+        failed = [name for name, out in zip(("recover", "flush", "sync"), results) if not out.ok]
+        sync = results[2].value
+        if sync is not None and sync.errors:
+            failed.append("sync")
+        unsubmitted = [b.id for b in worker.manager.store.batches(["PENDING"]) if not b.google_job_id]
+        if unsubmitted and not worker.stop.is_set():
+            failed.append("submit")
+        stopped = any(o.stopped for o in results)
+        log.info("daemon.once_done", failed_steps=sorted(set(failed)), unsubmitted_batches=unsubmitted,
+                 stopped=stopped, **(stats or {}))
+        return EXIT_FAILED if failed else EXIT_OK
+    finally:
+        signals.restore()
+
+
+def run_until_idle(worker: Worker, poll: float,
+                   on_cycle: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """``batchd run --until-idle``: flush + sync every ``poll`` seconds until nothing is pending or running.
+
+    0 when idle (or stopped by a signal); 1 when a step failed GIVE_UP_AFTER times in a row.
+    """
+    signals = Signals(worker.stop).install()
+    try:
+        worker.recover()
+        while not worker.stop.is_set():
+            worker.flush(force=None)
+            worker.sync()
+            stats = worker.report()
+            if stats is not None:
+                if on_cycle:
+                    on_cycle(stats)
+                if stats["pending"] == 0 and stats["running"] == 0:
+                    log.info("daemon.idle", **stats)
+                    return EXIT_OK
+            broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]
+            if broken:
+                log.error("daemon.gave_up", steps=[s.name for s in broken],
+                          errors=[s.last_error for s in broken])
+                return EXIT_FAILED
+            worker.stop.wait(poll)
+        log.info("daemon.stopped", signal=_signame(signals.received))
+        return EXIT_OK
+    finally:
+        signals.restore()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _start_watchdog(worker: Worker) -> Watchdog | None:
+    interval = watchdog_interval()
+    if not worker.notifier.enabled or interval is None:
+        return None
+    dog = Watchdog(worker.notifier, worker.health, interval)
+    dog.start()
+    return dog
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _hms(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def _signame(signum: int | None) -> str | None:
+    return signal.Signals(signum).name if signum else None
+
+
+def _json_event(event: str, level: str, **fields: Any) -> str:
+    """One log line built without locks (safe inside a signal handler)."""
+    import sys
+
+    import orjson
+
+    from batchd.logs import stream_is_journal
+
+    body = {"timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"), "level": level,
+            "event": event, "logger": "batchd.daemon", **fields}
+    prefix = "<4>" if stream_is_journal(sys.stdout) else ""
+    return prefix + orjson.dumps(body).decode()
+
+
+def _flush_streams() -> None:
+    import sys
+
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except (OSError, ValueError):
+            pass
+
+
+__all__ = ["Worker", "Signals", "serve", "run_once", "run_until_idle", "EXIT_OK", "EXIT_FAILED"]
