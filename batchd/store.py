@@ -174,6 +174,16 @@ class Store:
             self._conn.execute("COMMIT")
 
     @property
+    def sqlite_module(self) -> Any:
+        """The DB-API module in use (stdlib sqlite3 or pysqlite3).
+
+        An application that shares this process with batchd must open its own connections with this same
+        module: two copies of the SQLite library in one process do not share POSIX lock bookkeeping, and
+        closing a connection of one silently drops the other's locks on the same file.
+        """
+        return self._sqlite
+
+    @property
     def sqlite_version(self) -> str:
         return str(self._sqlite.sqlite_version)
 
@@ -277,13 +287,15 @@ class Store:
         def write(batch: list[tuple[int | None, str]]) -> None:
             nonlocal inserted, requeued, unchanged
             with self.transaction() as c:
-                new = [(text, hasher(text), q_at) for cid, text in batch if cid is None]
-                if new:
-                    c.executemany(insert, new)
-                    inserted += len(new)
+                run: list[tuple[str, str, str]] = []  # consecutive rows without id: one executemany, in order
                 for cid, text in batch:
                     if cid is None:
+                        run.append((text, hasher(text), q_at))
                         continue
+                    if run:
+                        c.executemany(insert, run)
+                        inserted += len(run)
+                        run = []
                     old = c.execute(exists, (cid,)).fetchone()
                     if old is None:
                         inserted += 1
@@ -293,6 +305,9 @@ class Store:
                     else:
                         requeued += 1
                     c.execute(upsert, (cid, text, hasher(text), q_at))
+                if run:
+                    c.executemany(insert, run)
+                    inserted += len(run)
             if on_slice:
                 on_slice(len(batch))
 

@@ -75,6 +75,11 @@ def world(make_config: Callable[..., Config], clock: Clock, tmp_path: Path) -> C
             self.clock = clock
             self.dir = tmp_path / "testbackend"
 
+        def app_connect(self) -> Any:
+            """The application's own connection: same SQLite library as batchd (see Store.sqlite_module),
+            but WITHOUT sqlite-vec loaded, as a typical app has it."""
+            return self.store.sqlite_module.connect(self.config.database.path)
+
         def knobs(self, **knobs: Any) -> None:
             from tests.fakes.membackend import set_knobs
 

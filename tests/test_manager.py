@@ -209,13 +209,11 @@ def test_job_past_timeout_is_cancelled_and_treated_as_failed(world):
 
 
 def test_stale_results_are_dropped_text_change_and_delete(world, tmp_path):
-    import sqlite3
-
     w = world()
     enqueue(w, ["alpha", "beta", "gamma", "delta"])
     w.manager.flush_queue(force=True)
-    # The application, on its own connection WITHOUT sqlite-vec (stdlib sqlite3), edits while in flight.
-    app = sqlite3.connect(w.config.database.path)
+    # The application, on its own connection WITHOUT sqlite-vec, edits while in flight.
+    app = w.app_connect()
     app.execute("UPDATE chunks SET content = 'beta, rewritten' WHERE content = 'beta'")
     app.execute("DELETE FROM chunks WHERE content = 'gamma'")
     app.commit()
@@ -273,10 +271,8 @@ def test_texts_in_flight_elsewhere_wait_for_that_job(world):
 
 
 def test_chunks_without_text_fail_at_once_and_are_never_sent(world):
-    import sqlite3
-
     w = world()
-    app = sqlite3.connect(w.config.database.path)
+    app = w.app_connect()
     app.executemany("INSERT INTO chunks(content) VALUES (?)", [("",), ("   ",), ("real text",)])
     app.commit()
     app.close()
