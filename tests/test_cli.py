@@ -1,0 +1,134 @@
+"""The real `batchd` console script in subprocesses, on real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MEMBACKEND, REPO, batchd_cmd
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    p = tmp_path / "batchd.toml"
+    p.write_text(
+        f'[database]\npath = "{tmp_path / "app.db"}"\n'
+        '[queue]\nmin_batch_size = 1\nmax_batch_size = 4\nmax_attempts = 2\n'
+        f'[embedding]\nbackend = "{MEMBACKEND}"\nmodel = "test-model"\ndimensions = 8\n'
+    )
+    return p
+
+
+def run(env, cfg, *args, stdin=None):
+    return subprocess.run([*batchd_cmd(), "--config", str(cfg), *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_enqueue_reports_bad_lines_by_number_and_keeps_the_good(cfg, batchd_env, tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join([
+        '{"id": 1, "text": "first"}',
+        'not json',
+        '{"text": "second"}',
+        '{"id": 3}',
+        '{"id": 4, "text": 12}',
+        '',
+        '{"id": 5, "text": "   "}',
+        '[1, 2]',
+        '{"id": "six", "text": "x"}',
+        '{"text": "third"}',
+    ]) + "\n")
+    r = run(batchd_env, cfg, "enqueue", str(data))
+    assert r.returncode == 1
+    assert r.stdout.strip() == "inserted=3 requeued=0 unchanged=0 rejected=6"
+    errs = r.stderr.strip().splitlines()
+    assert errs[0].startswith(f"batchd: enqueue: {data}:2: not valid JSON (") and errs[0].endswith("; line skipped")
+    assert errs[1:] == [
+        f'batchd: enqueue: {data}:4: no "text" field; line skipped',
+        f'batchd: enqueue: {data}:5: "text" is not a string; line skipped',
+        f'batchd: enqueue: {data}:7: "text" is empty; line skipped',
+        f"batchd: enqueue: {data}:8: not a JSON object; line skipped",
+        f'batchd: enqueue: {data}:9: "id" is not an integer; line skipped',
+    ]
+    # From stdin, ids re-queue on change and are left alone when unchanged.
+    r = run(batchd_env, cfg, "enqueue", stdin='{"id": 1, "text": "first"}\n{"id": 100, "text": "new"}\n')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "inserted=1 requeued=0 unchanged=1 rejected=0"
+
+
+def test_flush_sync_stats_jobs_retry_cancel(cfg, batchd_env, tmp_path):
+    texts = "".join(json.dumps({"text": f"chunk {i}"}) + "\n" for i in range(10))
+    assert run(batchd_env, cfg, "enqueue", stdin=texts).returncode == 0
+    r = run(batchd_env, cfg, "stats", "--json")
+    assert json.loads(r.stdout) == {"pending": 10, "running": 0, "ready": 0, "failed": 0,
+                                    "batches": {"PENDING": 0, "RUNNING": 0, "COMPLETED": 0, "FAILED": 0}}
+    r = run(batchd_env, cfg, "flush")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "submitted 3 batch(es): 1, 2, 3"
+    # Logs go to stderr as JSON (not a terminal); stdout stays the command's output.
+    events = [json.loads(line)["event"] for line in r.stderr.splitlines()]
+    assert events.count("batch.submitted") == 3
+    r = run(batchd_env, cfg, "sync")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "checked=3 finished=3 applied=10 retried=0 failed=0"
+    st = json.loads(run(batchd_env, cfg, "stats", "--json").stdout)
+    assert st["ready"] == 10 and st["batches"]["COMPLETED"] == 3
+    r = run(batchd_env, cfg, "stats")
+    assert "ready            10" in r.stdout
+    jobs = [json.loads(line) for line in run(batchd_env, cfg, "jobs", "--json", "--limit", "2").stdout.splitlines()]
+    assert [j["id"] for j in jobs] == [3, 2] and all(j["status"] == "COMPLETED" for j in jobs)
+    table = run(batchd_env, cfg, "jobs").stdout
+    assert "COMPLETED" in table and "SUCCEEDED" in table
+
+    # A job that fails twice: chunks FAILED (max_attempts 2); retry --failed puts them back.
+    (tmp_path / "testbackend" / "knobs.json").write_text('{"final_state": "FAILED"}')
+    run(batchd_env, cfg, "enqueue", stdin='{"text": "doomed"}\n')
+    for _ in range(2):
+        run(batchd_env, cfg, "flush", "--force")
+        run(batchd_env, cfg, "sync")
+    st = json.loads(run(batchd_env, cfg, "stats", "--json").stdout)
+    assert st["failed"] == 1
+    r = run(batchd_env, cfg, "retry", "--failed")
+    assert r.stdout.strip() == "requeued 1 failed chunk(s)"
+    (tmp_path / "testbackend" / "knobs.json").write_text('{"never_finish": true}')
+    run(batchd_env, cfg, "flush", "--force")
+    batch = json.loads(run(batchd_env, cfg, "jobs", "--json", "--limit", "1").stdout)["id"]
+    r = run(batchd_env, cfg, "cancel", str(batch))
+    assert r.returncode == 0 and r.stdout.strip() == f"cancelled batch {batch}"
+    r = run(batchd_env, cfg, "cancel", str(batch))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"batchd: cancel: batch {batch} does not exist or is already finished"
+    assert json.loads(run(batchd_env, cfg, "stats", "--json").stdout)["pending"] == 1
+
+
+def test_check_on_the_shipped_config_says_what_vertex_lacks(tmp_path, batchd_env):
+    """`batchd check` on a copy of etc/batchd.toml with a writable database path: config valid, database
+    created with sqlite-vec, and what the Vertex backend still lacks as clear lines (no traceback)."""
+    text = (REPO / "etc" / "batchd.toml").read_text()
+    text = text.replace('path = "/var/lib/batchd/batchd.db"', f'path = "{tmp_path / "state" / "batchd.db"}"')
+    p = tmp_path / "batchd.toml"
+    p.write_text(text)
+    r = run(batchd_env, p, "check")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"ok    config {p}"
+    assert lines[1].startswith(f"ok    database {tmp_path / 'state' / 'batchd.db'} (sqlite ")
+    assert "sqlite-vec v0.1" in lines[1]
+    assert "FAIL  vertex: vertex.project is not set" in r.stdout
+    assert "FAIL  vertex: vertex.staging_uri is not set" in r.stdout
+    assert (tmp_path / "state" / "batchd.db").exists()
+
+
+def test_database_errors_are_one_line(tmp_path, batchd_env, cfg):
+    run(batchd_env, cfg, "stats")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace("dimensions = 8", "dimensions = 16"))
+    r = run(batchd_env, bad, "stats")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"batchd: database error: {tmp_path / 'app.db'}: chunks_vec holds 8-dimension "
+                                "vectors but embedding.dimensions is 16; set it back, or drop chunks_vec and "
+                                "re-embed (batchd never drops vectors itself)")

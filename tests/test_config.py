@@ -1,0 +1,110 @@
+"""Configuration: every key validated, errors name file + key + reason, the CLI exits 78 on one line."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from batchd.config import ConfigError, load, parse_duration
+from tests.conftest import REPO, batchd_cmd
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "batchd.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_loads_with_every_default():
+    cfg = load(REPO / "etc" / "batchd.toml")
+    assert cfg.queue.sync_interval == 300 and cfg.queue.max_wait == 1800 and cfg.queue.job_timeout == 48 * 3600
+    assert cfg.embedding.model == "text-embedding-005" and cfg.embedding.dimensions == 768
+    assert cfg.database.chunks_table == "chunks" and cfg.database.text_column == "content"
+
+
+def test_shipped_config_documents_every_key():
+    """The commented etc/batchd.toml is the reference: every dataclass field appears in it."""
+    import dataclasses
+
+    from batchd import config as c
+
+    text = (REPO / "etc" / "batchd.toml").read_text()
+    for section in dataclasses.fields(c.Config):
+        if section.name == "source":
+            continue
+        assert f"[{section.name}]" in text
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            assert f"\n{f.name} = " in text, f"{section.name}.{f.name} missing from etc/batchd.toml"
+
+
+@pytest.mark.parametrize(
+    "body, key, reason",
+    [
+        ("[queue]\nmin_batch_sise = 5\n", "queue.min_batch_sise", "unknown key"),
+        ("[quue]\n", "quue", "unknown section"),
+        ("[queue]\nmax_attempts = \"3\"\n", "queue.max_attempts", "expected an integer, got a string"),
+        ("[queue]\nmax_wait = \"30 minutes\"\n", "queue.max_wait", "is not a duration"),
+        ("[queue]\nsync_interval = \"0s\"\n", "queue.sync_interval", "greater than zero"),
+        ("[vertex]\nstaging_uri = \"s3://bucket/prefix\"\n", "vertex.staging_uri", "is not a gs://bucket/prefix URI"),
+        ("[vertex]\nstaging_uri = \"gs://\"\n", "vertex.staging_uri", "is not a gs://bucket/prefix URI"),
+        ("[queue]\nmin_batch_size = 500\nmax_batch_size = 100\n", "queue.min_batch_size", "greater than"),
+        ("[embedding]\ndimensions = 0\n", "embedding.dimensions", "greater than zero"),
+        ("[embedding]\ntask_type = \"SEARCH\"\n", "embedding.task_type", "must be one of"),
+        ("[embedding]\nbackend = \"openai\"\n", "embedding.backend", "must be"),
+        ("[queue]\nmax_batch_size = 50000\n", "queue.max_batch_size", "exceeds the 30000 rows"),
+        ("[vertex]\ncleanup = \"yes\"\n", "vertex.cleanup", "expected true or false"),
+        ("[database]\nchunks_table = \"chunks; drop\"\n", "database.chunks_table", "plain SQL identifier"),
+        ("[daemon]\nlog_level = \"loud\"\n", "daemon.log_level", "must be one of"),
+        ("queue = 3\n", "queue", "must be a table"),
+    ],
+)
+def test_bad_values_name_the_file_key_and_reason(tmp_path, body, key, reason):
+    p = write(tmp_path, body)
+    with pytest.raises(ConfigError) as err:
+        load(p)
+    msg = str(err.value)
+    assert msg.startswith(f"{p}: {key}: "), msg
+    assert reason in msg
+    assert "\n" not in msg
+
+
+def test_gemini_allows_big_batches(tmp_path):
+    cfg = load(write(tmp_path, "[embedding]\nmodel = \"gemini-embedding-001\"\n[queue]\nmax_batch_size = 200000\n"))
+    assert cfg.embedding.family == "gemini" and cfg.queue.max_batch_size == 200_000
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load(write(tmp_path, "[queue\n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml")
+
+
+def test_durations():
+    assert parse_duration("30s") == 30 and parse_duration("5m") == 300 and parse_duration("24h") == 86400
+    assert parse_duration("500ms") == 0.5 and parse_duration("2d") == 172800
+    with pytest.raises(ValueError):
+        parse_duration("5 minutes")
+
+
+@pytest.mark.parametrize("command", [["stats"], ["check"], ["flush"], ["enqueue", "/dev/null"]])
+def test_cli_exits_78_with_one_line(tmp_path, batchd_env, command):
+    p = write(tmp_path, "[queue]\nmax_wait = \"soon\"\n")
+    r = subprocess.run([*batchd_cmd(), "--config", str(p), *command], capture_output=True, text=True,
+                       env=batchd_env, timeout=60)
+    assert r.returncode == 78
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0] == f"batchd: config error: {p}: queue.max_wait: 'soon' is not a duration like '30s', '5m' or '24h'"
+
+
+def test_config_path_from_environment(tmp_path, batchd_env):
+    p = write(tmp_path, f"[database]\npath = \"{tmp_path / 'x.db'}\"\n[embedding]\nbackend = \"local\"\n")
+    batchd_env["BATCHD_CONFIG"] = str(p)
+    r = subprocess.run([*batchd_cmd(), "stats", "--json"], capture_output=True, text=True, env=batchd_env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "x.db").exists()
