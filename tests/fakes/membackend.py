@@ -23,7 +23,8 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``lose_create`` (int N): the next N submits create the job, then raise (the lost-response case).
 - ``status_errors`` (int N): the next N status() calls raise a transient error.
 - ``block`` (str): "submit" | "status" | "results" — that call blocks forever (a wedged worker).
-- ``result_delay`` (float seconds): sleep this long before each result line (a slow sync).
+- ``result_delay`` (float seconds): sleep this long before each result line (a slow sync). results()
+  calls ``progress()`` every 50 lines, like a real backend per downloaded block.
 
 Counters (``submits``, ``creates``, ``cancels``, ``lines_sent``) are kept in ``counters.json`` for assertions.
 """
@@ -192,10 +193,12 @@ class MemoryBackend:
         if knobs.get("shuffle"):
             random.Random(job_name).shuffle(lines)
         delay = float(knobs.get("result_delay", 0) or 0)
-        for line in lines:
+        for n, line in enumerate(lines, start=1):
             if delay:
                 time.sleep(delay)
             yield line
+            if n % 50 == 0:
+                progress()  # like a real download, report progress per block (may raise Stopped)
 
     def cancel(self, job_name: str) -> None:
         self._count("cancels")
