@@ -125,7 +125,7 @@ class BatchManager:
                 break
             batch_id, n = claimed
             created.append(batch_id)
-            log.info("batch.claimed", batch_id=batch_id, chunks=n)
+            log.info("batch.claimed", batch_id=batch_id, google_job_id=None, chunks=n)
             if self._submit(batch_id) is None:
                 break  # the service is refusing or failing: try again next cycle, not in a tight loop
             self.progress()
@@ -140,7 +140,7 @@ class BatchManager:
         """Submit a claimed batch. The batch row was committed before this call (rule 1)."""
         if self.store.batch_chunk_count(batch_id) == 0:
             self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status="COMPLETED")
-            log.info("batch.empty", batch_id=batch_id, reason="every chunk changed or was deleted before submit")
+            log.info("batch.empty", batch_id=batch_id, google_job_id=None, reason="every chunk changed or was deleted before submit")
             return None
         started = time.monotonic()
         try:
@@ -149,14 +149,14 @@ class BatchManager:
             reason = f"submit rejected: {e}"
             n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(),
                                                 status="FAILED", error=reason)
-            log.error("batch.submit_failed", batch_id=batch_id, error=str(e), chunks=n, chunks_failed=failed,
+            log.error("batch.submit_failed", batch_id=batch_id, google_job_id=None, error=str(e), chunks=n, chunks_failed=failed,
                       permanent=True)
             return None
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - transient: recorded, retried by recover()
             self.store.note_batch_error(batch_id, f"submit failed, will retry: {_describe(e)}", self.clock())
-            log.warning("batch.submit_retry", batch_id=batch_id, error=_describe(e))
+            log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=_describe(e))
             return None
         self.store.mark_submitted(batch_id, job, self.clock())
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
@@ -181,13 +181,13 @@ class BatchManager:
             except Exception as e:  # noqa: BLE001 - try again at the next cycle
                 self.store.note_batch_error(b.id, f"recovery lookup failed, will retry: {_describe(e)}",
                                             self.clock())
-                log.warning("batch.recover_failed", batch_id=b.id, error=_describe(e))
+                log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=_describe(e))
                 continue
             if found:
                 self.store.mark_submitted(b.id, found, self.clock())
                 log.info("batch.adopted", batch_id=b.id, google_job_id=found)
             else:
-                log.info("batch.resubmit", batch_id=b.id)
+                log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
                 self._submit(b.id)
             handled += 1
             self.progress()
