@@ -309,5 +309,68 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     sys.exit(daemon.serve(worker))
 
 
+@main.command("search")
+@click.argument("text")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="How many results.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one result per line (full text).")
+@pass_app
+def search_cmd(app: App, text: str, k: int, as_json: bool) -> None:
+    """Embed TEXT as a query and print the nearest chunks: rank, chunk id, cosine distance, text."""
+    from batchd.backends import BackendError
+    from batchd.search import search, snippet
+
+    app.setup_logging()
+    try:
+        hits = search(app.store, app.backend, text, k)
+    except BackendError as e:
+        fail(f"search: {_one_line(e)}")
+    for h in hits:
+        if as_json:
+            click.echo(orjson.dumps(h.as_dict()).decode())
+        else:
+            click.echo(f"{h.rank:>3}  {h.chunk_id:>8}  {h.distance:.4f}  {snippet(h.text)}")
+    if not hits and not as_json:
+        click.echo("no results (no chunk has a vector yet: run `batchd flush` and `batchd sync`)", err=True)
+
+
+@main.command()
+@click.option("--dir", "folder", metavar="PATH", type=click.Path(file_okay=False),
+              help="Folder for the demo's config and database (default: a new temporary folder).")
+def demo(folder: str | None) -> None:
+    """Offline demo: embed batchd's own docs with the local model, then run two searches."""
+    from batchd import logs
+    from batchd.backends import BackendError
+    from batchd.demo import run_demo
+    from batchd.search import snippet
+
+    logs.configure("warning", stream=sys.stderr)
+    show = sys.stdout.isatty()
+
+    def progress(st: dict[str, Any]) -> None:
+        done, total = st["ready"], st["ready"] + st["pending"] + st["running"] + st["failed"]
+        click.echo(f"\r  embedded {done:>4}/{total} chunks" if show else f"  embedded {done}/{total} chunks",
+                   nl=not show)
+
+    try:
+        r = run_demo(folder, echo=click.echo, progress=progress)
+    except ConfigError as e:
+        fail(f"config error: {e}", EX_CONFIG)
+    except (StoreError, BackendError, OSError) as e:
+        fail(f"demo: {_one_line(e)}")
+    if show:
+        click.echo()
+    st = r.stats
+    click.echo(f"done     {st['ready']} ready, {st['pending']} pending, {st['running']} running, {st['failed']} "
+               f"failed; batches " + " ".join(f"{k.lower()}={v}" for k, v in st["batches"].items())
+               + f" ({r.embed_seconds:.1f}s)")
+    for query, hits in r.searches:
+        click.echo(f"\nsearch   {query}")
+        for h in hits:
+            click.echo(f"{h.rank:>3}  {h.chunk_id:>5}  {h.distance:.3f}  {snippet(h.text)}")
+    click.echo(f"\nTry your own: batchd --config {r.config_path} search \"how are failed lines retried?\"")
+    if not r.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

