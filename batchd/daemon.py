@@ -293,6 +293,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     if watchdog:
         watchdog.stop()
     log.info("daemon.stopped", signal=_signame(signals.received))
+    notifier.close()
     signals.restore()
     return EXIT_OK
 
@@ -334,6 +335,7 @@ def run_once(worker: Worker) -> int:
                  stopped=stopped, **(stats or {}))
         return EXIT_FAILED if failed else EXIT_OK
     finally:
+        worker.notifier.close()
         signals.restore()
 
 
@@ -365,6 +367,7 @@ def run_until_idle(worker: Worker, poll: float,
         log.info("daemon.stopped", signal=_signame(signals.received))
         return EXIT_OK
     finally:
+        worker.notifier.close()
         signals.restore()
 
 

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import threading
-import warnings
 from typing import Any, TextIO
 
 import orjson
@@ -94,8 +93,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
         cache_logger_on_first_use=False,
     )
 
-    logging.captureWarnings(True)
-    warnings.simplefilter("default")
+    logging.captureWarnings(True)  # warnings.warn() -> logger "py.warnings" -> this pipeline
     sys.excepthook = _excepthook
     threading.excepthook = _thread_excepthook
 

@@ -41,6 +41,13 @@ class Notifier:
         with self._lock:  # the worker and the watchdog thread share one socket
             self._n.notify(message)
 
+    def close(self) -> None:
+        with self._lock:
+            sock = getattr(self._n, "socket", None)
+            if sock is not None:
+                sock.close()
+            self._n = None
+
     def ready(self, status: str | None = None) -> None:
         self.send("READY=1", f"MAINPID={os.getpid()}", *([_status(status)] if status else []))
 
