@@ -108,6 +108,8 @@ class VertexConfig:
     credentials: str = "default"
     cleanup: bool = True
     request_timeout: Duration = Duration(60)
+    retry_backoff: Duration = Duration(1)  # first wait after a 429/5xx; doubles, with jitter
+    retry_deadline: Duration = Duration(300)  # give up retrying one call after this long
 
     @property
     def bucket(self) -> str:
@@ -274,6 +276,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "vertex.api_endpoint", f"{vx.api_endpoint!r} is not a host[:port] or http(s):// URL")
     if not vx.location:
         raise ConfigError(src, "vertex.location", "must not be empty")
+    if vx.retry_backoff > vx.retry_deadline:
+        raise ConfigError(src, "vertex.retry_backoff",
+                          f"{vx.retry_backoff:g}s is longer than vertex.retry_deadline ({vx.retry_deadline:g}s)")
+    if not vx.credentials:
+        raise ConfigError(src, "vertex.credentials",
+                          "must be \"default\", \"anonymous\" or the path of a service-account JSON file")
 
     if loc.batch_size < 1:
         raise ConfigError(src, "local.batch_size", "must be at least 1")

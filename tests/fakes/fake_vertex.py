@@ -1,0 +1,440 @@
+"""A fake Vertex AI JobService speaking the REST wire format, for tests with the real aiplatform client.
+
+It serves create / get / list (label filters, paging) / cancel of batchPredictionJobs and an online
+``:predict``, on a free loopback port, from a thread. Job input is read from the Cloud Storage emulator and
+output JSONL is written back there in the two formats of VERTEX.md, with vectors from :func:`fake_values`.
+Jobs move only when the test says so (:meth:`FakeVertex.step`, :meth:`FakeVertex.finish`).
+
+Knobs (plain attributes, set them before ``finish``): ``shuffle``, ``split``, ``drop``, ``fail``,
+``errors_file``, ``final_state``, ``echo_unknown``, ``output_dims``, ``malformed``; and
+:meth:`FakeVertex.fail_next` (answer N requests with 429/503/400...), ``lose_create`` (create the job, then
+answer 503 or reset the connection).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import random
+import threading
+import urllib.parse
+from array import array
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+
+import orjson
+from google.cloud import aiplatform_v1
+
+FINAL_STATES = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+_FLOW = ("QUEUED", "PENDING", "RUNNING")
+
+
+def fake_values(text: str, dims: int) -> list[float]:
+    """The fake's embedding of ``text``: multiples of 1/8 in [-1, 1], exact in float32, short in JSON."""
+    digest = hashlib.shake_128(text.encode("utf-8", "surrogatepass")).digest(dims)
+    return [((b % 17) - 8) / 8 for b in digest]
+
+
+def fake_vector(text: str, dims: int) -> bytes:
+    """:func:`fake_values` as the little-endian float32 blob batchd stores."""
+    return array("f", fake_values(text, dims)).tobytes()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class FakeVertex:
+    """The fake service. ``with FakeVertex(gcs_client) as fake: ...`` or ``start()`` / ``stop()``."""
+
+    def __init__(self, storage_client: Any, project: str = "proj", location: str = "us-central1") -> None:
+        self.storage = storage_client
+        self.project, self.location = project, location
+        self.jobs: dict[str, aiplatform_v1.BatchPredictionJob] = {}
+        self.requests: list[tuple[str, str]] = []  # (op, path) of every request served
+        self.lock = threading.RLock()
+        # knobs
+        self.shuffle = False
+        self.split = 1
+        self.drop: Callable[[str], bool] = lambda text: False
+        self.fail: Callable[[str], str | None] = lambda text: None
+        self.errors_file = False  # failed lines go to errors_0001.jsonl ({"error": {...}}) instead of status
+        self.final_state = "SUCCEEDED"
+        self.echo_unknown = True  # classic: echo the instance as sent; False keeps only "content"
+        self.output_dims: int | None = None  # force a vector size (tests the length check)
+        self.malformed = 0  # garbage lines added to the first output file
+        self.max_page_size = 1  # small pages, so list callers must follow nextPageToken
+        self.lose_create = 0  # creates whose response is lost after the job was made
+        self.lose_create_mode = "503"  # or "reset": close the connection without an answer
+        self._faults: list[tuple[int, str | None, str]] = []
+        self._seq = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def parent(self) -> str:
+        return f"projects/{self.project}/locations/{self.location}"
+
+    def start(self) -> "FakeVertex":
+        fake = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.fake = fake
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-vertex", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "FakeVertex":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ test controls
+
+    def fail_next(self, status: int, times: int = 1, op: str | None = None, message: str = "") -> None:
+        """Answer the next ``times`` requests (of ``op``: create/get/list/cancel/predict, or any) with ``status``."""
+        with self.lock:
+            self._faults.extend([(status, op, message or f"fake: injected {status}")] * times)
+
+    def count(self, op: str) -> int:
+        with self.lock:
+            return sum(1 for o, _ in self.requests if o == op)
+
+    def state(self, name: str) -> str:
+        with self.lock:
+            return self.jobs[name].state.name.removeprefix("JOB_STATE_")
+
+    def step(self, name: str | None = None) -> None:
+        """Move each (or one) unfinished job one state on: QUEUED, PENDING, RUNNING, then final_state."""
+        for job_name in [name] if name else list(self.jobs):
+            st = self.state(job_name)
+            if st in FINAL_STATES:
+                continue
+            if st == "CANCELLING":
+                self._set_final(job_name, "CANCELLED")
+                continue
+            i = _FLOW.index(st) if st in _FLOW else len(_FLOW) - 1
+            if i + 1 < len(_FLOW):
+                self._set_state(job_name, _FLOW[i + 1])
+            else:
+                self._set_final(job_name, self.final_state)
+
+    def finish(self, name: str | None = None) -> None:
+        """Run each (or one) job to its final state, writing its output."""
+        for _ in range(len(_FLOW) + 1):
+            self.step(name)
+
+    def run_to(self, state: str, name: str | None = None) -> None:
+        for job_name in [name] if name else list(self.jobs):
+            while self.state(job_name) != state and self.state(job_name) not in FINAL_STATES:
+                self.step(job_name)
+
+    def job_names(self) -> list[str]:
+        with self.lock:
+            return list(self.jobs)
+
+    # ------------------------------------------------------------------ state changes
+
+    def _set_state(self, name: str, state: str) -> None:
+        with self.lock:
+            job = self.jobs[name]
+            job.state = aiplatform_v1.JobState[f"JOB_STATE_{state}"]
+            job.update_time = _now()
+            if state == "RUNNING":
+                job.start_time = _now()
+
+    def _set_final(self, name: str, state: str) -> None:
+        with self.lock:
+            job = self.jobs[name]
+        if state in ("SUCCEEDED", "PARTIALLY_SUCCEEDED"):
+            ok, failed = self._write_output(job)
+            with self.lock:
+                job.completion_stats.successful_count = ok
+                job.completion_stats.failed_count = failed
+                job.completion_stats.incomplete_count = 0
+        elif state == "FAILED":
+            job.error.code = 13
+            job.error.message = "fake: the job failed"
+        elif state == "EXPIRED":
+            job.error.code = 4
+            job.error.message = "fake: the job expired in the queue"
+        elif state == "CANCELLED":
+            job.error.code = 1
+            job.error.message = "fake: the job was cancelled"
+        with self.lock:
+            job.state = aiplatform_v1.JobState[f"JOB_STATE_{state}"]
+            job.end_time = job.update_time = _now()
+
+    # ------------------------------------------------------------------ output
+
+    def _write_output(self, job: aiplatform_v1.BatchPredictionJob) -> tuple[int, int]:
+        prefix = job.output_config.gcs_destination.output_uri_prefix
+        stamp = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        folder = prefix.rstrip("/") + f"/prediction-model-{stamp}/"
+        bucket_name, _, base = folder[5:].partition("/")
+        bucket = self.storage.bucket(bucket_name)
+        job.output_info.gcs_output_directory = folder
+
+        lines: Iterator[bytes] = (ln for uri in job.input_config.gcs_source.uris for ln in self._read_lines(uri))
+        if self.shuffle:
+            buffered = list(lines)
+            random.Random(len(buffered)).shuffle(buffered)
+            lines = iter(buffered)
+        names = ["predictions.jsonl"] if self.split <= 1 else \
+            [f"predictions_{i:04d}.jsonl" for i in range(1, self.split + 1)]
+        writers = [bucket.blob(base + n).open("wb", chunk_size=8 * 1024 * 1024) for n in names]
+        errors = bucket.blob(base + "errors_0001.jsonl").open("wb") if self.errors_file else None
+        dims_default = int(dict(job.model_parameters or {}).get("outputDimensionality", 768)) \
+            if job.model_parameters else 768
+        ok = failed = 0
+        try:
+            for i in range(self.malformed):
+                writers[0].write(b'{"instance": {"content": "trunc' if i % 2 == 0 else b"not json at all\n")
+                writers[0].write(b"\n")
+            for i, raw in enumerate(lines):
+                obj = orjson.loads(raw)
+                text, out, err_out = self._answer(obj, dims_default)
+                if self.drop(text):
+                    continue
+                if err_out is not None:
+                    failed += 1
+                    (errors or writers[i % len(writers)]).write(orjson.dumps(err_out) + b"\n")
+                else:
+                    ok += 1
+                    writers[i % len(writers)].write(orjson.dumps(out) + b"\n")
+        finally:
+            for w in writers:
+                w.close()
+            if errors is not None:
+                errors.close()
+        return ok, failed
+
+    def _answer(self, obj: dict[str, Any], dims_default: int) -> tuple[str, Any, Any]:
+        """(text, success line, error line) for one input line; exactly one of the lines is set."""
+        reason_file = self.errors_file
+        if "request" in obj:  # Gemini
+            req = obj["request"]
+            text = req["content"]["parts"][0]["text"]
+            dims = self.output_dims or int(req.get("embed_content_config", {}).get("output_dimensionality", 3072))
+            reason = self.fail(text)
+            if reason:
+                if reason_file:
+                    return text, None, {"key": obj["key"], "request": req, "error": {"code": 3, "message": reason}}
+                return text, None, {"key": obj["key"], "request": req, "status": reason}
+            return text, {"key": obj["key"], "request": req,
+                          "response": {"embedding": {"values": fake_values(text, dims)}}, "status": ""}, None
+        text = obj["content"]
+        dims = self.output_dims or dims_default
+        instance = obj if self.echo_unknown else {"content": text}
+        reason = self.fail(text)
+        if reason:
+            if reason_file:
+                return text, None, {"instance": instance, "error": {"code": 3, "message": reason}}
+            return text, None, {"instance": instance, "predictions": [], "status": reason}
+        pred = {"embeddings": {"statistics": {"token_count": len(text.split()), "truncated": False},
+                               "values": fake_values(text, dims)}}
+        return text, {"instance": instance, "predictions": [pred], "status": ""}, None
+
+    def _read_lines(self, uri: str) -> Iterator[bytes]:
+        bucket_name, _, name = uri[5:].partition("/")
+        with self.storage.bucket(bucket_name).blob(name).open("rb", chunk_size=4 * 1024 * 1024) as f:
+            rest = b""
+            while True:
+                block = f.read(4 * 1024 * 1024)
+                if not block:
+                    break
+                parts = (rest + block).split(b"\n")
+                rest = parts.pop()
+                yield from (p for p in parts if p.strip())
+            if rest.strip():
+                yield rest
+
+    # ------------------------------------------------------------------ request handlers
+
+    def take_fault(self, op: str) -> tuple[int, str] | None:
+        with self.lock:
+            for i, (status, fop, msg) in enumerate(self._faults):
+                if fop is None or fop == op:
+                    del self._faults[i]
+                    return status, msg
+        return None
+
+    def create(self, parent: str, body: bytes) -> aiplatform_v1.BatchPredictionJob:
+        job = aiplatform_v1.BatchPredictionJob.from_json(body.decode(), ignore_unknown_fields=True)
+        if not job.model.startswith("publishers/google/models/"):
+            raise _HTTPError(400, f"fake: unsupported model {job.model!r}")
+        if job.input_config.instances_format != "jsonl" or not job.input_config.gcs_source.uris:
+            raise _HTTPError(400, "fake: input must be jsonl in Cloud Storage")
+        with self.lock:
+            self._seq += 1
+            job.name = f"{parent}/batchPredictionJobs/{1000 + self._seq}"
+            job.state = aiplatform_v1.JobState.JOB_STATE_QUEUED
+            job.create_time = job.update_time = _now()
+            self.jobs[job.name] = job
+        return job
+
+    def list(self, parent: str, query: dict[str, str]) -> dict[str, Any]:
+        terms = [t.strip() for t in query.get("filter", "").split(" AND ") if t.strip()]
+        conds: list[tuple[str, str]] = []
+        for term in terms:
+            field, sep, value = term.partition("=")
+            if not sep:
+                raise _HTTPError(400, f"fake: unsupported filter term {term!r}")
+            conds.append((field.strip(), value.strip().strip('"')))
+        with self.lock:
+            jobs = [j for n, j in self.jobs.items() if n.startswith(parent + "/")]
+        out = []
+        for j in jobs:
+            okay = True
+            for field, value in conds:
+                if field.startswith("labels."):
+                    okay &= dict(j.labels).get(field[7:]) == value
+                elif field == "display_name":
+                    okay &= j.display_name == value
+                elif field == "state":
+                    okay &= j.state.name == value
+                else:
+                    raise _HTTPError(400, f"fake: unsupported filter field {field!r}")
+            if okay:
+                out.append(j)
+        size = min(int(query.get("pageSize") or 100), self.max_page_size)
+        start = int(query.get("pageToken") or 0)
+        page = out[start:start + size]
+        body: dict[str, Any] = {"batchPredictionJobs": [_job_dict(j) for j in page]}
+        if start + size < len(out):
+            body["nextPageToken"] = str(start + size)
+        return body
+
+    def cancel(self, name: str) -> None:
+        with self.lock:
+            job = self.jobs.get(name)
+            if job is None:
+                raise _HTTPError(404, f"fake: {name} not found")
+            st = job.state.name.removeprefix("JOB_STATE_")
+            if st in FINAL_STATES:
+                raise _HTTPError(400, f"fake: job {name} is already {st}", "FAILED_PRECONDITION")
+        self._set_final(name, "CANCELLED")
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        dims = self.output_dims or int((body.get("parameters") or {}).get("outputDimensionality", 768))
+        preds = [{"embeddings": {"values": fake_values(inst["content"], dims),
+                                 "statistics": {"token_count": 1, "truncated": False}}}
+                 for inst in body.get("instances", [])]
+        return {"predictions": preds, "deployedModelId": "", "model": "", "modelVersionId": ""}
+
+
+def _job_dict(job: aiplatform_v1.BatchPredictionJob) -> dict[str, Any]:
+    return json.loads(aiplatform_v1.BatchPredictionJob.to_json(job, use_integers_for_enums=False))
+
+
+class _HTTPError(Exception):
+    def __init__(self, code: int, message: str, status: str | None = None):
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.status = status or {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(code, "UNKNOWN")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeVertex
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path = urllib.parse.unquote(url.path)
+        fake = self.fake
+        if not path.startswith("/v1/"):
+            return self._error(_HTTPError(404, f"fake: no route {path}"))
+        path = path[4:]
+        op, target = _route(method, path)
+        with fake.lock:
+            fake.requests.append((op, path))
+        fault = fake.take_fault(op)
+        if fault is not None:
+            return self._error(_HTTPError(fault[0], fault[1]))
+        try:
+            if op == "create":
+                job = fake.create(target, body)
+                with fake.lock:
+                    lose = fake.lose_create > 0
+                    if lose:
+                        fake.lose_create -= 1
+                if lose:
+                    if fake.lose_create_mode == "reset":
+                        self.close_connection = True
+                        self.connection.close()
+                        return None
+                    return self._error(_HTTPError(503, "fake: the create response was lost"))
+                return self._json(_job_dict(job))
+            if op == "list":
+                return self._json(fake.list(target, query))
+            if op == "get":
+                with fake.lock:
+                    job = fake.jobs.get(target)
+                    if job is None:
+                        raise _HTTPError(404, f"fake: {target} not found")
+                    return self._json(_job_dict(job))
+            if op == "cancel":
+                fake.cancel(target)
+                return self._json({})
+            if op == "predict":
+                return self._json(fake.predict(json.loads(body or b"{}")))
+            raise _HTTPError(404, f"fake: no route {method} {path}")
+        except _HTTPError as e:
+            return self._error(e)
+
+    def _json(self, obj: Any, code: int = 200) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: _HTTPError) -> None:
+        self._json({"error": {"code": e.code, "message": e.message, "status": e.status}}, e.code)
+
+
+def _route(method: str, path: str) -> tuple[str, str]:
+    """('create'|'list'|'get'|'cancel'|'predict'|'unknown', resource) for a path after /v1/."""
+    if path.endswith(":cancel") and method == "POST":
+        return "cancel", path[: -len(":cancel")]
+    if path.endswith(":predict") and method == "POST":
+        return "predict", path[: -len(":predict")]
+    if path.endswith("/batchPredictionJobs"):
+        return ("create" if method == "POST" else "list"), path[: -len("/batchPredictionJobs")]
+    if "/batchPredictionJobs/" in path and method == "GET":
+        return "get", path
+    return "unknown", path
