@@ -82,7 +82,9 @@ class LastResults:
     """What the STATUS= line reports besides the counts."""
 
     sync_at: float | None = None
-    applied: int = 0
+    applied: int = 0  # by the last sync
+    applied_at: float | None = None  # the last sync that applied anything...
+    applied_then: int = 0  # ...and how many
     flush_at: float | None = None
     submitted: int = 0
     extra: dict[str, str] = field(default_factory=dict)
@@ -143,6 +145,8 @@ class Worker:
         if out.ok and not out.skipped and out.value is not None:
             summary = out.value
             self.last.sync_at, self.last.applied = time.time(), summary.applied
+            if summary.applied:
+                self.last.applied_at, self.last.applied_then = self.last.sync_at, summary.applied
             out.stopped = out.stopped or summary.stopped
             if summary.checked or summary.finished or summary.errors:
                 log.info("sync.done", **summary.as_dict())
@@ -197,6 +201,8 @@ class Worker:
             parts.append(" ".join(f"{k}={stats.get(k, 0)}" for k in ("pending", "running", "ready", "failed")))
         if self.last.sync_at is not None:
             parts.append(f"last sync {_hms(self.last.sync_at)} applied {self.last.applied}")
+            if not self.last.applied and self.last.applied_at is not None:
+                parts[-1] += f" (before: {self.last.applied_then} at {_hms(self.last.applied_at)})"
         if self.last.flush_at is not None and self.last.submitted:
             parts.append(f"last flush {_hms(self.last.flush_at)} submitted {self.last.submitted} batches")
         for st in self.steps.values():
@@ -279,8 +285,9 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
                                name="batchd-stopper", daemon=True)
     stopper.start()
     if not worker.stop.is_set():
-        notifier.ready(worker.status_line())
-        log.info("daemon.ready", **(worker.stats() or {}))
+        stats = worker.stats()
+        log.info("daemon.ready", **(stats or {}))
+        notifier.ready(worker.status_line(stats))
         scheduler.start()  # blocks until _stop_scheduler shuts it down
     done.set()
 

@@ -23,6 +23,8 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``lose_create`` (int N): the next N submits create the job, then raise (the lost-response case).
 - ``status_errors`` (int N): the next N status() calls raise a transient error.
 - ``block`` (str): "submit" | "status" | "results" — that call blocks forever (a wedged worker).
+- ``hang_submits`` (int N): the next N submits hang until the process dies (a worker the watchdog must
+  kill; unlike ``block``, the restarted process is not wedged again).
 - ``result_delay`` (float seconds): sleep this long before each result line (a slow sync). results()
   calls ``progress()`` every 50 lines, like a real backend per downloaded block.
 
@@ -136,6 +138,9 @@ class MemoryBackend:
 
     def submit(self, batch_id: int, items: Iterable[Item], progress: Progress = lambda: None) -> str:
         self._block("submit")
+        if self._take("hang_submits"):
+            while True:  # wedged until the process is killed (a restarted process is not affected)
+                time.sleep(1)
         self._count("submits")
         knobs = self._knobs()
         if knobs.get("submit_permanent"):
