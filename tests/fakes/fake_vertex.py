@@ -116,6 +116,10 @@ class FakeVertex:
         with self.lock:
             self._faults.extend([(status, op, message or f"fake: injected {status}")] * times)
 
+    def clear_faults(self) -> None:
+        with self.lock:
+            self._faults.clear()
+
     def count(self, op: str) -> int:
         with self.lock:
             return sum(1 for o, _ in self.requests if o == op)

