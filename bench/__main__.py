@@ -1,0 +1,239 @@
+"""python -m bench [--quick] [--workdir DIR] [--keep]: batchd's benchmarks, a table, then one JSON line.
+
+Every measurement of batchd runs in a child process (the `batchd` console script, or ``python -m bench.steps``)
+so its peak memory and its caches are its own. See the README's "Benchmarks" section for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import data, reference
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 20261130
+
+FULL = {"enqueue": 200_000, "flush": 100_000, "sync": 30_000, "sync_small": 10_000, "stats": 1_000_000,
+        "naive": 30_000}
+QUICK = {k: v // 10 for k, v in FULL.items()}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def step(name: str, **args: Any) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", "bench.steps", name, json.dumps(args)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: step {name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def note(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- preparation (not timed)
+
+def prepare_sync(work: Path, n: int, seed: int) -> tuple[Path, list[Path]]:
+    """A database whose ``n`` chunks are claimed by one RUNNING batch, and that job's finished output."""
+    from batchd.backends import make_backend
+    from batchd.manager import BatchManager
+    from batchd.store import Store
+
+    folder = work / f"job-{n}"
+    files = data.write_classic_output(folder, seed, n)
+    db = work / f"sync-{n}.db"
+    cfg = data.config(db)
+    store = Store.open(cfg)
+    manager = BatchManager(store, make_backend(cfg, store.instance_id), cfg)
+    manager.enqueue((None, t) for t in data.texts(seed, n))
+    claimed = store.claim_batch(n, data.MODEL, time.time())
+    assert claimed is not None and claimed[1] == n, claimed
+    store.mark_submitted(claimed[0], str(folder), time.time())
+    store.close()
+    return db, files
+
+
+def copy_db(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------- measurements
+
+def bench_enqueue(work: Path, n: int) -> dict[str, Any]:
+    jsonl = work / "enqueue.jsonl"
+    size = data.write_enqueue_jsonl(jsonl, SEED, n)
+    db = work / "enqueue.db"
+    toml = work / "enqueue.toml"
+    toml.write_text(data.config_toml(db))
+    exe = shutil.which("batchd", path=str(Path(sys.executable).parent)) or "batchd"
+    started = time.perf_counter()
+    proc = subprocess.run([exe, "--config", str(toml), "enqueue", str(jsonl)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0 or f"inserted={n}" not in proc.stdout:
+        raise SystemExit(f"bench: batchd enqueue failed (exit {proc.returncode}): {proc.stdout} {proc.stderr}")
+    return {"chunks": n, "mb": size / 1e6, "seconds": seconds, "per_s": n / seconds}
+
+
+def bench_stats(work: Path, n: int) -> dict[str, Any]:
+    db = work / "stats.db"
+    expected = reference.build_million(db, n)
+    out = step("stats", db=str(db))
+    got = {k: out["stats"][k] for k in expected}
+    if got != expected:
+        raise SystemExit(f"bench: queue stats {got} != {expected}")
+    return out
+
+
+def bench_concurrency(work: Path, db: Path, n: int) -> dict[str, Any]:
+    stop, out = work / "writer.stop", work / "writer.json"
+    stop.unlink(missing_ok=True)
+    writer = subprocess.Popen([sys.executable, "-m", "bench.reference", "app_writer", str(db), str(stop), str(out)],
+                              cwd=REPO, env=_env())
+    try:
+        time.sleep(1.0)  # let it open its connection and settle
+        result = step("sync", db=str(db), vectors=n)
+    finally:
+        stop.touch()
+        writer.wait(timeout=60)
+    return {"sync": result, "writer": json.loads(out.read_text())}
+
+
+# ---------------------------------------------------------------------- report
+
+def run(sizes: dict[str, int], work: Path) -> dict[str, Any]:
+    r: dict[str, Any] = {"sizes": sizes}
+    note(f"enqueue {sizes['enqueue']:,} chunks through `batchd enqueue`")
+    r["enqueue"] = bench_enqueue(work, sizes["enqueue"])
+    note(f"stats on {sizes['stats']:,} chunks")
+    r["stats"] = bench_stats(work, sizes["stats"])
+
+    note(f"preparing a finished {sizes['sync']:,}-row job and a {sizes['sync_small']:,}-row job")
+    db, files = prepare_sync(work, sizes["sync"], SEED)
+    db_small, _ = prepare_sync(work, sizes["sync_small"], SEED + 7)
+    db_conc = copy_db(db, work / "sync-concurrent.db")
+    flist = [str(f) for f in files]
+    r["json_mb"] = sum(f.stat().st_size for f in files) / 1e6
+
+    note("limit: parse only, then executemany into a fresh vec0 table")
+    r["parse"] = step("limit_parse", files=flist)
+    r["write"] = step("limit_write", files=flist, db=str(work / "limit.db"))
+    note("naive baseline: json + one INSERT + COMMIT per row")
+    r["naive"] = step("naive", files=flist, db=str(work / "naive.db"), limit=sizes["naive"])
+    note(f"sync {sizes['sync']:,} rows")
+    r["sync"] = step("sync", db=str(db), vectors=sizes["sync"])
+    note(f"sync {sizes['sync_small']:,} rows")
+    r["sync_small"] = step("sync", db=str(db_small), vectors=sizes["sync_small"])
+    note(f"sync {sizes['sync']:,} rows with the application writing every 10 ms")
+    r["concurrency"] = bench_concurrency(work, db_conc, sizes["sync"])
+    return r
+
+
+def summarize(r: dict[str, Any]) -> dict[str, float]:
+    n = r["sizes"]["sync"]
+    parse_s, write_s = r["parse"]["seconds"], r["write"]["seconds"]
+    limit = n / (parse_s + write_s)  # batchd parses and writes on one thread: the sum is the honest limit
+    sync = r["sync"]["per_s"]
+    return {
+        "enqueue_per_s": round(r["enqueue"]["per_s"], 1),
+        "flush_per_s": round(r["flush"]["per_s"], 1) if "flush" in r else -1.0,
+        "sync_per_s": round(sync, 1),
+        "limit_per_s": round(limit, 1),
+        "naive_per_s": round(r["naive"]["per_s"], 1),
+        "sync_vs_limit": round(sync / limit, 3),
+        "sync_vs_naive": round(sync / r["naive"]["per_s"], 2),
+        "peak_rss_mb_30k": round(r["sync"]["peak_rss_mb"], 1),
+        "peak_rss_mb_10k": round(r["sync_small"]["peak_rss_mb"], 1),
+        "writer_max_wait_ms": round(r["concurrency"]["writer"]["max_ms"], 1),
+        "stats_1m_ms": round(r["stats"]["median_ms"], 2),
+    }
+
+
+def table(r: dict[str, Any], s: dict[str, float]) -> str:
+    z = r["sizes"]
+    n = z["sync"]
+    overlap = n / max(r["parse"]["seconds"], r["write"]["seconds"])
+    rss_ratio = s["peak_rss_mb_10k"] / s["peak_rss_mb_30k"] if s["peak_rss_mb_30k"] else 0.0
+
+    def ok(good: bool) -> str:
+        return "ok" if good else "MISSED"
+
+    rows = [
+        ("enqueue", f"{z['enqueue']:,} chunks ({r['enqueue']['mb']:.0f} MB JSONL) via `batchd enqueue`",
+         f"{s['enqueue_per_s']:,.0f} chunks/s", ">= 50,000/s", ok(s["enqueue_per_s"] >= 50_000)),
+    ]
+    if "flush" in r:
+        rows.append(("flush", f"{z['flush']:,} pending -> JSONL on the storage emulator -> fake Vertex jobs",
+                     f"{s['flush_per_s']:,.0f} chunks/s", "(reported)", ""))
+    rows += [
+        ("limit: parse", f"orjson.loads + float32 pack, {r['json_mb']:.0f} MB in 3 files",
+         f"{n / r['parse']['seconds']:,.0f} lines/s", f"loads alone {n / r['parse']['loads_seconds']:,.0f}/s", ""),
+        ("limit: write", "executemany into a fresh vec0, one transaction",
+         f"{n / r['write']['seconds']:,.0f} rows/s", "", ""),
+        ("limit", "parse + write, one thread (sum of times)", f"{s['limit_per_s']:,.0f} vectors/s",
+         f"perfect overlap would be {overlap:,.0f}/s", ""),
+        ("naive", f"json + INSERT + COMMIT per row ({r['naive']['rows']:,} rows)",
+         f"{s['naive_per_s']:,.0f} vectors/s", "", ""),
+        ("sync", f"{n:,}-row job, 768 dims, shuffled, 3 files -> chunks_vec",
+         f"{s['sync_per_s']:,.0f} vectors/s", f"{s['sync_vs_limit']:.2f} x limit (>= 0.8)",
+         ok(s["sync_vs_limit"] >= 0.8)),
+        ("", "", "", f"{s['sync_vs_naive']:.1f} x naive (>= 5)", ok(s["sync_vs_naive"] >= 5)),
+        ("peak RSS", f"growth during the {n:,}-row sync", f"{s['peak_rss_mb_30k']:.1f} MB", "<= 150 MB",
+         ok(s["peak_rss_mb_30k"] <= 150)),
+        ("peak RSS", f"growth during the {z['sync_small']:,}-row sync", f"{s['peak_rss_mb_10k']:.1f} MB",
+         f"{rss_ratio:.2f} x the {n:,} run (0.8-1.2)", ok(0.8 <= rss_ratio <= 1.2)),
+        ("writer wait", f"app insert+read every 10 ms during sync ({r['concurrency']['writer']['writes']} writes)",
+         f"{s['writer_max_wait_ms']:.1f} ms max", f"p99 {r['concurrency']['writer']['p99_ms']:.1f} ms; <= 250 ms",
+         ok(s["writer_max_wait_ms"] <= 250)),
+        ("stats", f"get_queue_stats() on {z['stats']:,} chunks", f"{s['stats_1m_ms']:.1f} ms (median)",
+         f"first call {r['stats']['first_ms']:.1f} ms; < 50 ms", ok(s["stats_1m_ms"] < 50)),
+    ]
+    widths = [max(len(row[k]) for row in rows) for k in range(5)]
+    heads = ("figure", "what", "result", "reference / target", "")
+    widths = [max(w, len(h)) for w, h in zip(widths, heads)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(heads), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a tenth of every size (a smoke run)")
+    ap.add_argument("--workdir", help="where to put databases and files (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="batchd-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.time()
+        r = run(sizes, work)
+        s = summarize(r)
+        print(f"batchd benchmark{' (--quick)' if args.quick else ''}: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+              f"{os.cpu_count()} cores, {time.time() - started:.0f} s")
+        print(table(r, s))
+        print(json.dumps(s), flush=True)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
