@@ -13,6 +13,7 @@ for a whole watchdog interval is not, and the pings stop so that systemd kills a
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from typing import Callable, Mapping
@@ -31,7 +32,7 @@ class Notifier:
         self.socket = env.get("NOTIFY_SOCKET", "")
         self.enabled = bool(self.socket)
         self._lock = threading.Lock()
-        self._n = _connect() if self.enabled else None
+        self._n = _connect(self.socket) if self.enabled else None
 
     def send(self, *assignments: str) -> None:
         """Send one datagram of newline-separated ``KEY=value`` assignments. Never raises."""
@@ -61,8 +62,19 @@ class Notifier:
         self.send("STOPPING=1", *([_status(status)] if status else []))
 
 
-def _connect() -> sdnotify.SystemdNotifier:
-    return sdnotify.SystemdNotifier()
+def _connect(address: str) -> sdnotify.SystemdNotifier:
+    notifier = sdnotify.SystemdNotifier()  # connects to $NOTIFY_SOCKET itself; never raises
+    if os.environ.get("NOTIFY_SOCKET") != address:  # an explicit environment was passed in
+        if notifier.socket is not None:
+            notifier.socket.close()
+        sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect("\0" + address[1:] if address.startswith("@") else address)  # type: ignore[union-attr]
+        except OSError:
+            sock.close()  # type: ignore[union-attr]
+            sock = None
+        notifier.socket = sock
+    return notifier
 
 
 def _status(text: str) -> str:
