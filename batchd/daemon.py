@@ -127,8 +127,11 @@ class Worker:
     def recover(self) -> Outcome:
         return self._step("recover", self.manager.recover)
 
-    def flush(self, force: bool | None = None) -> Outcome:
-        """Submit batches when the queue is due (or always, when ``force``; None = force if anything is pending)."""
+    def flush(self, force: bool | None = False) -> Outcome:
+        """Submit batches when the queue is due (min_batch_size / max_wait), or always when ``force``.
+
+        ``force=None`` forces only when something is pending (``--once`` and ``--until-idle``).
+        """
         def flush() -> list[int]:
             f = force
             if f is None:

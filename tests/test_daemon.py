@@ -30,13 +30,14 @@ STATUS_COUNTS = re.compile(r"pending=\d+ running=\d+ ready=\d+ failed=\d+")
 # ----------------------------------------------------------------------------------------- harness
 
 
-def write_config(folder: Path, *, flush: str = "0.5s", sync: str = "0.5s", extra: str = "") -> Path:
+def write_config(folder: Path, *, flush: str = "0.5s", sync: str = "0.5s", extra: str = "",
+                 min_batch_size: int = 1) -> Path:
     cfg = folder / "batchd.toml"
     cfg.write_text(f"""
 [database]
 path = "{folder / 'app.db'}"
 [queue]
-min_batch_size = 1
+min_batch_size = {min_batch_size}
 max_batch_size = 5000
 flush_interval = "{flush}"
 sync_interval = "{sync}"
@@ -363,6 +364,21 @@ def test_failures_are_logged_retried_and_the_scheduler_survives(tmp_path, batchd
     wait_until(lambda: counts(tmp_path / "app.db")["ready"] == 15, what="chunks after recovery")
     assert read_counters(folder)["submits"] >= 4
     d.proc.send_signal(signal.SIGINT)
+    assert d.finish() == 0
+
+
+def test_daemon_waits_for_min_batch_size(tmp_path, batchd_env, notify, daemons):
+    cfg = write_config(tmp_path, min_batch_size=10)
+    d = daemons(cfg, batchd_env, notify=notify)
+    d.wait_event("daemon.ready")
+    enqueue(cfg, batchd_env, texts("m", 3))
+    seen = len(notify.assignments("STATUS"))
+    wait_until(lambda: len(notify.assignments("STATUS")) >= seen + 6, what="three more flush+sync cycles")
+    assert counts(tmp_path / "app.db") == {"pending": 3, "running": 0, "ready": 0, "failed": 0}
+    enqueue(cfg, batchd_env, texts("n", 7))  # now 10 pending: one batch of 10
+    wait_until(lambda: counts(tmp_path / "app.db")["ready"] == 10, what="10 READY")
+    assert [e["chunks"] for e in d.events() if e["event"] == "batch.claimed"] == [10]
+    d.proc.send_signal(signal.SIGTERM)
     assert d.finish() == 0
 
 
