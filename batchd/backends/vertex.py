@@ -145,6 +145,15 @@ class VertexBackend:
                        maximum=max(float(vx.retry_backoff), min(60.0, float(vx.retry_deadline) / 4)),
                        multiplier=2.0, timeout=float(vx.retry_deadline))
 
+    def _quick_retry(self) -> Any:
+        """For `batchd check`: an operator is waiting, so give up after 10 s at most."""
+        from google.api_core import retry as r
+
+        vx = self.config.vertex
+        deadline = min(10.0, float(vx.retry_deadline))
+        return r.Retry(predicate=_retryable, initial=min(float(vx.retry_backoff), deadline / 4),
+                       maximum=deadline / 4, timeout=deadline)
+
     # ------------------------------------------------------------------ submit
 
     def submit(self, batch_id: int, items: Iterable[Item], progress: Progress = _noop) -> str:
@@ -433,7 +442,7 @@ class VertexBackend:
     def _check_bucket(self) -> CheckResult:
         name = f"bucket gs://{self.bucket_name}"
         probe = f"{self.root}/.batchd-check"
-        retry = _quick_retry()
+        retry = self._quick_retry()
         try:
             blob = self.bucket.blob(probe)
             blob.upload_from_string(b"ok\n", timeout=self.timeout, retry=retry)
@@ -446,7 +455,7 @@ class VertexBackend:
         name = "vertex job service"
         try:
             pager = self.jobs.list_batch_prediction_jobs(
-                request={"parent": self.parent, "page_size": 1}, retry=_quick_retry(), timeout=self.timeout)
+                request={"parent": self.parent, "page_size": 1}, retry=self._quick_retry(), timeout=self.timeout)
             next(iter(pager.pages), None)
         except Exception as e:  # noqa: BLE001
             return CheckResult(name, False, f"listing batch prediction jobs in {self.parent} failed: {_message(e)}")
@@ -532,12 +541,6 @@ def _retry_create(exc: BaseException) -> bool:
     from google.api_core import exceptions as gexc
 
     return isinstance(exc, (gexc.TooManyRequests, gexc.ResourceExhausted))
-
-
-def _quick_retry() -> Any:
-    from google.api_core import retry as r
-
-    return r.Retry(predicate=_retryable, initial=0.2, maximum=1.0, timeout=5.0)
 
 
 def _state(value: Any) -> JobState:

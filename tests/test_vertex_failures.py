@@ -1,0 +1,232 @@
+"""Failure paths of the Vertex backend, through BatchManager and the real clients against the fakes:
+lost creates, failed/expired/cancelled jobs, timeouts, 429/503 storms, permanent errors, bad lines."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchd.backends import CheckResult, PermanentError
+from tests.fakes.fake_vertex import fake_vector
+from tests.fakes.vertex_env import gcs, fake_vertex, vworld  # noqa: F401
+
+DIMS = 8
+
+
+def texts(n: int = 30) -> list[str]:
+    return [f"document {i}" for i in range(n)]
+
+
+def enqueue(w, n: int = 30) -> list[str]:
+    t = texts(n)
+    w.manager.enqueue([(None, x) for x in t])
+    return t
+
+
+def assert_all_ready(w, t: list[str]) -> None:
+    rows = w.store.chunks()
+    assert [r["embedding_status"] for r in rows] == ["READY"] * len(t)
+    for r, text in zip(rows, t):
+        assert w.store.vector(r["id"]) == fake_vector(text, DIMS)
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_lost_create_is_adopted(vworld, mode: str) -> None:
+    w = vworld()
+    t = enqueue(w)
+    w.fake.lose_create, w.fake.lose_create_mode = 1, mode
+    assert w.manager.flush_queue() == [1]
+    assert w.fake.count("create") == 1 and len(w.fake.job_names()) == 1
+    assert w.store.batch(1).google_job_id == w.fake.job_names()[0]
+    assert w.store.batch(1).status == "RUNNING"
+    w.fake.finish()
+    w.manager.sync_status()
+    assert_all_ready(w, t)
+
+
+def test_lost_create_adopted_by_the_next_flush(vworld) -> None:
+    """The create's answer is lost and the lookup fails too: the batch waits; the next flush adopts."""
+    w = vworld()
+    t = enqueue(w)
+    w.fake.lose_create = 1
+    w.fake.fail_next(503, times=10_000, op="list")
+    assert w.manager.flush_queue() == [1]
+    b = w.store.batch(1)
+    assert b.status == "PENDING" and b.google_job_id is None
+    assert "submit failed, will retry" in b.error_message
+    assert len(w.fake.job_names()) == 1
+    w.fake.clear_faults()
+    assert w.manager.flush_queue() == []  # recover() adopts; nothing new to claim
+    assert len(w.fake.job_names()) == 1 and w.fake.count("create") == 1
+    assert w.store.batch(1).google_job_id == w.fake.job_names()[0]
+    w.fake.finish()
+    w.manager.sync_status()
+    assert_all_ready(w, t)
+
+
+def test_crash_between_create_and_commit_is_adopted(vworld) -> None:
+    """The job was created but batchd died before recording its name: recover() finds it by its labels."""
+    w = vworld()
+    t = enqueue(w)
+    batch_id, n = w.store.claim_batch(1000, w.config.embedding.model, w.clock())
+    w.backend.submit(batch_id, w.store.batch_items(batch_id))  # ... and then the process died
+    assert w.store.batch(batch_id).google_job_id is None
+    assert w.manager.recover() == 1
+    assert len(w.fake.job_names()) == 1 and w.fake.count("create") == 1
+    assert w.store.batch(batch_id).google_job_id == w.fake.job_names()[0]
+    w.fake.finish()
+    w.manager.sync_status()
+    assert_all_ready(w, t)
+
+
+@pytest.mark.parametrize("state, message", [
+    ("FAILED", "fake: the job failed"),
+    ("EXPIRED", "fake: the job expired in the queue"),
+    ("CANCELLED", "fake: the job was cancelled"),
+])
+def test_job_ends_badly(vworld, state: str, message: str) -> None:
+    w = vworld()
+    enqueue(w)
+    w.manager.flush_queue()
+    w.fake.final_state = state
+    w.fake.finish()
+    s = w.manager.sync_status()
+    assert s.finished == 1 and s.errored == 30 and s.applied == 0
+    b = w.store.batch(1)
+    assert b.status == "FAILED" and b.remote_state == state
+    assert b.error_message == f"job {state}: {message}"
+    for r in w.store.chunks():
+        assert (r["embedding_status"], r["attempts"], r["batch_job_id"]) == ("PENDING", 1, None)
+        assert r["error_message"] == f"job {state}: {message}"
+    assert w.store.vector_count() == 0
+
+
+def test_running_past_job_timeout_is_cancelled(vworld) -> None:
+    w = vworld(queue={"job_timeout": "2h"})
+    enqueue(w)
+    w.manager.flush_queue()
+    name = w.store.batch(1).google_job_id
+    w.fake.run_to("RUNNING")
+    w.clock.advance(3600)
+    assert w.manager.sync_status().finished == 0
+    assert w.fake.state(name) == "RUNNING"
+    w.clock.advance(3601)
+    s = w.manager.sync_status()
+    assert s.finished == 1
+    assert w.fake.state(name) == "CANCELLED" and w.fake.count("cancel") == 1
+    b = w.store.batch(1)
+    assert b.status == "FAILED" and "timed out" in b.error_message
+    assert {(r["embedding_status"], r["attempts"]) for r in w.store.chunks()} == {("PENDING", 1)}
+    w.backend.cancel(name)  # cancelling a final job again is not an error
+
+
+def test_storms_of_429_and_503_are_ridden_out(vworld) -> None:
+    w = vworld()
+    t = enqueue(w)
+    w.fake.fail_next(429, times=4, op="create")
+    w.fake.fail_next(503, times=3, op="list")
+    w.fake.fail_next(429, times=2)
+    assert w.manager.flush_queue() == [1]
+    assert len(w.fake.job_names()) == 1 and w.store.batch(1).status == "RUNNING"
+    w.fake.fail_next(503, times=5, op="get")
+    w.fake.fail_next(429, times=3, op="get")
+    w.fake.finish()
+    s = w.manager.sync_status()
+    assert s.errors == [] and s.applied == 30
+    assert_all_ready(w, t)
+
+
+def test_503_on_create_never_makes_two_jobs(vworld) -> None:
+    """A 503 on create is ambiguous: the job is looked up, not created again; the next flush submits."""
+    w = vworld()
+    t = enqueue(w)
+    w.fake.fail_next(503, times=1, op="create")
+    w.manager.flush_queue()
+    assert w.store.batch(1).status == "PENDING" and w.fake.job_names() == []
+    w.manager.flush_queue()
+    assert len(w.fake.job_names()) == 1 and w.store.batch(1).status == "RUNNING"
+    w.fake.finish()
+    w.manager.sync_status()
+    assert_all_ready(w, t)
+
+
+def test_storm_longer_than_the_deadline_is_retried_next_cycle(vworld) -> None:
+    w = vworld(vertex={"retry_deadline": "200ms", "retry_backoff": "50ms"})
+    t = enqueue(w)
+    w.manager.flush_queue()
+    w.fake.finish()
+    w.fake.fail_next(503, times=10_000, op="get")
+    s = w.manager.sync_status()
+    assert s.finished == 0 and len(s.errors) == 1
+    assert "status check failed, will retry" in w.store.batch(1).error_message
+    w.fake.clear_faults()
+    w.manager.sync_status()
+    assert_all_ready(w, t)
+
+
+def test_permanent_error_on_create_fails_the_batch_with_the_message(vworld) -> None:
+    w = vworld()
+    enqueue(w)
+    w.fake.fail_next(400, op="create", message="fake: model publishers/google/models/x is not allowed")
+    w.manager.flush_queue()
+    b = w.store.batch(1)
+    assert b.status == "FAILED"
+    assert "fake: model publishers/google/models/x is not allowed" in b.error_message
+    for r in w.store.chunks():
+        assert (r["embedding_status"], r["attempts"]) == ("PENDING", 1)
+        assert "fake: model publishers/google/models/x is not allowed" in r["error_message"]
+    assert w.fake.job_names() == []
+
+
+def test_wrong_vector_length_is_a_line_error(vworld) -> None:
+    w = vworld()
+    enqueue(w, 5)
+    w.manager.flush_queue()
+    w.fake.output_dims = DIMS + 1
+    w.fake.finish()
+    w.manager.sync_status()
+    for r in w.store.chunks():
+        assert (r["embedding_status"], r["attempts"]) == ("PENDING", 1)
+        assert r["error_message"] == f"vector has {DIMS + 1} dimensions, expected {DIMS}"
+
+
+def test_retried_submit_keeps_the_staged_input(vworld) -> None:
+    """A resubmit after a failed create finds input.jsonl already there (ifGenerationMatch=0): no error."""
+    w = vworld()
+    enqueue(w, 5)
+    w.fake.fail_next(503, op="create")
+    w.manager.flush_queue()
+    first = w.staged(1)
+    w.manager.flush_queue()
+    assert w.staged(1) == first and w.store.batch(1).status == "RUNNING"
+
+
+def test_check_reports_each_part(vworld, tmp_path) -> None:
+    w = vworld()
+    results = w.backend.check()
+    assert all(isinstance(r, CheckResult) for r in results)
+    assert [(r.name, r.ok) for r in results] == [
+        ("vertex settings", True), ("credentials", True), ("bucket gs://batchd-test", True),
+        ("vertex job service", True)]
+
+    w2 = vworld(vertex={"staging_uri": "gs://no-such-bucket-here/x", "api_endpoint": "http://127.0.0.1:9"})
+    by_name = {r.name: r for r in w2.backend.check()}
+    assert not by_name["bucket gs://no-such-bucket-here"].ok
+    assert not by_name["vertex job service"].ok
+    assert by_name["vertex job service"].detail.startswith("listing batch prediction jobs in projects/proj/")
+
+    w3 = vworld(vertex={"project": ""})
+    [only] = w3.backend.check()
+    assert not only.ok and "vertex.project is not set" in only.detail
+
+    w4 = vworld(vertex={"credentials": str(tmp_path / "missing.json")})
+    by_name = {r.name: r for r in w4.backend.check()}
+    assert not by_name["credentials"].ok and "missing.json does not exist" in by_name["credentials"].detail
+    with pytest.raises(PermanentError, match="missing.json does not exist"):
+        w4.backend.find_job(1)
+
+
+@pytest.mark.parametrize("model", ["text-embedding-005", "gemini-embedding-001"])
+def test_embed_query_online(vworld, model: str) -> None:
+    w = vworld(embedding={"model": model})
+    assert w.backend.embed_query("where is the manual?") == fake_vector("where is the manual?", DIMS)
+    assert w.fake.count("predict") == 1
