@@ -283,6 +283,8 @@ def check(app: App) -> None:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
+    import structlog
+
     from batchd import daemon, logs
     from batchd.config import parse_duration
     from batchd.systemd import Notifier
@@ -293,7 +295,14 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         poll_s = parse_duration(poll)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--poll") from None
-    logs.configure(app.config.daemon.log_level, stream=sys.stdout)
+    try:
+        level = load(app.config_path).daemon.log_level
+    except ConfigError as e:
+        # Under systemd this line lands in the journal: make it an event like every other (still one line).
+        logs.configure("info", stream=sys.stdout)
+        structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
+        sys.exit(EX_CONFIG)
+    logs.configure(level, stream=sys.stdout)
     worker = daemon.Worker(app.manager, notifier=Notifier())
     if once:
         sys.exit(daemon.run_once(worker))

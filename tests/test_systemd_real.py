@@ -263,8 +263,11 @@ def test_bad_config_fails_once_with_78_and_no_restart_loop(sd: Instance, tmp_pat
     assert sd.prop("ExecMainStatus") == "78"
     assert sd.prop("ActiveState") == "failed" and sd.prop("Result") == "exit-code"
     assert sd.prop("NRestarts") == "0"
-    msgs = [r["MESSAGE"] for r in sd.journal() if r.get("SYSLOG_IDENTIFIER") == "batchd"]
-    assert any("daemon.log_levle" in m and "unknown key" in m for m in msgs), msgs[-3:]
+    rec, event = sd.events()[-1]
+    assert event["event"] == "config.invalid" and "daemon.log_levle: unknown key" in event["error"]
+    assert rec["PRIORITY"] == "3"
+    cat = sd.x("journalctl", "--no-pager", "-u", UNIT, "-t", "batchd", "-o", "cat").splitlines()
+    assert all(json.loads(line)["event"] for line in cat)  # even the start-up failure is a JSON event
 
 
 def test_tool_is_where_tests_look_for_it():
