@@ -230,3 +230,31 @@ def test_embed_query_online(vworld, model: str) -> None:
     w = vworld(embedding={"model": model})
     assert w.backend.embed_query("where is the manual?") == fake_vector("where is the manual?", DIMS)
     assert w.fake.count("predict") == 1
+
+
+def test_shutdown_mid_results_stops_at_a_slice_and_resumes(vworld) -> None:
+    """progress() raising Stopped inside results() propagates; the next sync applies the rest once."""
+    from batchd.backends import Stopped
+    from batchd.manager import BatchManager
+
+    w = vworld(queue={"max_batch_size": 5000})
+    t = enqueue(w, 5000)
+    w.manager.flush_queue()
+    w.fake.finish()
+    calls = 0
+
+    def progress() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise Stopped()
+
+    stopping = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress)
+    s = stopping.sync_status()
+    assert s.stopped and 0 < s.applied < 5000
+    first = s.applied
+    assert w.store.batch(1).status == "RUNNING" and w.store.vector_count() == first
+    s = w.manager.sync_status()
+    assert s.finished == 1 and s.applied == 5000 - first
+    assert_all_ready(w, t)
+    assert w.store.batch(1).completed_chunks == 5000
