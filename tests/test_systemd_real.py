@@ -5,7 +5,7 @@ The shipped unit is installed with ExecStart= pointed at this checkout's virtual
 when it lives under /root or /home, which the unit's ProtectHome= hides). The service's state directory is
 bind-mounted from tmp so the test reads the database rows directly, as the application would.
 
-The tests share one instance and run in file order: start, enqueue, journal, watchdog, stop, bad config.
+The tests share one instance and run in file order: start, enqueue, journal, watchdog, stop, oneshot, bad config.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tests.test_daemon import counts, wait_until
 
 TOOL = REPO.parent / "shared" / "tools" / "boot-systemd.sh"
 UNIT = "batch-worker.service"
+ONCE = REPO / "packaging" / "systemd" / "batch-worker-once.service"
 CONFIG = f"""
 [database]
 path = "/var/lib/batchd/batchd.db"
@@ -135,19 +136,25 @@ def _install(inst: Instance, tmp: Path) -> None:
     exe = Path(sys.executable).parent / "batchd"
     unit = (REPO / "packaging" / "systemd" / UNIT).read_text().replace("/opt/batchd/bin/batchd", str(exe))
     (tmp / UNIT).write_text(unit)
-    dropin = ["[Service]", f"Environment=PYTHONPATH={REPO}", "WatchdogSec=2s", "RestartSec=1s"]
+    once = ONCE.read_text().replace("/opt/batchd/bin/batchd", str(exe))
+    (tmp / ONCE.name).write_text(once)
+    dropin = ["[Service]", f"Environment=PYTHONPATH={REPO}"]
     base = Path(sys.base_prefix).resolve()
     if any(base.is_relative_to(h) for h in ("/root", "/home")):
         # The unit hides /root and /home (ProtectHome=yes); this interpreter lives there.
         dropin += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
         inst.x("chmod", "o+x", str(Path(*base.parts[:2])))  # inside the instance only (overlay)
-    (tmp / "test.conf").write_text("\n".join(dropin) + "\n")
+    (tmp / "once.conf").write_text("\n".join(dropin) + "\n")
+    (tmp / "test.conf").write_text("\n".join([*dropin, "WatchdogSec=2s", "RestartSec=1s"]) + "\n")
     (tmp / "batchd.toml").write_text(CONFIG)
     inst.x("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "batchd")
     inst.cp_in(tmp / UNIT, f"/etc/systemd/system/{UNIT}")
     inst.x("mkdir", "-p", f"/etc/systemd/system/{UNIT}.d", "/etc/batchd")
     inst.cp_in(tmp / "test.conf", f"/etc/systemd/system/{UNIT}.d/test.conf")
     inst.cp_in(tmp / "batchd.toml", "/etc/batchd/batchd.toml")
+    inst.cp_in(tmp / ONCE.name, f"/etc/systemd/system/{ONCE.name}")
+    inst.x("mkdir", "-p", f"/etc/systemd/system/{ONCE.name}.d")
+    inst.cp_in(tmp / "once.conf", f"/etc/systemd/system/{ONCE.name}.d/test.conf")
     inst.x("systemctl", "daemon-reload")
 
 
@@ -251,6 +258,15 @@ def test_stop_during_a_sync_ends_with_result_success(sd: Instance):
     wait_until(lambda: db(sd)["ready"] == 347, what="the interrupted batch applied by the next run")
     sd.x("systemctl", "stop", UNIT)
     assert sd.prop("Result") == "success"
+
+
+def test_oneshot_unit_runs_one_cycle(sd: Instance):
+    sd.enqueue(texts("e", 5))
+    sd.x("systemctl", "start", ONCE.name)  # Type=oneshot: returns when the cycle is over
+    show = dict(line.split("=", 1) for line in sd.x("systemctl", "show", "-p", "Result", "-p", "ExecMainStatus",
+                                                    ONCE.name).splitlines())
+    assert show == {"Result": "success", "ExecMainStatus": "0"}
+    assert db(sd) == {"pending": 0, "running": 0, "ready": 352, "failed": 0}
 
 
 def test_bad_config_fails_once_with_78_and_no_restart_loop(sd: Instance, tmp_path: Path):
