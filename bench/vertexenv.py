@@ -1,0 +1,64 @@
+"""The Google side of the benchmark: the Cloud Storage emulator (fake-gcs-server, a subprocess) and the fake
+Vertex JobService (a thread of this process), the same ones the tests use. batchd reaches them through the real
+google-cloud-storage and aiplatform clients (VertexBackend), from a child process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import data
+
+BUCKET = "batchd-bench"
+PROJECT = "bench"
+LOCATION = "us-central1"
+
+
+class VertexEnv:
+    def __enter__(self) -> "VertexEnv":
+        from tests.fakes.fake_vertex import FakeVertex
+        from tests.fakes.gcs import GCSEmulator
+
+        self.gcs = GCSEmulator().start()
+        self.gcs.ensure_bucket(BUCKET)
+        self.client = self.gcs.client()
+        self.fake = FakeVertex(self.client, project=PROJECT, location=LOCATION).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fake.stop()
+        self.gcs.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a child process running VertexBackend needs in its environment."""
+        return {"STORAGE_EMULATOR_HOST": self.gcs.url}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The [vertex] section. cleanup is off so that several databases can sync the same finished job."""
+        return {"project": PROJECT, "location": LOCATION, "staging_uri": f"gs://{BUCKET}/stage",
+                "api_endpoint": self.fake.url, "credentials": "anonymous", "cleanup": False}
+
+    def finished_job(self, files: list[Path], name: str) -> str:
+        """Upload a finished job's output files and register a SUCCEEDED classic job pointing at them on the
+        fake JobService (as if Vertex had run it). Returns the job's resource name."""
+        from google.cloud import aiplatform_v1
+
+        folder = f"gs://{BUCKET}/jobs/{name}/prediction-model-2026-11-30T09:00:00.000000Z/"
+        bucket = self.client.bucket(BUCKET)
+        for f in files:
+            bucket.blob(f"jobs/{name}/prediction-model-2026-11-30T09:00:00.000000Z/{f.name}").upload_from_filename(
+                str(f), timeout=600)
+        spec = aiplatform_v1.BatchPredictionJob(
+            display_name=f"bench-{name}", model=f"publishers/google/models/{data.MODEL}",
+            input_config={"instances_format": "jsonl", "gcs_source": {"uris": [f"gs://{BUCKET}/jobs/{name}/in.jsonl"]}},
+            output_config={"predictions_format": "jsonl",
+                           "gcs_destination": {"output_uri_prefix": f"gs://{BUCKET}/jobs/{name}/"}})
+        job = self.fake.create(f"projects/{PROJECT}/locations/{LOCATION}",
+                               aiplatform_v1.BatchPredictionJob.to_json(spec).encode())
+        with self.fake.lock:
+            job.output_info.gcs_output_directory = folder
+            job.state = aiplatform_v1.JobState.JOB_STATE_SUCCEEDED
+        return str(job.name)
