@@ -36,6 +36,7 @@ min_batch_size = 1
 max_batch_size = 5000
 flush_interval = "0.5s"
 sync_interval = "0.5s"
+max_attempts = 20  # the permanent-failure phase may fail a few submits before the test lifts the knob
 [embedding]
 backend = "{MEMBACKEND}"
 model = "test-model"
