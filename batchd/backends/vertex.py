@@ -422,6 +422,15 @@ class VertexBackend:
                 pass
         log.info("batch.cleaned_up", batch_id=batch_id, google_job_id=job_name, objects=deleted)
 
+    def close(self) -> None:
+        """Release the HTTP sessions (the clients are built again on next use)."""
+        for client in (self._jobs_client, self._predict_client):
+            if client is not None:
+                client.transport.close()
+        if self._storage_client is not None:
+            self._storage_client.close()
+        self._jobs_client = self._predict_client = self._storage_client = None
+
     def check(self) -> list[CheckResult]:
         """Settings, credentials, bucket writable, JobService answering: one CheckResult each."""
         from batchd.config import vertex_missing

@@ -6,7 +6,7 @@ output JSONL is written back there in the two formats of VERTEX.md, with vectors
 Jobs move only when the test says so (:meth:`FakeVertex.step`, :meth:`FakeVertex.finish`).
 
 Knobs (plain attributes, set them before ``finish``): ``shuffle``, ``split``, ``drop``, ``fail``,
-``errors_file``, ``final_state``, ``echo_unknown``, ``output_dims``, ``malformed``; and
+``errors_file``, ``final_state``, ``echo_unknown``, ``output_dims``, ``malformed``, ``auto_finish``; and
 :meth:`FakeVertex.fail_next` (answer N requests with 429/503/400...), ``lose_create`` (create the job, then
 answer 503 or reset the connection).
 """
@@ -67,6 +67,7 @@ class FakeVertex:
         self.max_page_size = 1  # small pages, so list callers must follow nextPageToken
         self.lose_create = 0  # creates whose response is lost after the job was made
         self.lose_create_mode = "503"  # or "reset": close the connection without an answer
+        self.auto_finish = False  # a get of an unfinished job runs it to its end first (for CLI/daemon tests)
         self._faults: list[tuple[int, str | None, str]] = []
         self._seq = 0
         self._server: ThreadingHTTPServer | None = None
@@ -406,6 +407,8 @@ class _Handler(BaseHTTPRequestHandler):
             if op == "list":
                 return self._json(fake.list(target, query))
             if op == "get":
+                if fake.auto_finish and target in fake.jobs and fake.state(target) not in FINAL_STATES:
+                    fake.finish(target)
                 with fake.lock:
                     job = fake.jobs.get(target)
                     if job is None:
