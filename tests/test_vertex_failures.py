@@ -258,3 +258,12 @@ def test_shutdown_mid_results_stops_at_a_slice_and_resumes(vworld) -> None:
     assert s.finished == 1 and s.applied == 5000 - first
     assert_all_ready(w, t)
     assert w.store.batch(1).completed_chunks == 5000
+
+
+def test_missing_bucket_fails_the_submit_permanently(vworld) -> None:
+    w = vworld(vertex={"staging_uri": "gs://no-such-bucket-here/x"})
+    enqueue(w, 3)
+    w.manager.flush_queue()
+    b = w.store.batch(1)
+    assert b.status == "FAILED" and "cannot write gs://no-such-bucket-here/x/" in b.error_message
+    assert w.fake.job_names() == []

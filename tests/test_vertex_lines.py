@@ -87,3 +87,14 @@ def test_gemini_failed_line() -> None:
                                  b'{"request": {"content": {"parts": []}}}'])
 def test_malformed_lines_are_none(raw: bytes) -> None:
     assert backend("text-embedding-005").parse_line(raw) is None
+
+
+def test_retry_settings_are_validated() -> None:
+    from batchd.config import ConfigError
+
+    cfg = from_dict({"vertex": {"retry_backoff": "250ms", "retry_deadline": "2m"}})
+    assert (cfg.vertex.retry_backoff, cfg.vertex.retry_deadline) == (0.25, 120)
+    with pytest.raises(ConfigError, match="vertex.retry_backoff: 10s is longer than vertex.retry_deadline"):
+        from_dict({"vertex": {"retry_backoff": "10s", "retry_deadline": "5s"}})
+    with pytest.raises(ConfigError, match="vertex.retry_deadline: must be greater than zero"):
+        from_dict({"vertex": {"retry_deadline": 0}})

@@ -203,10 +203,16 @@ class VertexBackend:
                     if pending >= UPLOAD_BLOCK:
                         pending = 0
                         progress()
-        except gexc.PreconditionFailed:
-            log.info("batch.input_exists", batch_id=batch_id, uri=self.input_uri(batch_id))
-        except (gexc.Forbidden, gexc.NotFound, gexc.Unauthorized) as e:
-            raise PermanentError(f"cannot write {self.input_uri(batch_id)}: {_message(e)}") from None
+        except Exception as e:  # noqa: BLE001 - sorted by HTTP status below
+            # The resumable writer raises the media library's InvalidResponse, not api_core's exceptions.
+            status = getattr(e, "code", None) if isinstance(e, gexc.GoogleAPICallError) else \
+                getattr(getattr(e, "response", None), "status_code", None)
+            if status == 412:  # ifGenerationMatch=0: an earlier attempt already staged this batch
+                log.info("batch.input_exists", batch_id=batch_id, uri=self.input_uri(batch_id))
+            elif status in (401, 403, 404):
+                raise PermanentError(f"cannot write {self.input_uri(batch_id)}: {_message(e)}") from None
+            else:
+                raise
         progress()
         return lines
 
@@ -576,6 +582,14 @@ def _split_gs(uri: str) -> tuple[str, str]:
 
 
 def _message(e: BaseException) -> str:
+    resp = getattr(e, "response", None)
+    if resp is not None and hasattr(resp, "status_code") and not hasattr(e, "message"):
+        # The storage media library's InvalidResponse: take the server's own message from the body.
+        try:
+            detail = resp.json()["error"]["message"]
+        except Exception:  # noqa: BLE001
+            detail = (getattr(resp, "text", "") or "")[:200]
+        return f"{resp.status_code} {' '.join(str(detail).split())}".strip()
     msg = getattr(e, "message", None) or str(e)
     code = getattr(e, "code", None)
     text = " ".join(str(msg).split())[:500]
