@@ -95,6 +95,13 @@ def test_dimensions_that_do_not_match_the_model_are_a_config_error(make_config: 
     assert "768" in str(e.value) and "384" in str(e.value)
 
 
+def test_embedding_model_left_at_a_vertex_model_is_a_config_error(make_config: Callable[..., Config]) -> None:
+    cfg = make_config(embedding={"backend": "local", "model": "text-embedding-005", "dimensions": 384})
+    with pytest.raises(ConfigError) as e:
+        LocalBackend(cfg, "abc")
+    assert e.value.key == "embedding.model" and "all-MiniLM-L6-v2" in str(e.value)
+
+
 def test_a_model_that_is_not_on_this_machine_is_a_config_error(make_config: Callable[..., Config]) -> None:
     cfg = make_config(embedding={"backend": "local", "model": "x", "dimensions": 384},
                       local={"model": "no-such-org/no-such-model-anywhere"})

@@ -53,7 +53,7 @@ from batchd.backends import (
     ResultLine,
     _noop,
 )
-from batchd.config import ConfigError
+from batchd.config import CLASSIC_MODELS, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -73,7 +73,8 @@ class LocalBackend:
     """Backend protocol (+ Cleanable, Checkable, QueryEmbedder) over a local sentence-transformers model.
 
     The constructor is cheap (no torch import) but strict: a model that cannot be found locally, a missing
-    ``batchd[local]`` install, or ``embedding.dimensions`` different from the model's raise ConfigError.
+    ``batchd[local]`` install, ``embedding.dimensions`` different from the model's, or ``embedding.model`` left
+    at a Vertex model's name raise ConfigError.
     """
 
     def __init__(self, config: "Config", instance_id: str):
@@ -82,6 +83,13 @@ class LocalBackend:
         self.model_name = config.local.model
         self.device = config.local.device
         self.jobs_dir = config.state_dir / JOBS_DIR / self.instance_id
+        emb_model = config.embedding.model
+        if emb_model in CLASSIC_MODELS or emb_model.startswith("gemini-"):
+            # embedding.model is part of every content hash: vectors labelled with a Vertex model would be
+            # mistaken for (and copied as) that model's vectors.
+            raise ConfigError(config.source, "embedding.model",
+                              f"is {emb_model!r}, a Vertex AI model, but the backend is local: set it to the local "
+                              f"model's name (model = {Path(self.model_name).name!r})")
         if importlib.util.find_spec("sentence_transformers") is None:
             raise ConfigError(config.source, "embedding.backend",
                               "the local backend needs sentence-transformers and torch, which are not installed "
