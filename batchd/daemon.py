@@ -75,6 +75,7 @@ class Outcome:
     stopped: bool = False
     skipped: bool = False
     value: Any = None
+    duration_ms: int = 0
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Worker:
                 self.last.applied_at, self.last.applied_then = self.last.sync_at, summary.applied
             out.stopped = out.stopped or summary.stopped
             if summary.checked or summary.finished or summary.errors:
-                log.info("sync.done", **summary.as_dict())
+                log.info("sync.done", duration_ms=out.duration_ms, **summary.as_dict())
         return out
 
     def _step(self, name: str, fn: Callable[[], Any]) -> Outcome:
@@ -185,7 +186,7 @@ class Worker:
                      down_s=round(self.clock() - (state.first_failure or self.clock()), 1))
         state.succeeded()
         log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
-        return Outcome(value=value)
+        return Outcome(value=value, duration_ms=duration_ms)
 
     # ------------------------------------------------------------------ status
 
