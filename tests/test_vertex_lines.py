@@ -1,5 +1,5 @@
-"""How the Vertex backend reads output lines of both families (VERTEX.md), including the UNCONFIRMED
-variants and broken lines. Uses the real VertexBackend; no network is touched by parse_line."""
+"""How the Vertex backend writes input lines and reads output lines of both families (VERTEX.md), including
+the UNCONFIRMED variants and broken lines."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from array import array
 import orjson
 import pytest
 
-from batchd.backends import ResultLine, content_hash
-from batchd.backends.vertex import VertexBackend
+from batchd.backends import Item, ResultLine, content_hash
+from batchd.backends.vertex_lines import LineFormat
 from batchd.config import from_dict
 
 DIMS = 4
@@ -17,10 +17,8 @@ VALUES = [0.5, -0.25, 1.0, 0.0]
 BLOB = array("f", VALUES).tobytes()
 
 
-def backend(model: str) -> VertexBackend:
-    cfg = from_dict({"embedding": {"model": model, "dimensions": DIMS, "task_type": "RETRIEVAL_DOCUMENT"},
-                     "vertex": {"project": "p", "staging_uri": "gs://bkt/x"}})
-    return VertexBackend(cfg, "abc123")
+def backend(model: str) -> LineFormat:
+    return LineFormat(model, "RETRIEVAL_DOCUMENT", DIMS)
 
 
 def key(text: str, model: str = "text-embedding-005", task: str = "RETRIEVAL_DOCUMENT") -> str:
@@ -37,12 +35,12 @@ CLASSIC_OK = {"instance": {"content": "hi", "task_type": "RETRIEVAL_DOCUMENT"},
 
 
 def test_classic_success_maps_by_echoed_content() -> None:
-    assert backend("text-embedding-005").parse_line(line(CLASSIC_OK)) == ResultLine((key("hi"),), BLOB, None, 3)
+    assert backend("text-embedding-005").parse(line(CLASSIC_OK)) == ResultLine((key("hi"),), BLOB, None, 3)
 
 
 def test_classic_echo_without_task_type_uses_the_configured_one() -> None:
     obj = dict(CLASSIC_OK, instance={"content": "hi"})
-    assert backend("text-embedding-005").parse_line(line(obj)).keys == (key("hi"),)
+    assert backend("text-embedding-005").parse(line(obj)).keys == (key("hi"),)
 
 
 @pytest.mark.parametrize("obj, error", [
@@ -55,7 +53,7 @@ def test_classic_echo_without_task_type_uses_the_configured_one() -> None:
      "embedding values are not numbers"),
 ])
 def test_classic_failed_lines(obj: dict, error: str) -> None:
-    r = backend("text-embedding-005").parse_line(line(obj))
+    r = backend("text-embedding-005").parse(line(obj))
     assert r == ResultLine((key("hi"),), None, error)
 
 
@@ -69,24 +67,24 @@ GEMINI_REQ = {"content": {"parts": [{"text": "hi"}]},
 ])
 def test_gemini_success_maps_by_key(response: dict) -> None:
     obj = {"key": "k1", "request": GEMINI_REQ, "response": response, "status": ""}
-    assert backend("gemini-embedding-001").parse_line(line(obj)) == ResultLine(("k1",), BLOB)
+    assert backend("gemini-embedding-001").parse(line(obj)) == ResultLine(("k1",), BLOB)
 
 
 def test_gemini_without_key_falls_back_to_the_request_text() -> None:
     obj = {"request": GEMINI_REQ, "response": {"embedding": {"values": VALUES}}}
-    r = backend("gemini-embedding-001").parse_line(line(obj))
+    r = backend("gemini-embedding-001").parse(line(obj))
     assert r.keys == (key("hi", "gemini-embedding-001"),) and r.vector == BLOB
 
 
 def test_gemini_failed_line() -> None:
     obj = {"key": "k1", "request": GEMINI_REQ, "status": "RESOURCE_EXHAUSTED"}
-    assert backend("gemini-embedding-001").parse_line(line(obj)) == ResultLine(("k1",), None, "RESOURCE_EXHAUSTED")
+    assert backend("gemini-embedding-001").parse(line(obj)) == ResultLine(("k1",), None, "RESOURCE_EXHAUSTED")
 
 
 @pytest.mark.parametrize("raw", [b'{"instance": {"content": "tru', b"[1, 2]", b'{"status": ""}', b"null",
                                  b'{"request": {"content": {"parts": []}}}'])
 def test_malformed_lines_are_none(raw: bytes) -> None:
-    assert backend("text-embedding-005").parse_line(raw) is None
+    assert backend("text-embedding-005").parse(raw) is None
 
 
 def test_retry_settings_are_validated() -> None:
@@ -98,3 +96,14 @@ def test_retry_settings_are_validated() -> None:
         from_dict({"vertex": {"retry_backoff": "10s", "retry_deadline": "5s"}})
     with pytest.raises(ConfigError, match="vertex.retry_deadline: must be greater than zero"):
         from_dict({"vertex": {"retry_deadline": 0}})
+
+
+def test_input_lines() -> None:
+    item = Item("k1", "héllo \"world\"\n")
+    assert orjson.loads(backend("text-embedding-005").input_line(item)) == \
+        {"content": item.text, "task_type": "RETRIEVAL_DOCUMENT"}
+    raw = backend("gemini-embedding-001").input_line(item)
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    assert orjson.loads(raw) == {"key": "k1", "request": {
+        "content": {"parts": [{"text": item.text}]},
+        "embed_content_config": {"task_type": "RETRIEVAL_DOCUMENT", "output_dimensionality": DIMS}}}

@@ -3,8 +3,8 @@
 A batch is staged as ``<staging_uri>/<instance_id>/batch-<id>/input.jsonl``; the job writes under
 ``.../batch-<id>/output/``. Jobs carry the labels ``batchd-instance`` and ``batchd-batch`` so a job whose
 create response was lost is found again (:meth:`VertexBackend.find_job`). Both model families of VERTEX.md
-are spoken: classic lines (``{"content", "task_type"}``, matched back by a hash of the echoed content) and
-Gemini lines (``{"key", "request"}``, matched by ``key``).
+are spoken (the line formats live in :mod:`batchd.backends.vertex_lines`). Output is read file by file,
+line by line, so memory does not grow with the job.
 
 Every remote call has a timeout and retries 429 / 5xx / dropped connections with exponential backoff and
 jitter (``vertex.retry_backoff`` .. ``vertex.retry_deadline``). The one exception is the job create, which is
@@ -13,11 +13,8 @@ not idempotent: after an ambiguous failure it looks for the job by its labels in
 
 from __future__ import annotations
 
-import sys
-from array import array
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import orjson
 import structlog
 
 from batchd.backends import (
@@ -30,8 +27,8 @@ from batchd.backends import (
     Progress,
     ResultLine,
     _noop,
-    content_hash,
 )
+from batchd.backends.vertex_lines import LineFormat, embedding_values, float32_blob
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -56,6 +53,7 @@ class VertexBackend:
         emb, vx = config.embedding, config.vertex
         self.model, self.task_type, self.dimensions = emb.model, emb.task_type, emb.dimensions
         self.gemini = emb.family == "gemini"
+        self.lines = LineFormat(self.model, self.task_type, self.dimensions)
         self.project, self.location = vx.project, vx.location
         self.bucket_name = vx.bucket
         self.root = "/".join(p for p in (vx.prefix, instance_id) if p)  # object prefix of this instance
@@ -196,7 +194,7 @@ class VertexBackend:
                            timeout=self.timeout, retry=self._retry()) as f:
                 pending = 0
                 for item in items:
-                    data = self._input_line(item)
+                    data = self.lines.input_line(item)
                     f.write(data)
                     lines += 1
                     pending += len(data)
@@ -215,15 +213,6 @@ class VertexBackend:
                 raise
         progress()
         return lines
-
-    def _input_line(self, item: Item) -> bytes:
-        if self.gemini:
-            line: dict[str, Any] = {"key": item.key, "request": {
-                "content": {"parts": [{"text": item.text}]},
-                "embed_content_config": {"task_type": self.task_type, "output_dimensionality": self.dimensions}}}
-        else:
-            line = {"content": item.text, "task_type": self.task_type}
-        return orjson.dumps(line) + b"\n"
 
     def _job_spec(self, batch_id: int) -> Any:
         from google.cloud import aiplatform_v1
@@ -315,7 +304,7 @@ class VertexBackend:
                     progress()
                 if not raw.strip():
                     continue
-                result = self.parse_line(raw)
+                result = self.lines.parse(raw)
                 if result is None:
                     log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
                     continue
@@ -335,80 +324,6 @@ class VertexBackend:
                 yield from parts
             if rest:
                 yield rest
-
-    def parse_line(self, raw: bytes) -> ResultLine | None:
-        """One output line -> a ResultLine, or None when it cannot be tied to any row (malformed)."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
-            return None
-        key = self._line_key(obj)
-        if key is None:
-            return None
-        keys = (key,)
-        err = obj.get("error")
-        status = obj.get("status")
-        if isinstance(err, dict) and (err.get("message") or err.get("code")):
-            return ResultLine(keys, error=str(err.get("message") or f"error code {err.get('code')}")[:500])
-        if isinstance(err, str) and err:
-            return ResultLine(keys, error=err[:500])
-        if isinstance(status, str) and status:
-            return ResultLine(keys, error=status[:500])
-        values, tokens = self._line_values(obj)
-        if values is None:
-            return ResultLine(keys, error="no embedding in the result line")
-        if len(values) != self.dimensions:
-            return ResultLine(keys, error=f"vector has {len(values)} dimensions, expected {self.dimensions}")
-        try:
-            vec = array("f", values)
-        except (TypeError, OverflowError):
-            return ResultLine(keys, error="embedding values are not numbers")
-        if sys.byteorder != "little":  # pragma: no cover - sqlite-vec blobs are little-endian
-            vec.byteswap()
-        return ResultLine(keys, vector=vec.tobytes(), token_count=tokens)
-
-    def _line_key(self, obj: dict[str, Any]) -> str | None:
-        key = obj.get("key")
-        if isinstance(key, str) and key:
-            return key
-        inst = obj.get("instance")
-        if isinstance(inst, dict) and isinstance(inst.get("content"), str):
-            task = inst.get("task_type") or inst.get("taskType") or self.task_type
-            return content_hash(inst["content"], self.model, str(task), self.dimensions)
-        req = obj.get("request")
-        if isinstance(req, dict):  # a Gemini line without its key: hash the request's text
-            try:
-                text = req["content"]["parts"][0]["text"]
-            except (KeyError, IndexError, TypeError):
-                return None
-            if isinstance(text, str):
-                cfg = req.get("embed_content_config") or req.get("embedContentConfig") or {}
-                task = (cfg.get("task_type") or cfg.get("taskType") or self.task_type) if isinstance(cfg, dict) \
-                    else self.task_type
-                return content_hash(text, self.model, str(task), self.dimensions)
-        return None
-
-    @staticmethod
-    def _line_values(obj: dict[str, Any]) -> tuple[list[Any] | None, int | None]:
-        preds = obj.get("predictions")
-        if isinstance(preds, list) and preds and isinstance(preds[0], dict):
-            emb = preds[0].get("embeddings")
-            if isinstance(emb, dict) and isinstance(emb.get("values"), list):
-                stats = emb.get("statistics")
-                tokens = stats.get("token_count") if isinstance(stats, dict) else None
-                return emb["values"], int(tokens) if isinstance(tokens, (int, float)) else None
-        resp = obj.get("response")
-        if isinstance(resp, dict):
-            emb = resp.get("embedding")
-            if isinstance(emb, dict) and isinstance(emb.get("values"), list):
-                return emb["values"], None
-            embs = resp.get("embeddings")
-            if isinstance(embs, list) and embs and isinstance(embs[0], dict) and \
-                    isinstance(embs[0].get("values"), list):
-                return embs[0]["values"], None
-        return None, None
 
     # ------------------------------------------------------------------ cleanup / check / query
 
@@ -498,13 +413,10 @@ class VertexBackend:
         except (gexc.BadRequest, gexc.Forbidden, gexc.NotFound) as e:
             raise PermanentError(_message(e)) from None
         preds = [json_format.MessageToDict(p) for p in resp._pb.predictions]
-        values, _ = self._line_values({"predictions": preds})
+        values, _ = embedding_values({"predictions": preds})
         if values is None or len(values) != self.dimensions:
             raise BackendError(f"the online prediction returned no {self.dimensions}-dimension embedding")
-        vec = array("f", values)
-        if sys.byteorder != "little":  # pragma: no cover
-            vec.byteswap()
-        return vec.tobytes()
+        return float32_blob(values)
 
 
 # ---------------------------------------------------------------------- helpers
