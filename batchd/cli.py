@@ -349,7 +349,7 @@ def demo(folder: str | None) -> None:
     """Offline demo: embed batchd's own docs with the local model, then run two searches."""
     from batchd import logs
     from batchd.backends import BackendError
-    from batchd.demo import run_demo
+    from batchd.demo import DemoError, run_demo
     from batchd.search import snippet
 
     logs.configure("warning", stream=sys.stderr)
@@ -364,7 +364,7 @@ def demo(folder: str | None) -> None:
         r = run_demo(folder, echo=click.echo, progress=progress)
     except ConfigError as e:
         fail(f"config error: {e}", EX_CONFIG)
-    except (StoreError, BackendError, OSError) as e:
+    except (DemoError, StoreError, BackendError, OSError) as e:
         fail(f"demo: {_one_line(e)}")
     if show:
         click.echo()

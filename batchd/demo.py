@@ -148,10 +148,21 @@ def _cap(piece: str) -> Iterator[str]:
 # ---------------------------------------------------------------------- the demo
 
 
+class DemoError(Exception):
+    """The demo cannot run in the folder it was given."""
+
+
 def write_config(folder: Path, batch_size: int = 100) -> Path:
-    """Write the demo's batchd.toml into ``folder`` (kept as is when it exists) and return its path."""
+    """Write the demo's batchd.toml into ``folder`` and return its path.
+
+    One written by an earlier demo is kept; any other batchd.toml there raises DemoError: the demo writes
+    chunks 1..N by id, and must never do that to someone's real database.
+    """
     path = folder / "batchd.toml"
-    if not path.exists():
+    if path.exists():
+        if not path.read_text(encoding="utf-8", errors="replace").startswith(CONFIG_TEMPLATE.splitlines()[0]):
+            raise DemoError(f"{path} exists and was not written by batchd demo; give the demo an empty folder")
+    else:
         path.write_text(CONFIG_TEMPLATE.format(config=path, db=folder / "demo.db", batch=batch_size, model=MODEL,
                                                dims=DIMENSIONS), encoding="utf-8")
     return path
@@ -215,4 +226,4 @@ def _drain(manager: BatchManager, config: Config) -> None:
         manager.sync_status()
 
 
-__all__ = ["DemoResult", "QUERIES", "corpus_chunks", "run_demo", "split_markdown", "write_config"]
+__all__ = ["DemoError", "DemoResult", "QUERIES", "corpus_chunks", "run_demo", "split_markdown", "write_config"]

@@ -35,6 +35,16 @@ def test_markdown_splitting() -> None:
     assert list(split_toml_comments(toml)) == ["first comment line goes on here"]
 
 
+def test_demo_refuses_a_folder_with_someone_elses_config(tmp_path: Path, batchd_env: dict[str, str]) -> None:
+    (tmp_path / "batchd.toml").write_text('[database]\npath = "/var/lib/app/real.db"\n')
+    r = subprocess.run([*batchd_cmd(), "demo", "--dir", str(tmp_path)], env=batchd_env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert "not written by batchd demo" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batchd.toml"]  # nothing created
+
+
 @pytest.mark.local_model
 @pytest.mark.slow
 def test_demo_command_runs_to_completion_then_search_works(tmp_path: Path, batchd_env: dict[str, str]) -> None:

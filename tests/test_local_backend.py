@@ -129,7 +129,7 @@ def test_job_files_lifecycle(local: Callable[..., Any]) -> None:
     assert backend.status("local-jobs/other/batch-1").state is JobState.FAILED  # input gone
     backend.cancel(job)
     backend.cancel(job)  # idempotent
-    assert backend.status(job).state is JobState.CANCELLED
+    assert backend.status(job).state is JobState.CANCELLED and not inp.exists()
     backend.cleanup(7, job)
     backend.cleanup(7, job)
     assert backend.find_job(7) is None and not list(inp.parent.iterdir())

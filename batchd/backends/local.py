@@ -202,11 +202,14 @@ class LocalBackend:
             log.info("local.job_read", job=job_name, replayed=done, computed=computed)
 
     def cancel(self, job_name: str) -> None:
-        """Mark the job cancelled (status says CANCELLED from then on). Never raises for a final job."""
+        """Mark the job cancelled (status says CANCELLED from then on) and drop its input and output (the
+        manager never reads a cancelled job's results). Never raises for a final job."""
         with contextlib.suppress(BackendError, OSError):
-            inp, _, cancelled = self._paths(job_name)
+            inp, out, cancelled = self._paths(job_name)
             if inp.parent.is_dir():
                 cancelled.touch()
+                inp.unlink(missing_ok=True)
+                out.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ Cleanable, QueryEmbedder, Checkable
 
