@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.backends import CheckResult, PermanentError
+from batchd.backends import CheckResult
+from batchd.backends.vertex import SetupError
 from tests.fakes.fake_vertex import fake_vector
 from tests.fakes.vertex_env import gcs, fake_vertex, vworld  # noqa: F401
 
@@ -221,8 +222,17 @@ def test_check_reports_each_part(vworld, tmp_path) -> None:
     w4 = vworld(vertex={"credentials": str(tmp_path / "missing.json")})
     by_name = {r.name: r for r in w4.backend.check()}
     assert not by_name["credentials"].ok and "missing.json does not exist" in by_name["credentials"].detail
-    with pytest.raises(PermanentError, match="missing.json does not exist"):
+    with pytest.raises(SetupError, match="missing.json does not exist"):
         w4.backend.find_job(1)
+
+
+def test_bad_credentials_keep_batches_waiting_without_burning_attempts(vworld, tmp_path) -> None:
+    w = vworld(vertex={"credentials": str(tmp_path / "missing.json")})
+    enqueue(w, 3)
+    w.manager.flush_queue()
+    b = w.store.batch(1)
+    assert b.status == "PENDING" and "missing.json does not exist" in b.error_message
+    assert {(r["embedding_status"], r["attempts"]) for r in w.store.chunks()} == {("PENDING", 0)}
 
 
 @pytest.mark.parametrize("model", ["text-embedding-005", "gemini-embedding-001"])

@@ -44,6 +44,14 @@ CLASSIC_DEFAULT_DIMENSIONS = 768
 _SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 
+class SetupError(BackendError):
+    """Settings or credentials are missing or unusable.
+
+    Deliberately not a PermanentError: the operator fixes the setup and batches proceed, without their
+    chunks having burnt attempts meanwhile (they wait, PENDING, with this message on their batch).
+    """
+
+
 class VertexBackend:
     """Embeds batches with Vertex AI batch prediction jobs. Clients are built on first use."""
 
@@ -88,7 +96,7 @@ class VertexBackend:
 
         missing = vertex_missing(self.config)
         if missing:
-            raise PermanentError("; ".join(missing))
+            raise SetupError("; ".join(missing))
 
     def _creds(self) -> Any:
         if self._credentials is None:
@@ -423,7 +431,7 @@ class VertexBackend:
 
 
 def load_credentials(spec: str) -> Any:
-    """"default" (ADC), "anonymous", or a service-account JSON file. Raises PermanentError with a clear line."""
+    """"default" (ADC), "anonymous", or a service-account JSON file. Raises SetupError with a clear line."""
     if spec == "anonymous":
         from google.auth.credentials import AnonymousCredentials
 
@@ -435,7 +443,7 @@ def load_credentials(spec: str) -> Any:
         try:
             creds, _ = google.auth.default(scopes=list(_SCOPES))
         except DefaultCredentialsError as e:
-            raise PermanentError(f"vertex.credentials = \"default\" but no Application Default Credentials: "
+            raise SetupError(f"vertex.credentials = \"default\" but no Application Default Credentials: "
                                  f"{str(e).splitlines()[0]}") from None
         return creds
     from google.oauth2 import service_account
@@ -443,9 +451,9 @@ def load_credentials(spec: str) -> Any:
     try:
         return service_account.Credentials.from_service_account_file(spec, scopes=list(_SCOPES))
     except FileNotFoundError:
-        raise PermanentError(f"vertex.credentials: {spec} does not exist") from None
+        raise SetupError(f"vertex.credentials: {spec} does not exist") from None
     except (OSError, ValueError, KeyError) as e:
-        raise PermanentError(f"vertex.credentials: {spec} is not a usable service-account JSON file: {e}") from None
+        raise SetupError(f"vertex.credentials: {spec} is not a usable service-account JSON file: {e}") from None
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -508,4 +516,4 @@ def _message(e: BaseException) -> str:
     return f"{int(code)} {text}" if isinstance(code, int) and not text.startswith(str(code)) else text
 
 
-__all__ = ["VertexBackend", "load_credentials"]
+__all__ = ["SetupError", "VertexBackend", "load_credentials"]
