@@ -277,3 +277,28 @@ def test_missing_bucket_fails_the_submit_permanently(vworld) -> None:
     b = w.store.batch(1)
     assert b.status == "FAILED" and "cannot write gs://no-such-bucket-here/x/" in b.error_message
     assert w.fake.job_names() == []
+
+
+def test_find_job_reads_every_page_and_prefers_a_live_job(vworld) -> None:
+    w = vworld()
+    enqueue(w, 3)
+    batch_id, _ = w.store.claim_batch(1000, w.config.embedding.model, w.clock())
+    first = w.backend.submit(batch_id, w.store.batch_items(batch_id))
+    w.fake.final_state = "FAILED"
+    w.fake.finish(first)
+    second = w.backend.submit(batch_id, w.store.batch_items(batch_id))
+    assert w.fake.max_page_size == 1  # two matches: two pages
+    assert w.backend.find_job(batch_id) == second
+
+
+def test_jobs_of_another_database_are_never_adopted(vworld, tmp_path) -> None:
+    a = vworld()
+    b = vworld(database={"path": str(tmp_path / "other.db")})
+    assert a.store.instance_id != b.store.instance_id
+    enqueue(a, 3)
+    enqueue(b, 3)
+    a.manager.flush_queue()
+    assert a.backend.find_job(1) == a.store.batch(1).google_job_id
+    assert b.backend.find_job(1) is None
+    b.manager.flush_queue()
+    assert b.backend.find_job(1) == b.store.batch(1).google_job_id != a.store.batch(1).google_job_id
