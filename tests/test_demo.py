@@ -49,7 +49,10 @@ def test_demo_refuses_a_folder_with_someone_elses_config(tmp_path: Path, batchd_
 @pytest.mark.slow
 def test_demo_command_runs_to_completion_then_search_works(tmp_path: Path, batchd_env: dict[str, str]) -> None:
     folder = tmp_path / "demo"
-    r = subprocess.run([*batchd_cmd(), "demo", "--dir", str(folder)], env=batchd_env, capture_output=True,
+    # Any attempt to reach the network (a model download) would go to a dead proxy and fail the demo.
+    offline = {**batchd_env, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+               "NO_PROXY": "", "HF_HUB_OFFLINE": "0"}
+    r = subprocess.run([*batchd_cmd(), "demo", "--dir", str(folder)], env=offline, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     n = len(corpus_chunks())
