@@ -219,6 +219,16 @@ class BatchManager:
             info = self.backend.status(job)
         except Stopped:
             raise
+        except PermanentError as e:
+            # The job is gone (deleted remotely, or a name the service no longer knows): waiting until
+            # job_timeout would only delay the retry of its chunks.
+            reason = f"remote job lost: {e}"
+            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
+            summary.errored += n
+            summary.failed += failed
+            summary.finished += 1
+            log.error("job.lost", batch_id=b.id, google_job_id=job, error=str(e), chunks=n, chunks_failed=failed)
+            return
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
             summary.errors.append(f"batch {b.id}: {_describe(e)}")
             self.store.note_batch_error(b.id, f"status check failed, will retry: {_describe(e)}", self.clock())

@@ -328,3 +328,19 @@ def test_cancel_returns_chunks_without_counting_an_attempt(world):
     for c in w.store.chunks():
         assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 0, None)
     assert read_counters(w.dir)["cancels"] == 1
+
+
+def test_a_job_the_service_no_longer_knows_fails_its_batch_at_once(world):
+    w = world()
+    w.knobs(never_finish=True)
+    enqueue(w, ["x", "y"])
+    w.manager.flush_queue(force=True)
+    for f in w.dir.glob("job-1-*.json"):
+        f.unlink()  # deleted on the service's side
+    s = w.manager.sync_status()
+    assert s.finished == 1
+    b = w.store.batch(1)
+    assert b.status == "FAILED" and b.error_message.startswith("remote job lost: no such job")
+    for c in w.store.chunks():
+        assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 1, None)
+    assert_invariants(w)
