@@ -433,7 +433,9 @@ class Store:
                 f"UPDATE {t} SET batch_job_id = ? WHERE {i} IN ("
                 f"SELECT p.{i} FROM {t} p WHERE p.embedding_status = 'PENDING' AND p.batch_job_id IS NULL "
                 f"AND p.content_hash IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {t} f "
-                f"WHERE f.content_hash = p.content_hash AND f.batch_job_id IS NOT NULL) "
+                # "+": look up by content_hash (hash index), never by scanning every in-flight row of the
+                # batch index per pending chunk (quadratic: 100,000 chunks took minutes to claim).
+                f"WHERE f.content_hash = p.content_hash AND +f.batch_job_id IS NOT NULL) "
                 f"ORDER BY p.{i} LIMIT ?)", (batch_id, max_size))
             n = cur.rowcount
             if n <= 0:
