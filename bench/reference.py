@@ -79,9 +79,15 @@ def write_only(files: list[Path], db: Path) -> tuple[int, float]:
     return len(rows), seconds
 
 
-def naive(files: list[Path], db: Path, limit: int | None = None) -> tuple[int, float]:
-    """The seed's approach: stdlib json, struct.pack, one INSERT + COMMIT per row. Returns (rows, seconds)."""
+def naive(files: list[Path], db: Path, limit: int | None = None, defaults: bool = False) -> tuple[int, float]:
+    """The seed's approach: stdlib json, struct.pack, one INSERT + COMMIT per row. Returns (rows, seconds).
+
+    On batchd's connection settings (WAL, synchronous=NORMAL), so only the approach differs; with
+    ``defaults`` on SQLite's (rollback journal, synchronous=FULL: every COMMIT waits for the disk)."""
     conn = connect(db)
+    if defaults:
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("PRAGMA synchronous = FULL")
     fmt = f"<{data.DIMENSIONS}f"
     n = 0
     started = time.perf_counter()

@@ -157,8 +157,8 @@ def limit_write(files: list[str], db: str) -> dict[str, Any]:
     return {"rows": n, "seconds": seconds}
 
 
-def naive(files: list[str], db: str, limit: int | None = None) -> dict[str, Any]:
-    n, seconds = reference.naive([Path(f) for f in files], Path(db), limit)
+def naive(files: list[str], db: str, limit: int | None = None, defaults: bool = False) -> dict[str, Any]:
+    n, seconds = reference.naive([Path(f) for f in files], Path(db), limit, defaults)
     return {"rows": n, "seconds": seconds, "per_s": n / seconds}
 
 
