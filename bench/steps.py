@@ -147,19 +147,18 @@ def _import_google() -> dict[str, float]:
     return {"seconds": time.perf_counter() - started, "mb": (_status_kb("VmRSS") - before) / 1024}
 
 
-def download(bucket: str, prefix: str) -> dict[str, Any]:
-    """Read every output file of a job from the storage emulator with the storage client, in 4 MiB ranged
-    blocks as VertexBackend does, without parsing: what the network side of a sync costs here."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
+def download(db: str, vertex: dict[str, Any], bucket: str, prefix: str) -> dict[str, Any]:
+    """Read every output file of a job from the storage emulator the way VertexBackend does (its block
+    reader), without splitting or parsing: what the network side of a sync costs here."""
+    from batchd.backends.vertex import VertexBackend
 
-    client = storage.Client(project="bench", credentials=AnonymousCredentials())
+    backend = VertexBackend(_config(db, vertex), "bench")
+    _import_google()
     started = time.perf_counter()
     total = 0
-    for blob in client.list_blobs(bucket, prefix=prefix):
-        with blob.open("rb", chunk_size=4 << 20) as f:
-            while block := f.read(4 << 20):
-                total += len(block)
+    for blob in backend.storage.list_blobs(bucket, prefix=prefix):
+        for block in backend._read_blocks(blob):
+            total += len(block)
     return {"bytes": total, "seconds": time.perf_counter() - started}
 
 
