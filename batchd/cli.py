@@ -177,6 +177,7 @@ def sync(app: App) -> None:
 @pass_app
 def stats(app: App, as_json: bool) -> None:
     """Queue counts: pending, running (in a batch), ready, failed; batches by status."""
+    app.setup_logging()
     st = app.store.queue_stats()
     if as_json:
         click.echo(orjson.dumps(st).decode())
@@ -194,6 +195,7 @@ def stats(app: App, as_json: bool) -> None:
 @pass_app
 def jobs(app: App, as_json: bool, limit: int) -> None:
     """Recent batches: id, status, remote state, counts, age, error."""
+    app.setup_logging()
     from batchd.store import parse_iso
 
     rows = app.store.batches(limit=limit)
@@ -242,12 +244,10 @@ def cancel(app: App, batch_id: int) -> None:
 def check(app: App) -> None:
     """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
     cfg = app.config  # exits 78 on a config error
+    app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
     problems = 0
-    try:
-        store = app.store
-    except SystemExit:
-        raise
+    store = app.store  # exits 1 with a one-line reason when the database cannot be used
     click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
                f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
     if cfg.embedding.backend == "vertex":

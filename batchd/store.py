@@ -5,7 +5,7 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text.
 Locking: the connection runs in autocommit mode; every write goes through
 :meth:`Store.transaction`, which opens ``BEGIN IMMEDIATE`` (take the write lock
 up front, so a transaction never fails half way on a lock upgrade) and commits
-or rolls back. Write transactions are kept to a few thousand rows so the
+or rolls back. Write transactions are kept to at most ~10,000 small rows (about 0.1 s) so the
 application sharing the file never waits more than a fraction of a second.
 No transaction is ever open across a network call.
 
@@ -146,7 +146,7 @@ class Store:
             if path != ":memory:" and str(mode).lower() != "wal":
                 raise StoreError(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
-            # 32 MiB page cache (default 2 MiB): a 2,000-vector slice or a 5,000-row enqueue slice dirties more
+            # 32 MiB page cache (default 2 MiB): a 2,000-vector slice or a 10,000-row enqueue slice dirties more
             # than 2 MiB, and spilling mid-transaction made both ~1.5x slower (bench/, README "Benchmarks").
             conn.execute("PRAGMA cache_size = -32768")
             conn.execute("PRAGMA foreign_keys = ON")
