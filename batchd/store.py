@@ -234,13 +234,19 @@ class Store:
         row = self._conn.execute("SELECT value FROM batchd_meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else 0
 
+    # Schema introspection of the application's table goes through sqlite-utils (read-only calls: they
+    # never open or commit a transaction of their own, so they are safe inside a migration step).
+
+    def _schema(self) -> Any:
+        import sqlite_utils
+
+        return sqlite_utils.Database(self._conn, recursive_triggers=False, execute_plugins=False)
+
     def table_columns(self, table: str) -> list[str]:
-        return [r[1] for r in self._conn.execute(f"PRAGMA table_info({_q(table)})")]
+        return list(self._schema()[table].columns_dict)
 
     def table_exists(self, table: str) -> bool:
-        return self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type IN ('table', 'view') AND name = ?", (table,)
-        ).fetchone() is not None
+        return bool(self._schema()[table].exists())
 
     def execute_ddl(self, sql: str) -> None:
         """Run one DDL statement (used by migrations, inside their transaction)."""
