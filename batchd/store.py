@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from batchd.backends import Item, ResultLine
 from batchd.config import Config
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 HASH_SLICE = 5_000
 IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
 ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: <= ~100 ms of plain inserts (bench/: 5,000 was ~15% slower)
@@ -738,8 +738,6 @@ def m001_initial(store: Store) -> None:
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {_q('batchd_' + p + '_queue')} "
                       f"ON {t}(embedding_status, batch_job_id, queued_at)")
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {_q('batchd_' + p + '_hash')} ON {t}(content_hash)")
-    # The narrowest index on every row: count(*) walks its pages without decoding rows (Store.queue_stats).
-    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {_q('batchd_' + p + '_status')} ON {t}(embedding_status)")
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {_q('batchd_' + p + '_batch')} "
                       f"ON {t}(batch_job_id, content_hash) WHERE batch_job_id IS NOT NULL")
     if store.vec_dimensions() is None:
@@ -773,4 +771,10 @@ def m002_triggers(store: Store) -> None:
         f"INSERT OR IGNORE INTO batchd_tombstones(chunk_id) VALUES (OLD.{i}); END")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers]
+def m003_status_index(store: Store) -> None:
+    """The narrowest index on every chunk: count(*) walks its pages without decoding rows (Store.queue_stats)."""
+    p = store.config.database.chunks_table
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {_q('batchd_' + p + '_status')} ON {store.t}(embedding_status)")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index]

@@ -75,11 +75,14 @@ def test_upgrade_from_the_oldest_schema(make_config, tmp_path):
     conn.execute("DROP TRIGGER batchd_chunks_text_changed")
     conn.execute("DROP TRIGGER batchd_chunks_deleted")
     conn.execute("DROP TABLE batchd_tombstones")
+    conn.execute("DROP INDEX batchd_chunks_status")
     conn.execute("UPDATE batchd_meta SET value = '1' WHERE key = 'schema_version'")
     store.close()
     store = Store.open(cfg)
     assert store.schema_version() == SCHEMA_VERSION
     assert store.table_exists("batchd_tombstones")
+    indexes = [r[0] for r in store._conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")]
+    assert "batchd_chunks_status" in indexes
     store.close()
 
 
