@@ -1,7 +1,8 @@
 """The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
 
 Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check);
-2 usage error; 78 (EX_CONFIG) configuration error.
+2 usage error; 75 (EX_TEMPFAIL) another batchd process is flushing or syncing this database; 78 (EX_CONFIG)
+configuration error.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import orjson
 
 from batchd.backends import Backend, Checkable, make_backend
 from batchd.config import ConfigError, Config, load, resolve_path, vertex_missing
-from batchd.store import Store, StoreError
+from batchd.store import Busy, Store, StoreError
 
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 
@@ -149,7 +151,10 @@ def enqueue(app: App, file: Any) -> None:
 def flush(app: App, force: bool) -> None:
     """Claim pending chunks into batch jobs and submit them."""
     app.setup_logging()
-    ids = app.manager.flush_queue(force=force)
+    try:
+        ids = app.manager.flush_queue(force=force)
+    except Busy as e:
+        fail(f"flush: {e}", EX_TEMPFAIL)
     failed = [b for b in (app.store.batch(i) for i in ids) if b is not None and b.status != "RUNNING"]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
     for b in failed:
@@ -163,7 +168,10 @@ def flush(app: App, force: bool) -> None:
 def sync(app: App) -> None:
     """Poll running jobs and apply the results of finished ones."""
     app.setup_logging()
-    s = app.manager.sync_status()
+    try:
+        s = app.manager.sync_status()
+    except Busy as e:
+        fail(f"sync: {e}", EX_TEMPFAIL)
     click.echo(f"checked={s.checked} finished={s.finished} applied={s.applied} retried={s.errored - s.failed} "
                f"failed={s.failed}")
     for err in s.errors:

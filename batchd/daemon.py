@@ -27,6 +27,7 @@ from typing import Any, Callable
 import structlog
 
 from batchd.backends import Stopped
+from batchd.store import Busy
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
@@ -172,6 +173,11 @@ class Worker:
             except Stopped:
                 log.info("daemon.step_stopped", step=name)
                 return Outcome(stopped=True)
+            except Busy as e:
+                # Another batchd process (a hand-run `batchd sync`, a timer) holds the worker lock: not a
+                # failure of this one, so no backoff; the next tick tries again.
+                log.warning("daemon.step_busy", step=name, reason=str(e))
+                return Outcome(ok=False, skipped=True)
             except Exception as e:  # noqa: BLE001 - the one place a failing step is caught
                 delay = state.failed(self.clock(), _describe(e))
                 log.error("daemon.step_failed", step=name, error=_describe(e),

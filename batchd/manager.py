@@ -110,6 +110,10 @@ class BatchManager:
         A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent failure
         marks the batch FAILED and counts an attempt on its chunks.
         """
+        with self.store.worker_lock():
+            return self._flush_queue(min_size, force)
+
+    def _flush_queue(self, min_size: int | None, force: bool) -> list[int]:
         q = self.config.queue
         self.recover()
         self.prepare()
@@ -172,6 +176,10 @@ class BatchManager:
         Asks the backend for a job labelled with the batch (a create whose response was lost, or a crash
         between create and commit): adopts it if found, submits otherwise. Returns batches handled.
         """
+        with self.store.worker_lock():
+            return self._recover()
+
+    def _recover(self) -> int:
         handled = 0
         for b in self.store.batches(["PENDING"]):
             if b.google_job_id:
@@ -202,14 +210,15 @@ class BatchManager:
         shutdown (``progress`` raised Stopped) leaves whole slices applied and the rest for next time.
         """
         summary = SyncSummary()
-        self.store.purge_tombstones()
-        try:
-            for b in self.store.batches(["RUNNING"]):
-                self._sync_one(b, summary)
-                self.progress()
-        except Stopped:
-            summary.stopped = True
-            log.info("sync.stopped", applied=summary.applied)
+        with self.store.worker_lock():
+            self.store.purge_tombstones()
+            try:
+                for b in self.store.batches(["RUNNING"]):
+                    self._sync_one(b, summary)
+                    self.progress()
+            except Stopped:
+                summary.stopped = True
+                log.info("sync.stopped", applied=summary.applied)
         return summary
 
     def _sync_one(self, b: Any, summary: SyncSummary) -> None:

@@ -19,6 +19,7 @@ Chunk states (columns batchd adds to the application's table):
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: <= ~100 ms of plain inse
 
 class StoreError(Exception):
     """The database cannot be used as configured. ``str()`` is one line saying what to do."""
+
+
+class Busy(StoreError):
+    """Another batchd process is flushing or syncing this database right now; try again later."""
 
 
 def _sqlite_module() -> Any:
@@ -114,6 +119,8 @@ class Store:
         self.text = _q(db.text_column)
         self.dimensions = config.embedding.dimensions
         self.instance_id = ""
+        self._lock_file: Any = None
+        self._lock_depth = 0
 
     # ------------------------------------------------------------------ connection
 
@@ -159,6 +166,45 @@ class Store:
             conn.close()
             raise
         return store
+
+    @contextlib.contextmanager
+    def worker_lock(self) -> Iterator[None]:
+        """Hold the database's worker lock: one batchd process at a time flushes, syncs or recovers.
+
+        Two workers on one file (the daemon and a hand-run `batchd flush`) could otherwise both find a
+        batch left without a job and both submit it: paying twice. The lock is an flock on
+        ``<database>-batchd.lock`` (released by the kernel if the process dies), never waited for:
+        raises :class:`Busy` naming the holder's pid. Re-entrant within this Store.
+        """
+        path = self.config.database.path
+        if path == ":memory:":
+            yield
+            return
+        if self._lock_depth == 0:
+            import fcntl
+
+            f = open(f"{path}-batchd.lock", "a+")  # noqa: SIM115 - kept open while held
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
+                           "try again when it is done") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self._lock_file = f
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_file is not None:
+                self._lock_file.close()  # closing the descriptor releases the flock
+                self._lock_file = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -132,3 +132,35 @@ def test_database_errors_are_one_line(tmp_path, batchd_env, cfg):
     assert r.stderr.strip() == (f"batchd: database error: {tmp_path / 'app.db'}: chunks_vec holds 8-dimension "
                                 "vectors but embedding.dimensions is 16; set it back, or drop chunks_vec and "
                                 "re-embed (batchd never drops vectors itself)")
+
+
+HOLD_LOCK = """
+import sys, time
+from batchd.config import load
+from batchd.store import Store
+store = Store.open(load(sys.argv[1]))
+with store.worker_lock():
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_one_worker_at_a_time_per_database(cfg, batchd_env):
+    """While another batchd process flushes or syncs, a second one refuses (75) instead of racing it:
+    two recoveries of the same unsubmitted batch could otherwise submit it twice."""
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cfg)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=batchd_env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in ("flush", "sync"):
+            r = run(batchd_env, cfg, command)
+            assert r.returncode == 75, r.stderr
+            assert r.stderr.strip() == (f"batchd: {command}: another batchd process (pid {holder.pid}) is flushing "
+                                        f"or syncing {cfg.parent / 'app.db'}; try again when it is done")
+        assert run(batchd_env, cfg, "stats").returncode == 0  # readers are never blocked
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert run(batchd_env, cfg, "sync").returncode == 0

@@ -428,3 +428,28 @@ def test_until_idle_with_nothing_to_do_exits_0(tmp_path, batchd_env):
                        env=batchd_env, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
     assert [json.loads(x)["event"] for x in r.stdout.decode().splitlines()][-1] == "daemon.idle"
+
+
+def test_daemon_waits_its_turn_while_another_worker_holds_the_database(tmp_path, batchd_env, daemons):
+    """A hand-run `batchd sync` (here: a process holding the worker lock) makes the daemon skip its steps with
+    a warning, without backoff or a failure count; once it is done the daemon carries on."""
+    import sys
+
+    from tests.test_cli import HOLD_LOCK
+
+    cfg = write_config(tmp_path)
+    enqueue(cfg, batchd_env, [f"chunk {i}" for i in range(5)])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cfg)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=batchd_env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        d = daemons(cfg, batchd_env)
+        busy = d.wait_event("daemon.step_busy")
+        assert f"pid {holder.pid}" in busy["reason"] and busy["level"] == "warning"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    wait_until(lambda: counts(tmp_path / "app.db")["ready"] == 5, what="all chunks READY after the lock is free")
+    assert not [e for e in d.events() if e["event"] == "daemon.step_failed"]
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish() == 0
