@@ -194,6 +194,8 @@ def stats(app: App, as_json: bool) -> None:
     click.echo(f"running  {st['running']:>10,}")
     click.echo(f"ready    {st['ready']:>10,}")
     click.echo(f"failed   {st['failed']:>10,}")
+    for reason, n in app.store.failure_reasons() if st["failed"] else []:
+        click.echo(f"  {n:>8,} x {reason}")
     click.echo("batches  " + "  ".join(f"{k.lower()}={v}" for k, v in st["batches"].items()))
 
 

@@ -714,6 +714,13 @@ class Store:
 
     # ------------------------------------------------------------------ operator actions
 
+    def failure_reasons(self, limit: int = 5) -> list[tuple[str, int]]:
+        """The most common error_message among FAILED chunks, with counts (through the status index)."""
+        rows = self._conn.execute(
+            f"SELECT coalesce(error_message, '(no reason recorded)'), count(*) FROM {self.t} "
+            "WHERE embedding_status = 'FAILED' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", (limit,)).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
     def retry_failed(self, now: float) -> int:
         """FAILED chunks back to PENDING with attempts reset (their text will be re-hashed)."""
         with self.transaction() as c:

@@ -91,6 +91,8 @@ def test_flush_sync_stats_jobs_retry_cancel(cfg, batchd_env, tmp_path):
         run(batchd_env, cfg, "sync")
     st = json.loads(run(batchd_env, cfg, "stats", "--json").stdout)
     assert st["failed"] == 1
+    # Plain `stats` says why chunks failed, grouped by reason.
+    assert "         1 x job FAILED: simulated failed job" in run(batchd_env, cfg, "stats").stdout.splitlines()
     r = run(batchd_env, cfg, "retry", "--failed")
     assert r.stdout.strip() == "requeued 1 failed chunk(s)"
     (tmp_path / "testbackend" / "knobs.json").write_text('{"never_finish": true}')
