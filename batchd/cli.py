@@ -15,7 +15,7 @@ import click
 import orjson
 
 from batchd.backends import Backend, Checkable, make_backend
-from batchd.config import ConfigError, Config, load, resolve_path, vertex_missing
+from batchd.config import Config, ConfigError, load, resolve_path, vertex_missing
 from batchd.store import Busy, Store, StoreError
 
 EX_TEMPFAIL = 75

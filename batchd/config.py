@@ -12,9 +12,10 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_PATH = "/etc/batchd/batchd.toml"
 ENV_VAR = "BATCHD_CONFIG"

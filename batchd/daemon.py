@@ -20,9 +20,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -178,7 +179,7 @@ class Worker:
                 # failure of this one, so no backoff; the next tick tries again.
                 log.warning("daemon.step_busy", step=name, reason=str(e))
                 return Outcome(ok=False, skipped=True)
-            except Exception as e:  # noqa: BLE001 - the one place a failing step is caught
+            except Exception as e:  # the one place a failing step is caught
                 delay = state.failed(self.clock(), _describe(e))
                 log.error("daemon.step_failed", step=name, error=_describe(e),
                           consecutive_failures=state.consecutive, failures_total=state.failures,
@@ -238,7 +239,7 @@ class Signals:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> "Signals":
+    def install(self) -> Signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -281,9 +282,9 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
             "coalesce": True,  # ticks missed during a long step collapse into one run
             "misfire_grace_time": 3600,  # a run delayed by a long step still happens
         },
-        timezone=timezone.utc,
+        timezone=UTC,
     )
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     scheduler.add_job(lambda: _tick(worker, worker.flush), "interval", seconds=float(q.flush_interval),
                       id="flush", name="flush", next_run_time=now)
     scheduler.add_job(lambda: _tick(worker, worker.sync), "interval", seconds=float(q.sync_interval),
@@ -421,7 +422,7 @@ def _json_event(event: str, level: str, **fields: Any) -> str:
 
     from batchd.logs import stream_is_journal
 
-    body = {"timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"), "level": level,
+    body = {"timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "level": level,
             "event": event, "logger": "batchd.daemon", **fields}
     prefix = "<4>" if stream_is_journal(sys.stdout) else ""
     return prefix + orjson.dumps(body).decode()
@@ -437,4 +438,4 @@ def _flush_streams() -> None:
             pass
 
 
-__all__ = ["Worker", "Signals", "serve", "run_once", "run_until_idle", "EXIT_OK", "EXIT_FAILED"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Signals", "Worker", "run_once", "run_until_idle", "serve"]

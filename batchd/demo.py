@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from batchd.backends import make_backend
 from batchd.config import Config, load
@@ -226,4 +227,4 @@ def _drain(manager: BatchManager, config: Config) -> None:
         manager.sync_status()
 
 
-__all__ = ["DemoError", "DemoResult", "QUERIES", "corpus_chunks", "run_demo", "split_markdown", "write_config"]
+__all__ = ["QUERIES", "DemoError", "DemoResult", "corpus_chunks", "run_demo", "split_markdown", "write_config"]

@@ -172,4 +172,4 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-__all__ = ["configure", "stream_is_journal", "LEVELS"]
+__all__ = ["LEVELS", "configure", "stream_is_journal"]

@@ -12,8 +12,9 @@ Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` wit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import structlog
 
@@ -370,4 +371,4 @@ def _human(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-__all__ = ["BatchManager", "SyncSummary", "BackendError", "JobState"]
+__all__ = ["BackendError", "BatchManager", "JobState", "SyncSummary"]

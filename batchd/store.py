@@ -22,10 +22,11 @@ import contextlib
 import os
 import re
 import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from batchd.backends import Item, ResultLine
 from batchd.config import Config
@@ -63,13 +64,13 @@ def _sqlite_module() -> Any:
 
 def iso(ts: float) -> str:
     """Epoch seconds -> '2026-11-30T09:00:00Z' (sortable as text)."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(text: str | None) -> float | None:
     if not text:
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Store:
     # ------------------------------------------------------------------ connection
 
     @classmethod
-    def open(cls, config: Config, *, create: bool = True) -> "Store":
+    def open(cls, config: Config, *, create: bool = True) -> Store:
         """Connect (WAL, busy_timeout, foreign keys, sqlite-vec) and create or migrate the schema.
 
         Raises StoreError with a one-line reason (no extension support, unreadable file, a chunks_vec
@@ -183,7 +184,7 @@ class Store:
         if self._lock_depth == 0:
             import fcntl
 
-            f = open(f"{path}-batchd.lock", "a+")  # noqa: SIM115 - kept open while held
+            f = open(f"{path}-batchd.lock", "a+")  # kept open while the lock is held
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -577,7 +578,7 @@ class Store:
                 if key in seen:
                     continue  # a success for the same text already landed in this slice
                 seen.add(key)
-                e, f = self._retry_chunks(c, f"batch_job_id = ? AND content_hash = ? AND embedding_status = 'PENDING'",
+                e, f = self._retry_chunks(c, "batch_job_id = ? AND content_hash = ? AND embedding_status = 'PENDING'",
                                           (batch_id, key), reason, max_attempts)
                 errored += e
                 failed += f

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import sdnotify
 import structlog
@@ -169,4 +169,4 @@ class Watchdog:
                 return
 
 
-__all__ = ["Notifier", "Health", "Watchdog", "watchdog_interval"]
+__all__ = ["Health", "Notifier", "Watchdog", "watchdog_interval"]

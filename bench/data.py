@@ -6,8 +6,9 @@ Everything is a pure function of (seed, size), so two runs measure the same byte
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import orjson
@@ -18,9 +19,7 @@ DIMENSIONS = 768
 MODEL = "text-embedding-005"
 TASK = "RETRIEVAL_DOCUMENT"
 FILES_PER_JOB = 3
-_WORDS = ("vector index batch embedding sqlite chunk model query retrieval document table column job "
-          "shard cache latency token window corpus answer search store daemon queue result status file "
-          "cloud storage region project label bucket prefix output input write read lock page journal").split()
+_WORDS = ["vector", "index", "batch", "embedding", "sqlite", "chunk", "model", "query", "retrieval", "document", "table", "column", "job", "shard", "cache", "latency", "token", "window", "corpus", "answer", "search", "store", "daemon", "queue", "result", "status", "file", "cloud", "storage", "region", "project", "label", "bucket", "prefix", "output", "input", "write", "read", "lock", "page", "journal"]
 
 
 def _corpus(seed: int, size: int = 1 << 20) -> str:

@@ -13,8 +13,9 @@ import struct
 import sys
 import time
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 

@@ -10,8 +10,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import data, reference
 
@@ -141,7 +142,7 @@ def _import_google() -> dict[str, float]:
     to Vertex (reported on its own), not work that grows with the job."""
     before = _status_kb("VmRSS")
     started = time.perf_counter()
-    import google.cloud.aiplatform_v1  # noqa: F401
+    import google.cloud.aiplatform_v1
     import google.cloud.storage  # noqa: F401
 
     return {"seconds": time.perf_counter() - started, "mb": (_status_kb("VmRSS") - before) / 1024}

@@ -16,7 +16,7 @@ LOCATION = "us-central1"
 
 
 class VertexEnv:
-    def __enter__(self) -> "VertexEnv":
+    def __enter__(self) -> VertexEnv:
         from tests.fakes.fake_vertex import FakeVertex
         from tests.fakes.gcs import GCSEmulator
 

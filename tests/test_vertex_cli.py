@@ -12,7 +12,7 @@ from batchd.config import load
 from batchd.store import Store
 from tests.conftest import batchd_cmd
 from tests.fakes.fake_vertex import fake_vector
-from tests.fakes.vertex_env import BUCKET, LOCATION, PROJECT, gcs, fake_vertex  # noqa: F401
+from tests.fakes.vertex_env import BUCKET, LOCATION, PROJECT, fake_vertex, gcs
 
 
 def write_config(tmp_path: Path, endpoint: str, bucket: str = BUCKET) -> Path:

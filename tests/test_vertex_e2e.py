@@ -8,7 +8,7 @@ import pytest
 
 from batchd.backends import JobState
 from tests.fakes.fake_vertex import fake_vector
-from tests.fakes.vertex_env import gcs, fake_vertex, vworld  # noqa: F401
+from tests.fakes.vertex_env import fake_vertex, gcs, vworld
 
 N = 2_500
 DIMS = 8

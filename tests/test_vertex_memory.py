@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.fakes.fake_vertex import fake_vector
-from tests.fakes.vertex_env import gcs, fake_vertex, vworld  # noqa: F401
+from tests.fakes.vertex_env import fake_vertex, gcs, vworld
 
 ROWS = 30_000
 DIMS = 768
@@ -36,7 +36,7 @@ class PeakRSS:
         while not self._stop.wait(0.01):
             self.peak = max(self.peak, rss_bytes())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 

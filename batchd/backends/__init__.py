@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -185,7 +186,7 @@ def content_hash(text: str, model: str, task_type: str, dimensions: int) -> str:
     return h.hexdigest()
 
 
-def make_backend(config: "Config", instance_id: str) -> Backend:
+def make_backend(config: Config, instance_id: str) -> Backend:
     """The only place that names concrete backends."""
     kind = config.embedding.backend
     if kind == "vertex":

@@ -37,8 +37,9 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -77,7 +78,7 @@ class LocalBackend:
     at a Vertex model's name raise ConfigError.
     """
 
-    def __init__(self, config: "Config", instance_id: str):
+    def __init__(self, config: Config, instance_id: str):
         self.config = config
         self.instance_id = instance_id or "default"
         self.model_name = config.local.model
@@ -287,7 +288,7 @@ def resolve_model(name: str, source: str = "<config>") -> str:
     for repo in ([name] if "/" in name else [name, f"sentence-transformers/{name}"]):
         try:
             return str(snapshot_download(repo, local_files_only=True))
-        except Exception:  # noqa: BLE001,S112 - not cached under this name; try the next
+        except Exception:  # noqa: BLE001 - not cached under this name; try the next
             continue
     raise ConfigError(source, "local.model", f"{name!r} is neither a model folder nor in the local Hugging Face cache "
                                              "(batchd never downloads models; give a path)")

@@ -13,7 +13,8 @@ not idempotent: after an ambiguous failure it looks for the job by its labels in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -55,7 +56,7 @@ class SetupError(BackendError):
 class VertexBackend:
     """Embeds batches with Vertex AI batch prediction jobs. Clients are built on first use."""
 
-    def __init__(self, config: "Config", instance_id: str):
+    def __init__(self, config: Config, instance_id: str):
         self.config = config
         self.instance_id = instance_id
         emb, vx = config.embedding, config.vertex
@@ -209,7 +210,7 @@ class VertexBackend:
                     if pending >= UPLOAD_BLOCK:
                         pending = 0
                         progress()
-        except Exception as e:  # noqa: BLE001 - sorted by HTTP status below
+        except Exception as e:  # sorted by HTTP status below
             # The resumable writer raises the media library's InvalidResponse, not api_core's exceptions.
             status = getattr(e, "code", None) if isinstance(e, gexc.GoogleAPICallError) else \
                 getattr(getattr(e, "response", None), "status_code", None)

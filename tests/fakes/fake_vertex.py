@@ -20,8 +20,9 @@ import random
 import threading
 import urllib.parse
 from array import array
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import orjson
 from google.cloud import aiplatform_v1
@@ -42,7 +43,7 @@ def fake_vector(text: str, dims: int) -> bytes:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class FakeVertex:
@@ -85,7 +86,7 @@ class FakeVertex:
     def parent(self) -> str:
         return f"projects/{self.project}/locations/{self.location}"
 
-    def start(self) -> "FakeVertex":
+    def start(self) -> FakeVertex:
         fake = self
 
         class Handler(_Handler):
@@ -105,7 +106,7 @@ class FakeVertex:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeVertex":
+    def __enter__(self) -> FakeVertex:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

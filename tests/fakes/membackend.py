@@ -40,8 +40,9 @@ import random
 import struct
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from batchd.backends import (
     BackendError,

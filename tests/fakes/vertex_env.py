@@ -6,8 +6,9 @@ Test modules import the fixtures: ``from tests.fakes.vertex_env import gcs, fake
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
