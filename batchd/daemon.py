@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
+from batchd.manager import describe_error
 from batchd.store import Busy
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
@@ -180,8 +181,8 @@ class Worker:
                 log.warning("daemon.step_busy", step=name, reason=str(e))
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
-                delay = state.failed(self.clock(), _describe(e))
-                log.error("daemon.step_failed", step=name, error=_describe(e),
+                delay = state.failed(self.clock(), describe_error(e))
+                log.error("daemon.step_failed", step=name, error=describe_error(e),
                           consecutive_failures=state.consecutive, failures_total=state.failures,
                           retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
                 return Outcome(ok=False)
@@ -201,7 +202,7 @@ class Worker:
         try:
             return dict(self.manager.get_queue_stats())
         except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
-            log.warning("daemon.stats_failed", error=_describe(e))
+            log.warning("daemon.stats_failed", error=describe_error(e))
             return None
 
     def status_line(self, stats: dict[str, Any] | None = None) -> str:
@@ -399,11 +400,6 @@ def _start_watchdog(worker: Worker) -> Watchdog | None:
     dog = Watchdog(worker.notifier, worker.health, interval)
     dog.start()
     return dog
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _hms(ts: float) -> str:

@@ -160,8 +160,8 @@ class BatchManager:
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - transient: recorded, retried by recover()
-            self.store.note_batch_error(batch_id, f"submit failed, will retry: {_describe(e)}", self.clock())
-            log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=_describe(e))
+            self.store.note_batch_error(batch_id, f"submit failed, will retry: {describe_error(e)}", self.clock())
+            log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=describe_error(e))
             return None
         self.store.mark_submitted(batch_id, job, self.clock())
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
@@ -188,9 +188,9 @@ class BatchManager:
             try:
                 found = self.backend.find_job(b.id)
             except Exception as e:  # noqa: BLE001 - try again at the next cycle
-                self.store.note_batch_error(b.id, f"recovery lookup failed, will retry: {_describe(e)}",
+                self.store.note_batch_error(b.id, f"recovery lookup failed, will retry: {describe_error(e)}",
                                             self.clock())
-                log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=_describe(e))
+                log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=describe_error(e))
                 continue
             if found:
                 self.store.mark_submitted(b.id, found, self.clock())
@@ -240,9 +240,9 @@ class BatchManager:
             log.error("job.lost", batch_id=b.id, google_job_id=job, error=str(e), chunks=n, chunks_failed=failed)
             return
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
-            summary.errors.append(f"batch {b.id}: {_describe(e)}")
-            self.store.note_batch_error(b.id, f"status check failed, will retry: {_describe(e)}", self.clock())
-            log.warning("job.status_failed", batch_id=b.id, google_job_id=job, error=_describe(e))
+            summary.errors.append(f"batch {b.id}: {describe_error(e)}")
+            self.store.note_batch_error(b.id, f"status check failed, will retry: {describe_error(e)}", self.clock())
+            log.warning("job.status_failed", batch_id=b.id, google_job_id=job, error=describe_error(e))
             return
         summary.checked += 1
         if info.state.value != b.remote_state or info.output:
@@ -292,10 +292,10 @@ class BatchManager:
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
-            summary.errors.append(f"batch {batch_id}: {_describe(e)}")
-            self.store.note_batch_error(batch_id, f"reading results failed, will retry: {_describe(e)}",
+            summary.errors.append(f"batch {batch_id}: {describe_error(e)}")
+            self.store.note_batch_error(batch_id, f"reading results failed, will retry: {describe_error(e)}",
                                         self.clock())
-            log.warning("job.results_failed", batch_id=batch_id, google_job_id=job, error=_describe(e),
+            log.warning("job.results_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e),
                         lines=lines)
             return False
         log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines,
@@ -307,7 +307,7 @@ class BatchManager:
         try:
             self.backend.cancel(b.google_job_id)
         except Exception as e:  # noqa: BLE001 - cancel is best effort
-            log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=_describe(e))
+            log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
         reason = f"job timed out after {_human(q.job_timeout)} and was cancelled"
         n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
         summary.errored += n
@@ -321,7 +321,7 @@ class BatchManager:
         try:
             self.backend.cleanup(batch_id, job)
         except Exception as e:  # noqa: BLE001 - staged files are only money, never correctness
-            log.warning("batch.cleanup_failed", batch_id=batch_id, google_job_id=job, error=_describe(e))
+            log.warning("batch.cleanup_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e))
 
     # ------------------------------------------------------------------ operator actions
 
@@ -337,7 +337,7 @@ class BatchManager:
             try:
                 self.backend.cancel(b.google_job_id)
             except Exception as e:  # noqa: BLE001
-                log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=_describe(e))
+                log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
         log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
         return True
@@ -359,7 +359,8 @@ def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]
         yield buf
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """An exception as one short line for logs and error_message: its type and the first line of its text."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -371,4 +372,4 @@ def _human(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-__all__ = ["BackendError", "BatchManager", "JobState", "SyncSummary"]
+__all__ = ["BackendError", "BatchManager", "JobState", "SyncSummary", "describe_error"]
