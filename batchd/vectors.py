@@ -1,0 +1,69 @@
+"""Turning the numbers a service answers into the float32 blob sqlite-vec stores — the one place that decides
+whether a vector is acceptable, and how a longer-than-asked vector is fitted to ``embedding.dimensions``.
+
+Rules (every backend goes through :func:`fit_vector`):
+
+- a value that is not a real number (a string, a bool, null), or that is not finite in float32 (NaN, ±inf,
+  ``1e39``), makes the whole vector an error;
+- a vector of zero length or zero norm is an error (cosine distance is undefined for it);
+- a vector longer than asked is cut to its first ``dimensions`` values and renormalised to unit length:
+  gemini-embedding-001 is Matryoshka-trained and Vertex batch jobs answer with the 3,072-value parent vector
+  even when ``output_dimensionality`` is smaller (VERTEX.md, "what real jobs do");
+- a vector shorter than asked is an error;
+- ``renormalise=True`` also scales an exact-length vector to unit length (Gemini vectors smaller than 3,072 do
+  not come normalised; queries and documents must compare on the same footing).
+
+Pure functions: no I/O, no SQL.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class VectorError(ValueError):
+    """The values cannot be stored as an embedding; the message says why (kept in ``error_message``)."""
+
+
+def fit_vector(values: Sequence[Any], dimensions: int, *, renormalise: bool = False) -> tuple[bytes, bool]:
+    """(little-endian float32 blob of ``dimensions`` values, whether the input was cut).
+
+    Raises :class:`VectorError` for a vector that must never reach ``chunks_vec``.
+    """
+    n = len(values)
+    if n == 0:
+        raise VectorError("empty vector")
+    if n < dimensions:
+        raise VectorError(f"vector has {n} dimensions, expected {dimensions}")
+    for v in values:
+        # bool is an int subclass; JSON true must not become 1.0
+        if type(v) is not float and type(v) is not int:
+            raise VectorError("embedding values are not numbers")
+    cut = n > dimensions
+    vals = values[:dimensions] if cut else values
+    try:
+        vec = array("f", vals)
+    except OverflowError:
+        raise VectorError("embedding values are not finite") from None
+    sq = 0.0
+    for x in vec:
+        if not math.isfinite(x):
+            raise VectorError("embedding values are not finite")
+        sq += x * x
+    if sq == 0.0 or not math.isfinite(sq):
+        raise VectorError("vector has zero length (norm 0)")
+    if cut or renormalise:
+        norm = math.sqrt(sq)
+        vec = array("f", (x / norm for x in vec))
+    if sys.byteorder != "little":  # pragma: no cover - sqlite-vec blobs are little-endian
+        vec.byteswap()
+    return vec.tobytes(), cut
+
+
+__all__ = ["VectorError", "fit_vector"]
