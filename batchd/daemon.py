@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
+from batchd.logs import fd_is_journal, output_fd
 from batchd.manager import describe_error
 from batchd.store import Busy
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
@@ -252,7 +253,7 @@ class Signals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop.is_set():
             # Second signal: leave now. Whatever transaction was open is rolled back by SQLite.
-            os.write(1, (_json_event("daemon.killed", "warning", signal=signal.Signals(signum).name) + "\n").encode())
+            os.write(output_fd(), (_json_event("daemon.killed", "warning", signal=signal.Signals(signum).name) + "\n").encode())
             os._exit(128 + signum)
         self.received = signum
         self.stop.set()
@@ -412,15 +413,11 @@ def _signame(signum: int | None) -> str | None:
 
 def _json_event(event: str, level: str, **fields: Any) -> str:
     """One log line built without locks (safe inside a signal handler)."""
-    import sys
-
     import orjson
-
-    from batchd.logs import stream_is_journal
 
     body = {"timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "level": level,
             "event": event, "logger": "batchd.daemon", **fields}
-    prefix = "<4>" if stream_is_journal(sys.stdout) else ""
+    prefix = "<4>" if fd_is_journal(output_fd()) else ""
     return prefix + orjson.dumps(body).decode()
 
 
