@@ -7,8 +7,10 @@ configuration error.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -102,6 +104,9 @@ pass_app = click.make_pass_decorator(App)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Embed a SQLite table of text chunks with Vertex AI batch jobs (or a local model) into sqlite-vec."""
+    from batchd import files
+
+    files.private_umask()  # the database, its -wal/-shm, the lock and job files: owner and group only
     app = App(config_path)
     ctx.obj = app
     ctx.call_on_close(app.close)
@@ -155,6 +160,8 @@ def flush(app: App, force: bool) -> None:
         ids = app.manager.flush_queue(force=force)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
+    except StoreError as e:  # an unusable worker lock, a database that cannot be written
+        fail(f"flush: {e}")
     failed = [b for b in (app.store.batch(i) for i in ids) if b is not None and b.status != "RUNNING"]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
     for b in failed:
@@ -172,6 +179,8 @@ def sync(app: App) -> None:
         s = app.manager.sync_status()
     except Busy as e:
         fail(f"sync: {e}", EX_TEMPFAIL)
+    except StoreError as e:
+        fail(f"sync: {e}")
     click.echo(f"checked={s.checked} finished={s.finished} applied={s.applied} retried={s.errored - s.failed} "
                f"failed={s.failed}")
     for err in s.errors:
@@ -256,10 +265,10 @@ def check(app: App) -> None:
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
-    problems = 0
     store = app.store  # exits 1 with a one-line reason when the database cannot be used
     click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
                f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
+    problems = _check_service_files(cfg)
     if cfg.embedding.backend == "vertex":
         for line in vertex_missing(cfg):
             click.echo(f"FAIL  vertex: {line}")
@@ -285,6 +294,20 @@ def check(app: App) -> None:
         sys.exit(1)
 
 
+def _check_service_files(cfg: Config) -> int:
+    """Print what `check` finds about the interpreter and the database files; return the number of FAILs."""
+    from batchd import files
+
+    problem = files.interpreter_problem()
+    if problem:
+        click.echo(f"WARN  python: {problem}")
+    failed = 0
+    for f in files.access_problems(cfg.database.path):
+        click.echo(f"{ {'ok': 'ok  ', 'warn': 'WARN', 'fail': 'FAIL'}[f.level]}  {f.name}: {f.detail}")
+        failed += f.level == "fail"
+    return failed
+
+
 @main.command()
 @click.option("--once", is_flag=True, help="One recovery + flush + sync cycle, then exit (cron, systemd timer).")
 @click.option("--until-idle", is_flag=True, help="Flush and sync until nothing is pending or running, then exit.")
@@ -295,9 +318,8 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
     import structlog
 
-    from batchd import daemon, logs
+    from batchd import logs
     from batchd.config import parse_duration
-    from batchd.systemd import Notifier
 
     if once and until_idle:
         raise click.UsageError("--once and --until-idle cannot be combined")
@@ -312,20 +334,49 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         logs.configure("info", stream=sys.stdout)
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
-    logs.configure(level, stream=sys.stdout)
+    capture = None
+    if not sys.stdout.isatty() or logs.stream_is_journal(sys.stdout):
+        # JSON logs: what C libraries (PyTorch's cpuinfo, ...) write to fd 1/2 becomes foreign.output events.
+        from batchd.capture import OutputCapture
+
+        capture = OutputCapture()
+        logs.configure(level, stream=capture.start())
+    else:
+        logs.configure(level, stream=sys.stdout)
+    try:
+        sys.exit(_run(app, once, until_idle, poll_s))
+    finally:
+        if capture is not None:
+            capture.stop()
+
+
+def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
+    import structlog
+
+    from batchd import daemon
+    from batchd.systemd import Notifier
+
+    try:
+        app.store.probe_write()
+    except StoreError as e:
+        # Never READY=1 on a database this process cannot write: fail the start, saying which file is whose.
+        structlog.get_logger("batchd.cli").error("daemon.start_failed", error=str(e), exit_status=1)
+        return 1
     worker = daemon.Worker(app.manager, notifier=Notifier())
     if once:
-        sys.exit(daemon.run_once(worker))
+        return daemon.run_once(worker)
     if until_idle:
-        show = sys.stderr.isatty()
+        from batchd.progress import TerminalProgress
 
-        def on_cycle(st: dict[str, Any]) -> None:
-            if show:
-                click.echo(f"pending={st['pending']:,} running={st['running']:,} ready={st['ready']:,} "
-                           f"failed={st['failed']:,}", err=True)
-
-        sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
-    sys.exit(daemon.serve(worker))
+        bar = TerminalProgress.for_stream(sys.stderr)
+        if bar is not None:
+            worker.on_activity = bar.update
+        try:
+            return daemon.run_until_idle(worker, poll_s, bar.cycle if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    return daemon.serve(worker, config_path=app.config_path)
 
 
 @main.command("search")
@@ -386,9 +437,18 @@ def demo(folder: str | None) -> None:
         click.echo(f"\nsearch   {query}")
         for h in hits:
             click.echo(f"{h.rank:>3}  {h.chunk_id:>5}  {h.distance:.3f}  {snippet(h.text)}")
-    click.echo(f"\nTry your own: batchd --config {r.config_path} search \"why are batch jobs cheaper?\"")
+    exe = Path(sys.argv[0]) if Path(sys.argv[0]).name == "batchd" else Path(sys.executable).parent / "batchd"
+    click.echo(f"\nTry your own: {_shown_path(exe)} --config {r.config_path} search \"why are batch jobs cheaper?\"")
     if not r.ok:
         sys.exit(1)
+
+
+def _shown_path(p: Path) -> str:
+    """The console script as the user would type it: relative to the current folder when below it."""
+    try:
+        return str(Path(os.path.abspath(p)).relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
 
 
 if __name__ == "__main__":  # pragma: no cover

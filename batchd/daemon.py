@@ -29,7 +29,7 @@ import structlog
 
 from batchd.backends import Stopped
 from batchd.logs import fd_is_journal, output_fd
-from batchd.manager import describe_error
+from batchd.manager import Activity, describe_error
 from batchd.store import Busy
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
@@ -40,6 +40,7 @@ EXIT_FAILED = 1
 MAX_BACKOFF = 600.0  # seconds; a failing step is retried at least this often
 GIVE_UP_AFTER = 5  # --until-idle: consecutive failures of one step before exiting non-zero
 STOP_TIMEOUT = 60.0  # seconds to wait for the running step after SIGTERM (below the unit's TimeoutStopSec)
+STATUS_EVERY = 2.0  # seconds between two STATUS= progress updates while results are read
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -56,6 +57,8 @@ class StepState:
     first_failure: float | None = None
     retry_at: float = 0.0
     last_error: str = ""
+    troubled_in_row: int = 0
+    last_trouble: str = ""
 
     def failed(self, now: float, error: str) -> float:
         """Record a failure; return the backoff (seconds) before the step runs again."""
@@ -71,6 +74,14 @@ class StepState:
 
     def succeeded(self) -> None:
         self.consecutive, self.first_failure, self.retry_at, self.last_error = 0, None, 0.0, ""
+
+    def troubled(self, errors: list[str]) -> None:
+        """The step ran, but some of its work failed (a batch whose results could not be read)."""
+        self.troubled_in_row += 1
+        self.last_trouble = errors[0] if len(errors) == 1 else f"{errors[0]} (+{len(errors) - 1} more)"
+
+    def untroubled(self) -> None:
+        self.troubled_in_row, self.last_trouble = 0, ""
 
 
 @dataclass
@@ -117,7 +128,13 @@ class Worker:
         }
         self.last = LastResults()
         self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
+        self.reload = threading.Event()  # set by SIGHUP (serve only)
+        self.activity: Activity | None = None  # what the running step is reading right now
+        self.on_activity: Callable[[Activity], None] | None = None  # e.g. a terminal's progress bar
+        self._status_sent = 0.0
+        self.last_stats: dict[str, Any] | None = None  # the counts of the last report()
         manager.progress = self.progress
+        manager.on_activity = self._activity
 
     # ------------------------------------------------------------------ hooks
 
@@ -126,6 +143,16 @@ class Worker:
         self.health.progress()
         if self.stop.is_set():
             raise Stopped()
+
+    def _activity(self, act: Activity) -> None:
+        """The manager reports a long read: STATUS= at most every STATUS_EVERY seconds, and the bar, if any."""
+        self.activity = act
+        if self.on_activity is not None:
+            self.on_activity(act)
+        now = time.monotonic()
+        if now - self._status_sent >= STATUS_EVERY:
+            self._status_sent = now
+            self.notifier.status(self.status_line())
 
     # ------------------------------------------------------------------ steps
 
@@ -158,6 +185,10 @@ class Worker:
             out.stopped = out.stopped or summary.stopped
             if summary.checked or summary.finished or summary.errors:
                 log.info("sync.done", duration_ms=out.duration_ms, **summary.as_dict())
+            if summary.errors:
+                self.steps["sync"].troubled(summary.errors)
+            elif not summary.stopped:
+                self.steps["sync"].untroubled()
         return out
 
     def _step(self, name: str, fn: Callable[[], Any]) -> Outcome:
@@ -189,6 +220,7 @@ class Worker:
                 return Outcome(ok=False)
             finally:
                 self.health.end()
+                self.activity = None
             duration_ms = round((time.monotonic() - started) * 1000)
         if state.consecutive:
             log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
@@ -207,9 +239,13 @@ class Worker:
             return None
 
     def status_line(self, stats: dict[str, Any] | None = None) -> str:
-        """e.g. ``pending=150 running=500 ready=12000 failed=5; last sync 14:05:12 applied 1000``."""
+        """The one STATUS= text, composed here (add new parts here too), e.g.
+        ``embedding batch 3: 1,200/3,000 (45/s); pending=150 running=3000 ready=12000 failed=5; last sync ...``
+        or ``...; sync failing (4x): batch 3: RuntimeError: could not create a primitive``."""
         stats = stats if stats is not None else self.stats()
         parts = []
+        if self.activity is not None:
+            parts.append(self.activity.text())
         if stats is not None:
             parts.append(" ".join(f"{k}={stats.get(k, 0)}" for k in ("pending", "running", "ready", "failed")))
         if self.last.sync_at is not None:
@@ -221,11 +257,14 @@ class Worker:
         for st in self.steps.values():
             if st.consecutive:
                 parts.append(f"{st.name} failing ({st.consecutive}x): {st.last_error}"[:160])
+            elif st.troubled_in_row:
+                parts.append(f"{st.name} failing ({st.troubled_in_row}x): {st.last_trouble}"[:160])
         return "; ".join(parts) or "starting"
 
     def report(self) -> dict[str, Any] | None:
         """Send STATUS= with the counts and last results; return the counts."""
         stats = self.stats()
+        self.last_stats = stats
         self.notifier.status(self.status_line(stats))
         return stats
 
@@ -236,15 +275,22 @@ class Worker:
 class Signals:
     """SIGTERM/SIGINT set ``stop``; a second one exits at once. Handlers never log or unwind the stack."""
 
-    def __init__(self, stop: threading.Event):
+    def __init__(self, stop: threading.Event, reload: threading.Event | None = None):
         self.stop = stop
+        self.reload = reload
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> Signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.reload is not None:  # SIGHUP = `systemctl reload` (ExecReload=); only the daemon handles it
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hup)
         return self
+
+    def _hup(self, signum: int, frame: Any) -> None:
+        assert self.reload is not None
+        self.reload.set()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -262,15 +308,18 @@ class Signals:
 # ---------------------------------------------------------------------------------------------- modes
 
 
-def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
-    """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status."""
+def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, config_path: str | None = None) -> int:
+    """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status.
+
+    With ``config_path``, SIGHUP re-reads that file and applies its live keys (:mod:`batchd.reload`).
+    """
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers import SchedulerNotRunningError
     from apscheduler.schedulers.blocking import BlockingScheduler
 
     q = worker.manager.config.queue
     notifier = worker.notifier
-    signals = Signals(worker.stop).install()
+    signals = Signals(worker.stop, worker.reload if config_path else None).install()
     watchdog = _start_watchdog(worker)
     log.info("daemon.starting", pid=os.getpid(), flush_interval_s=float(q.flush_interval),
              sync_interval_s=float(q.sync_interval), notify=notifier.enabled,
@@ -297,6 +346,9 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
                                args=(worker, scheduler, signals, done, SchedulerNotRunningError),
                                name="batchd-stopper", daemon=True)
     stopper.start()
+    if config_path:
+        threading.Thread(target=_reloader, args=(worker, scheduler, config_path, done), name="batchd-reloader",
+                         daemon=True).start()
     if not worker.stop.is_set():
         stats = worker.stats()
         log.info("daemon.ready", **(stats or {}))
@@ -335,6 +387,19 @@ def _stop_scheduler(worker: Worker, scheduler: Any, signals: Signals, done: thre
             return
         except not_running:
             time.sleep(0.05)  # asked to stop before the scheduler started
+
+
+def _reloader(worker: Worker, scheduler: Any, path: str, done: threading.Event) -> None:
+    """Apply a SIGHUP's reload outside the signal handler (which only set the flag)."""
+    from batchd.reload import reload
+
+    while not done.is_set() and not worker.stop.is_set():
+        if worker.reload.wait(0.5):
+            worker.reload.clear()
+            try:
+                reload(worker, path, scheduler)
+            except Exception as e:  # a failed reload must never stop the daemon
+                log.error("config.reload_failed", error=describe_error(e), exc_info=True)
 
 
 def run_once(worker: Worker) -> int:

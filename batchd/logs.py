@@ -55,7 +55,6 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
         _output_fd = out.fileno()
     except (AttributeError, ValueError, OSError):
         _output_fd = 1
-    lvl = LEVELS.get(level.lower(), logging.INFO)
     journal = stream_is_journal(out)
     use_json = json if json is not None else (journal or not _isatty(out))
 

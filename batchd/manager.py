@@ -34,6 +34,35 @@ from batchd.store import Store, parse_iso
 log = structlog.get_logger("batchd.manager")
 
 RESULT_SLICE = 2_000
+REPEATED_FAILURES = 3  # the same batch failing this many syncs in a row is logged as an error
+PROGRESS_EVENT_EVERY = 5  # backend slices between two batch.progress info events
+
+
+@dataclass
+class Activity:
+    """What a long read of results is doing right now (for STATUS=, a progress bar and batch.progress events).
+
+    ``done`` counts result lines produced so far (replayed or computed), ``total`` the distinct texts of the
+    batch (one line each). ``verb`` is "embedding" when the backend computes the vectors while they are read
+    (the local backend), else "applying".
+    """
+
+    batch_id: int
+    total: int
+    verb: str = "applying"
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    slices: int = 0
+
+    def rate(self, now: float | None = None) -> float:
+        """Lines per second since the read started."""
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def text(self) -> str:
+        """e.g. ``embedding batch 3: 1,200/3,000 (45/s)``."""
+        total = max(self.total, self.done)  # lines replayed after a restart may exceed what is still in flight
+        return f"{self.verb} batch {self.batch_id}: {self.done:,}/{total:,} ({self.rate():,.0f}/s)"
 
 
 @dataclass
@@ -63,6 +92,9 @@ class BatchManager:
         self.clock = clock
         # Called at every slice boundary: feeds the watchdog, and raises Stopped when shutdown was asked.
         self.progress = progress or (lambda: None)
+        # Called with the current Activity while results are read (the daemon's STATUS=, a terminal's bar).
+        self.on_activity: Callable[[Activity], None] | None = None
+        self._failing: dict[int, int] = {}  # batch id -> syncs in a row that failed to read it
         emb = config.embedding
         self._model, self._task, self._dims = emb.model, emb.task_type, emb.dimensions
 
@@ -242,12 +274,15 @@ class BatchManager:
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
             summary.errors.append(f"batch {b.id}: {describe_error(e)}")
             self.store.note_batch_error(b.id, f"status check failed, will retry: {describe_error(e)}", self.clock())
-            log.warning("job.status_failed", batch_id=b.id, google_job_id=job, error=describe_error(e))
+            self._log_repeated("job.status_failed", b.id, describe_error(e), google_job_id=job)
             return
         summary.checked += 1
+        # A backend that computes while its results are read (local) says SUCCEEDED before any work is done:
+        # its job.state event waits until the results are in.
+        deferred = info.state.has_results and _computes_results(self.backend)
         if info.state.value != b.remote_state or info.output:
             self.store.set_remote_state(b.id, info.state.value, self.clock(), info.output)
-            if info.state.value != b.remote_state:
+            if info.state.value != b.remote_state and not deferred:
                 log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)
 
         if not info.state.terminal:
@@ -259,6 +294,8 @@ class BatchManager:
         if info.state.has_results:
             if not self._apply_all(b.id, job, summary):
                 return  # stopped mid-way; the next sync re-reads and applies the rest
+            if deferred:
+                log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)
             n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="COMPLETED")
             summary.errored += n
             summary.failed += failed
@@ -281,13 +318,32 @@ class BatchManager:
         q = self.config.queue
         started = time.monotonic()
         lines = 0
+        act = Activity(batch_id, self.store.batch_text_count(batch_id),
+                       "embedding" if _computes_results(self.backend) else "applying")
+
+        def tick(produced: int | None = None) -> None:
+            # The backend's progress call: per slice embedded, per block downloaded. ``produced`` (optional)
+            # counts the lines it has made so far, ahead of those this loop has consumed.
+            if produced is not None:
+                act.done = max(act.done, produced)
+            act.slices += 1
+            self._report(act, event=act.slices % PROGRESS_EVENT_EVERY == 0)
+            self.progress()
+
+        def counted() -> Iterator[ResultLine]:
+            for seen, line in enumerate(self.backend.results(job, progress=tick), start=1):
+                act.done = max(act.done, seen)
+                yield line
+
+        self._report(act)
         try:
-            for chunk in _slices(self.backend.results(job, progress=self.progress), RESULT_SLICE):
+            for chunk in _slices(counted(), RESULT_SLICE):
                 counts = self.store.apply_results(batch_id, chunk, q.max_attempts, self.clock())
                 summary.applied += counts.applied
                 summary.errored += counts.errored
                 summary.failed += counts.failed
                 lines += len(chunk)
+                self._report(act)
                 self.progress()
         except Stopped:
             raise
@@ -295,12 +351,33 @@ class BatchManager:
             summary.errors.append(f"batch {batch_id}: {describe_error(e)}")
             self.store.note_batch_error(batch_id, f"reading results failed, will retry: {describe_error(e)}",
                                         self.clock())
-            log.warning("job.results_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e),
-                        lines=lines)
+            self._log_repeated("job.results_failed", batch_id, describe_error(e), exc=e, google_job_id=job,
+                               lines=lines)
             return False
+        self._failing.pop(batch_id, None)
         log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines,
                   duration_ms=round((time.monotonic() - started) * 1000))
         return True
+
+    def _log_repeated(self, event: str, batch_id: int, error: str, exc: BaseException | None = None,
+                      **fields: Any) -> None:
+        """A batch failing the same way again and again: a warning at first, an error (journal priority err,
+        with the traceback) from the REPEATED_FAILURES-th time in a row, so it shows in ``journalctl -p err``."""
+        n = self._failing.get(batch_id, 0) + 1
+        self._failing[batch_id] = n
+        if n >= REPEATED_FAILURES:
+            log.error(event, batch_id=batch_id, error=error, consecutive_failures=n, **fields,
+                      exc_info=exc if exc is not None and n == REPEATED_FAILURES else None)
+        else:
+            log.warning(event, batch_id=batch_id, error=error, consecutive_failures=n, **fields)
+
+    def _report(self, act: Activity, *, event: bool = False) -> None:
+        if event:
+            rate = act.rate()
+            log.info("batch.progress", batch_id=act.batch_id, done=act.done, total=act.total,
+                     per_s=round(rate, 1), eta_s=round((act.total - act.done) / rate) if rate > 0 else None)
+        if self.on_activity is not None:
+            self.on_activity(act)
 
     def _time_out(self, b: Any, summary: SyncSummary) -> None:
         q = self.config.queue
@@ -359,6 +436,12 @@ def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]
         yield buf
 
 
+def _computes_results(backend: Any) -> bool:
+    """True for a backend whose ``results()`` does the embedding (there is no remote service working between
+    two polls), so SUCCEEDED from ``status()`` means "ready to compute", not "done"."""
+    return bool(getattr(backend, "computes_results", False))
+
+
 def describe_error(e: BaseException) -> str:
     """An exception as one short line for logs and error_message: its type and the first line of its text."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -372,4 +455,4 @@ def _human(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-__all__ = ["BackendError", "BatchManager", "JobState", "SyncSummary", "describe_error"]
+__all__ = ["Activity", "BackendError", "BatchManager", "JobState", "SyncSummary", "describe_error"]

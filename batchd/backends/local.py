@@ -37,6 +37,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -78,6 +79,10 @@ class LocalBackend:
     at a Vertex model's name raise ConfigError.
     """
 
+    # The vectors are computed while results() is read (see the module docstring): the manager reports
+    # "embedding" progress, and SUCCEEDED from status() is not logged as a finished job before that work.
+    computes_results = True
+
     def __init__(self, config: Config, instance_id: str):
         self.config = config
         self.instance_id = instance_id or "default"
@@ -98,7 +103,7 @@ class LocalBackend:
         self.model_path = resolve_model(self.model_name, config.source)
         dims = model_dimensions(self.model_path)
         if dims is None:  # an unusual module stack: ask the model itself
-            dims = self._model().get_embedding_dimension()
+            dims = self._model(quiet=True).get_embedding_dimension()
         self.model_dimensions = int(dims)
         if self.model_dimensions != config.embedding.dimensions:
             raise ConfigError(config.source, "embedding.dimensions",
@@ -183,7 +188,7 @@ class LocalBackend:
                 done += 1
                 yield line
                 if done % slice_size == 0:
-                    progress()
+                    progress(done)
             computed = 0
             while True:
                 batch = _read_items(fin, slice_size)
@@ -197,7 +202,7 @@ class LocalBackend:
                 os.fsync(fout.fileno())
                 computed += len(batch)
                 log.debug("local.slice_embedded", job=job_name, texts=len(batch), computed=computed, replayed=done)
-                progress()
+                progress(done + computed)
                 for it, v in zip(batch, vectors):
                     yield ResultLine(keys=(it.key,), vector=v)
             log.info("local.job_read", job=job_name, replayed=done, computed=computed)
@@ -246,11 +251,11 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ the model
 
-    def _model(self) -> Any:
-        return load_model(self.model_path, self.device)
+    def _model(self, *, quiet: bool = False) -> Any:
+        return load_model(self.model_path, self.device, quiet=quiet)
 
     def _embed(self, texts: list[str], *, query: bool) -> list[bytes]:
-        model = self._model()
+        model = self._model(quiet=query)
         encode = getattr(model, "encode_query" if query else "encode_document", model.encode)
         arr = encode(texts, batch_size=self.config.local.batch_size, normalize_embeddings=True,
                      convert_to_numpy=True, show_progress_bar=False)
@@ -321,12 +326,17 @@ def model_dimensions(path: str) -> int | None:
     return None
 
 
-def load_model(path: str, device: str = "cpu") -> Any:
-    """The SentenceTransformer for ``path``, loaded once per process (thread-safe), offline."""
+def load_model(path: str, device: str = "cpu", *, quiet: bool = False) -> Any:
+    """The SentenceTransformer for ``path``, loaded once per process (thread-safe), offline.
+
+    ``quiet``: log ``local.model_loaded`` at debug (a search or a check loads it for one sentence; the info
+    event is for the worker, where a load is worth a line in the journal).
+    """
     key = (path, device)
     with _models_lock:
         model = _models.get(key)
         if model is None:
+            started = time.monotonic()
             _offline_env()
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
@@ -338,7 +348,8 @@ def load_model(path: str, device: str = "cpu") -> Any:
                 raise BackendError(f"cannot load local model {path}: {type(e).__name__}: {e}") from None
             model.eval()
             _models[key] = model
-            log.info("local.model_loaded", path=path, device=device)
+            (log.debug if quiet else log.info)("local.model_loaded", path=path, device=device,
+                                               duration_ms=round((time.monotonic() - started) * 1000))
         return model
 
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchd import files
 from batchd.config import Config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,6 +111,7 @@ class StoreBase:
                     parent.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
                     raise StoreError(f"cannot create database folder {parent}: {e.strerror}") from None
+        existed = path == ":memory:" or Path(path).expanduser().exists()
         try:
             conn = sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         except sqlite.Error as e:
@@ -133,7 +135,30 @@ class StoreBase:
         except BaseException:
             conn.close()
             raise
+        if not existed:
+            # SQLite creates files 0644 minus the umask: make the new database group-writable (the application
+            # shares it through the group), and when made by root (`sudo batchd ...`) give it the folder's owner
+            # and group, or the service could never write it.
+            for p in (path, f"{path}-wal", f"{path}-shm"):
+                files.make_shared(p, Path(path).expanduser().resolve().parent)
         return store
+
+    def probe_write(self) -> None:
+        """Prove this connection can write the database: one real committed write (a WAL frame).
+
+        Raises StoreError naming the files and their owners when it cannot (e.g. ``-wal``/``-shm`` created by
+        the application with its own group): the daemon then fails its start instead of reporting READY.
+        """
+        try:
+            with self.transaction() as c:
+                c.execute("UPDATE batchd_meta SET value = value WHERE key = 'schema_version'")
+        except self._sqlite.Error as e:
+            path = self.config.database.path
+            owners = ", ".join(f"{p} {files.owner_text(p)}" for p in (path, f"{path}-wal", f"{path}-shm")
+                               if os.path.exists(p))
+            raise StoreError(f"cannot write database {path}: {e} (this process: {files.owner_text_ids()}; "
+                             f"files: {owners}); every file must be readable and writable by group "
+                             f"{files.SERVICE_GROUP} (see `batchd check`)") from None
 
     @contextlib.contextmanager
     def worker_lock(self) -> Iterator[None]:
@@ -151,7 +176,16 @@ class StoreBase:
         if self._lock_depth == 0:
             import fcntl
 
-            f = open(f"{path}-batchd.lock", "a+")  # kept open while the lock is held
+            lock = f"{path}-batchd.lock"
+            created = not os.path.exists(lock)
+            try:
+                f = open(lock, "a+")  # kept open while the lock is held
+            except OSError as e:
+                raise StoreError(f"cannot open the worker lock {lock} ({files.owner_text(lock)}): {e.strerror}; "
+                                 f"it must be writable by this user ({files.owner_text_ids()}): "
+                                 f"chown --reference={path} {lock} && chmod 0660 {lock}") from None
+            if created:
+                files.adopt(lock, path)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
