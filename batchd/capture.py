@@ -36,6 +36,7 @@ class OutputCapture:
         self._threads: list[threading.Thread] = []
         self.stream: TextIO | None = None
         self.lines = 0
+        self._stopped = False
 
     def start(self) -> TextIO:
         """Begin capturing; return a line-buffered text stream on the original stdout for the log handler."""
@@ -61,8 +62,9 @@ class OutputCapture:
 
     def stop(self, timeout: float = 2.0) -> None:
         """Put the original fd 1/2 back; wait (a little) for the readers to log what is left in the pipes."""
-        if not self._saved:
+        if not self._saved or self._stopped:
             return
+        self._stopped = True
         for s in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 s.flush()
@@ -73,10 +75,8 @@ class OutputCapture:
         if self.stream is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.stream.flush()
-        for saved in self._saved.values():
-            with contextlib.suppress(OSError):
-                os.close(saved)
-        self._saved.clear()
+        # The saved descriptors stay open: the log handler still writes there, and a daemon thread may log a
+        # last line while the process exits.
 
     def _pump(self, fd: int, stream: str) -> None:
         buf = b""

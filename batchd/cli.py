@@ -52,9 +52,16 @@ class App:
     def store(self) -> Store:
         if self._store is None:
             try:
-                self._store = Store.open(self.config)
+                self.open_store()
             except StoreError as e:
                 fail(f"database error: {self.config.database.path}: {e}")
+        assert self._store is not None
+        return self._store
+
+    def open_store(self) -> Store:
+        """The store; raises StoreError (for `run`, which reports it as a JSON event instead of a line)."""
+        if self._store is None:
+            self._store = Store.open(self.config)
         return self._store
 
     @property
@@ -265,10 +272,10 @@ def check(app: App) -> None:
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
+    problems = _check_service_files(cfg)  # before opening: a database the service cannot write is the answer
     store = app.store  # exits 1 with a one-line reason when the database cannot be used
     click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
                f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
-    problems = _check_service_files(cfg)
     if cfg.embedding.backend == "vertex":
         for line in vertex_missing(cfg):
             click.echo(f"FAIL  vertex: {line}")
@@ -335,8 +342,9 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
     capture = None
-    if not sys.stdout.isatty() or logs.stream_is_journal(sys.stdout):
-        # JSON logs: what C libraries (PyTorch's cpuinfo, ...) write to fd 1/2 becomes foreign.output events.
+    if logs.stream_is_journal(sys.stdout) or not (sys.stdout.isatty() or sys.stderr.isatty()):
+        # A service (JSON logs, nobody watching a terminal): what C libraries (PyTorch's cpuinfo, ...) write to
+        # fd 1/2 becomes foreign.output events.
         from batchd.capture import OutputCapture
 
         capture = OutputCapture()
@@ -356,12 +364,23 @@ def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
     from batchd import daemon
     from batchd.systemd import Notifier
 
+    log = structlog.get_logger("batchd.cli")
     try:
-        app.store.probe_write()
+        app.open_store().probe_write()
     except StoreError as e:
         # Never READY=1 on a database this process cannot write: fail the start, saying which file is whose.
-        structlog.get_logger("batchd.cli").error("daemon.start_failed", error=str(e), exit_status=1)
+        log.error("daemon.start_failed", error=str(e), exit_status=1)
         return 1
+    try:
+        backend = make_backend(app.config, app.store.instance_id)
+    except ConfigError as e:
+        log.error("config.invalid", error=str(e), exit_status=EX_CONFIG)
+        return EX_CONFIG
+    except Exception as e:  # noqa: BLE001 - any construction failure is one event
+        log.error("daemon.start_failed", error=f"backend {app.config.embedding.backend}: {_one_line(e)}",
+                  exit_status=1)
+        return 1
+    app._backend = backend
     worker = daemon.Worker(app.manager, notifier=Notifier())
     if once:
         return daemon.run_once(worker)

@@ -51,13 +51,17 @@ class Activity:
     total: int
     verb: str = "applying"
     done: int = 0
-    started: float = field(default_factory=time.monotonic)
     slices: int = 0
 
+    base: tuple[float, int] | None = None  # (time, done) at the first progress report: the rate leaves out
+    # what came before it (loading a model, opening a download), which would make a short batch look stalled
+
     def rate(self, now: float | None = None) -> float:
-        """Lines per second since the read started."""
-        elapsed = (time.monotonic() if now is None else now) - self.started
-        return self.done / elapsed if elapsed > 0 else 0.0
+        """Lines per second since the backend first reported progress (0 until it has twice)."""
+        if self.base is None:
+            return 0.0
+        elapsed = (time.monotonic() if now is None else now) - self.base[0]
+        return (self.done - self.base[1]) / elapsed if elapsed > 0 else 0.0
 
     def text(self) -> str:
         """e.g. ``embedding batch 3: 1,200/3,000 (45/s)``."""
@@ -326,6 +330,8 @@ class BatchManager:
             # counts the lines it has made so far, ahead of those this loop has consumed.
             if produced is not None:
                 act.done = max(act.done, produced)
+            if act.base is None:
+                act.base = (time.monotonic(), act.done)
             act.slices += 1
             self._report(act, event=act.slices % PROGRESS_EVENT_EVERY == 0)
             self.progress()

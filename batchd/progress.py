@@ -7,6 +7,7 @@ queue counts is printed per cycle. Only used when stderr is a terminal; logs the
 
 from __future__ import annotations
 
+import shutil
 from typing import Any, TextIO
 
 from batchd.manager import Activity
@@ -35,8 +36,10 @@ class TerminalProgress:
         if self._batch != act.batch_id:
             self._close_bar()
             self._batch = act.batch_id
+            # The terminal's width when the bar starts (a terminal that reports no size gets 100 columns).
+            width = shutil.get_terminal_size((100, 24)).columns or 100
             self._bar = tqdm(total=act.total, desc=f"{act.verb} batch {act.batch_id}", unit="text",
-                             file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5)
+                             file=self.stream, ncols=width, leave=True, mininterval=0.5)
         bar = self._bar
         if act.done > bar.total:
             bar.total = act.done

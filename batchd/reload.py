@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from batchd import logs
-from batchd.config import Config, ConfigError, load
+from batchd.config import Config, ConfigError, Duration, load
 
 log = structlog.get_logger("batchd.reload")
 
@@ -89,7 +89,8 @@ def reload(worker: Any, path: str, scheduler: Any = None) -> bool:
 
 def _value(cfg: Config, key: str) -> Any:
     section, name = key.split(".", 1)
-    return getattr(getattr(cfg, section), name)
+    value = getattr(getattr(cfg, section), name)
+    return float(value) if isinstance(value, Duration) else value  # seconds, as a JSON number
 
 
 __all__ = ["changed_keys", "is_live", "merge_live", "reload"]

@@ -204,6 +204,29 @@ def test_shutdown_stops_at_a_slice_boundary_and_the_next_sync_resumes(local: Cal
 
 
 @pytest.mark.local_model
+def test_progress_counts_embedded_texts_and_success_is_logged_after_the_work(local: Callable[..., Any],
+                                                                            model: Any) -> None:
+    cfg, store, backend = local(local={"slice_size": 8})
+    texts = sentences()[:40]
+    manager = BatchManager(store, backend, cfg)
+    manager.enqueue([(None, t) for t in texts])
+    manager.flush_queue(force=True)
+    seen: list[tuple[str, int, int]] = []
+    manager.on_activity = lambda act: seen.append((act.verb, act.done, act.total))
+    with structlog.testing.capture_logs() as logs:
+        manager.sync_status()
+    assert {v for v, _, _ in seen} == {"embedding"} and {t for _, _, t in seen} == {40}
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 40
+    assert 8 in done and 16 in done  # reported per embedded slice, before those lines are consumed
+    names = [e["event"] for e in logs]
+    # The local job is "SUCCEEDED" only once its vectors exist: never before the embedding starts.
+    assert names.index("job.state") > names.index("local.job_read")
+    assert [e["done"] for e in logs if e["event"] == "batch.progress"] == [40]  # the 5th of 5 slices
+    all_ready_once(store, 40)
+
+
+@pytest.mark.local_model
 def test_one_job_is_computed_by_one_process_at_a_time(local: Callable[..., Any], model: Any) -> None:
     cfg, store, backend = local(local={"slice_size": 2})
     job = backend.submit(1, [Item(f"k{i}", f"sentence number {i}") for i in range(6)])

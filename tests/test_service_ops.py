@@ -245,7 +245,7 @@ def test_check_reports_files_the_service_group_cannot_write(tmp_path, batchd_env
     assert _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "t"}\n').returncode == 0
     db = tmp_path / "app.db"
     r = _run(batchd_env, cfg, "check")
-    assert f"FAIL  file app.db" not in r.stdout, r.stdout
+    assert "FAIL  file app.db" not in r.stdout, r.stdout
     in_home = any(Path(p).resolve().is_relative_to(h) for p in (sys.executable, sys.base_prefix)
                   for h in ("/root", "/home"))
     assert ("WARN  python: the Python interpreter lives in" in r.stdout) == in_home, r.stdout
@@ -255,3 +255,34 @@ def test_check_reports_files_the_service_group_cannot_write(tmp_path, batchd_env
     assert r.returncode == 1
     line = next(x for x in r.stdout.splitlines() if x.startswith("FAIL  file app.db:"))
     assert "is not readable and writable by group" in line and "chmod 0660" in line
+
+
+def test_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path, batchd_env):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    cfg = write_config(tmp_path)
+    enqueue(cfg, batchd_env, texts("bar", 120))
+    set_knobs(tmp_path / "testbackend", result_delay=0.02)  # ~2.5 s of reading, progress every 50 lines
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
+    p = subprocess.Popen([*batchd_cmd(), "--config", str(cfg), "run", "--until-idle", "--poll", "0.2s"],
+                         env=batchd_env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert p.wait(timeout=120) == 0
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    print(text)
+    assert re.search(r"applying batch 1: +100%\|.*\| 120/120 \[", text), text  # tqdm's bar: count, time, rate
+    assert "text/s" in text and "pending=0 running=0 ready=120 failed=0" in text

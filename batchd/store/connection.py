@@ -77,6 +77,15 @@ def _load_vec(conn: Any) -> None:
 
 
 
+def _unwritable(path: str, e: Exception) -> StoreError:
+    """"attempt to write a readonly database", with who this process is and whose each file is."""
+    owners = ", ".join(f"{p} {files.owner_text(p)}" for p in (path, f"{path}-wal", f"{path}-shm")
+                       if os.path.exists(p))
+    return StoreError(f"cannot write database {path}: {e} (this process: {files.owner_text_ids()}; files: "
+                      f"{owners}); each must be readable and writable by group {files.SERVICE_GROUP} "
+                      "(see `batchd check`)")
+
+
 class StoreBase:
     """One SQLite connection to the shared database file; the concerns built on it are mixins (batchd.store)."""
 
@@ -131,6 +140,8 @@ class StoreBase:
             store._migrate()  # type: ignore[attr-defined]
         except sqlite.DatabaseError as e:
             conn.close()
+            if "readonly" in str(e):
+                raise _unwritable(path, e) from None
             raise StoreError(f"cannot use database {path}: {e}") from None
         except BaseException:
             conn.close()
@@ -153,12 +164,7 @@ class StoreBase:
             with self.transaction() as c:
                 c.execute("UPDATE batchd_meta SET value = value WHERE key = 'schema_version'")
         except self._sqlite.Error as e:
-            path = self.config.database.path
-            owners = ", ".join(f"{p} {files.owner_text(p)}" for p in (path, f"{path}-wal", f"{path}-shm")
-                               if os.path.exists(p))
-            raise StoreError(f"cannot write database {path}: {e} (this process: {files.owner_text_ids()}; "
-                             f"files: {owners}); every file must be readable and writable by group "
-                             f"{files.SERVICE_GROUP} (see `batchd check`)") from None
+            raise _unwritable(self.config.database.path, e) from None
 
     @contextlib.contextmanager
     def worker_lock(self) -> Iterator[None]:
