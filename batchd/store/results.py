@@ -146,15 +146,17 @@ class ResultsMixin(StoreBase):
         c.execute("ATTACH DATABASE ? AS batchd_spool", (str(spool.path),))
         try:
             c.execute("PRAGMA batchd_spool.journal_mode = OFF")
+            c.execute("PRAGMA batchd_spool.cache_size = -32768")
             c.execute("DELETE FROM batchd_spool.plan")
             # Reads the shared database (a WAL snapshot, no write lock) and writes only the spool.
-            c.execute(f"INSERT INTO batchd_spool.plan(id, key) SELECT {i}, content_hash FROM {t} "
-                      "WHERE batch_job_id = ? AND embedding_status = 'PENDING'", (batch_id,))
+            c.execute(f"INSERT INTO batchd_spool.plan(id, key, line) SELECT c.{i}, c.content_hash, s.rowid "
+                      f"FROM {t} c JOIN batchd_spool.lines s ON s.key = c.content_hash AND s.vector IS NOT NULL "
+                      "WHERE c.batch_job_id = ? AND c.embedding_status = 'PENDING'", (batch_id,))
             rows_per_slice, last = SLICE_ROWS_START, None
             while True:
                 todo = c.execute(
-                    "SELECT p.id, s.vector FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.key = p.key "
-                    "WHERE p.id > ? AND s.vector IS NOT NULL ORDER BY p.id LIMIT ?",
+                    "SELECT p.id, s.vector FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.rowid = p.line "
+                    "WHERE p.id > ? ORDER BY p.id LIMIT ?",
                     (last if last is not None else -(1 << 63), rows_per_slice)).fetchall()
                 if not todo:
                     break
@@ -198,8 +200,7 @@ class ResultsMixin(StoreBase):
         """READY for the planned chunks in [lo, hi] that have a vector and are still this batch's, with the
         planned content hash. Returns their ids (the guard: nothing else may receive a vector)."""
         t, i = self.q_table, self.q_id
-        where = (f"{i} IN (SELECT p.id FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.key = p.key "
-                 "WHERE p.id BETWEEN ? AND ? AND s.vector IS NOT NULL) "
+        where = (f"{i} IN (SELECT p.id FROM batchd_spool.plan p WHERE p.id BETWEEN ? AND ?) "
                  "AND batch_job_id = ? AND embedding_status = 'PENDING' "
                  f"AND content_hash = (SELECT p.key FROM batchd_spool.plan p WHERE p.id = {t}.{i})")
         params = (lo, hi, batch_id)

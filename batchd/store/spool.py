@@ -24,7 +24,7 @@ SPOOL_SUFFIX = "-batchd-spool-"
 
 
 class Spool:
-    """Parsed result lines of one batch: ``lines(key PRIMARY KEY, vector, error, tokens)``.
+    """Parsed result lines of one batch: ``lines(key UNIQUE, vector, error, tokens)``.
 
     A text answered twice keeps its first vector; a vector always wins over an error for the same text.
     """
@@ -43,8 +43,11 @@ class Spool:
         c.execute("PRAGMA journal_mode = OFF")
         c.execute("PRAGMA synchronous = OFF")
         c.execute("PRAGMA cache_size = -16384")
-        c.execute("CREATE TABLE lines (key TEXT PRIMARY KEY, vector BLOB, error TEXT, tokens INTEGER) WITHOUT ROWID")
-        c.execute("CREATE TABLE plan (id INTEGER PRIMARY KEY, key TEXT NOT NULL)")
+        # A rowid table (not WITHOUT ROWID): its rows carry ~3 KB vectors, which belong in overflow pages of a
+        # table, not in the leaves of an index.
+        c.execute("CREATE TABLE lines (key TEXT NOT NULL UNIQUE, vector BLOB, error TEXT, tokens INTEGER)")
+        # The apply plan: the batch's chunks that have a vector here, in id order (filled by apply_spool).
+        c.execute("CREATE TABLE plan (id INTEGER PRIMARY KEY, key TEXT NOT NULL, line INTEGER NOT NULL)")
 
     def add(self, lines: Iterable[ResultLine]) -> int:
         """Store a slice of parsed lines in one transaction. Returns how many were added."""
