@@ -29,7 +29,8 @@ import structlog
 
 from batchd.backends import Stopped
 from batchd.logs import fd_is_journal, output_fd
-from batchd.manager import Activity, describe_error
+from batchd.manager import describe_error
+from batchd.progress import Activity
 from batchd.store import Busy
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 

@@ -1,16 +1,49 @@
-"""A terminal's progress bar for ``batchd run --until-idle``, drawn by tqdm (rate and ETA included).
+"""Progress of a long read of results: the :class:`Activity` the manager reports, and a terminal's bar for it.
 
-The worker reports an :class:`~batchd.manager.Activity` while a batch's results are read (for the local backend:
-while it embeds); each batch gets its own bar, closed when the batch is done. Between batches one line of
-queue counts is printed per cycle. Only used when stderr is a terminal; logs then stay readable lines.
+The manager reports an :class:`Activity` while a batch's results are read (for the local backend: while it
+embeds). The daemon puts its :meth:`Activity.text` in STATUS=; ``batchd run --until-idle`` on a terminal draws
+it with tqdm (:class:`TerminalProgress`: rate and ETA included), one bar per batch, and one line of queue counts
+per cycle. Logs stay readable lines then.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from batchd.manager import Activity
+
+@dataclass
+class Activity:
+    """What a long read of results is doing right now (for STATUS=, a progress bar and batch.progress events).
+
+    ``done`` counts result lines produced so far (replayed or computed), ``total`` the distinct texts of the
+    batch (one line each). ``verb`` is "embedding" when the backend computes the vectors while they are read
+    (the local backend), else "reading" (downloading and parsing a finished job's output).
+    """
+
+    batch_id: int
+    total: int
+    verb: str = "applying"
+    done: int = 0
+    slices: int = 0
+
+    base: tuple[float, int] | None = None  # (time, done) at the first progress report: the rate leaves out
+    # what came before it (loading a model, opening a download), which would make a short batch look stalled
+
+    def rate(self, now: float | None = None) -> float:
+        """Lines per second since the backend first reported progress (0 until it has twice)."""
+        if self.base is None:
+            return 0.0
+        elapsed = (time.monotonic() if now is None else now) - self.base[0]
+        return (self.done - self.base[1]) / elapsed if elapsed > 0 else 0.0
+
+    def text(self) -> str:
+        """e.g. ``embedding batch 3: 1,200/3,000 (45/s)``."""
+        total = max(self.total, self.done)  # lines replayed after a restart may exceed what is still in flight
+        return f"{self.verb} batch {self.batch_id}: {self.done:,}/{total:,} ({self.rate():,.0f}/s)"
+
 
 
 class TerminalProgress:
@@ -60,4 +93,4 @@ class TerminalProgress:
         self._bar, self._batch = None, None
 
 
-__all__ = ["TerminalProgress"]
+__all__ = ["Activity", "TerminalProgress"]

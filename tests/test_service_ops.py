@@ -27,7 +27,7 @@ from tests.conftest import batchd_cmd
 from tests.fakes.membackend import set_knobs
 from tests.test_daemon import NotifySocket, counts, daemons, enqueue, texts, wait_until, write_config
 
-PROGRESS = re.compile(r"applying batch (\d+): (\d+)/(\d+) \((\d+)/s\)")
+PROGRESS = re.compile(r"reading batch (\d+): (\d+)/(\d+) \((\d+)/s\)")
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_status_shows_progress_while_a_batch_is_read_and_an_event_per_5_slices(w
     events = [e for e in logs if e["event"] == "batch.progress"]
     assert events and events[0]["total"] == 300 and events[0]["done"] == 250 and events[0]["per_s"] > 0
     assert counts(Path(w.config.database.path))["ready"] == 300
-    assert "applying" not in worker.status_line()  # the activity ends with the step
+    assert "reading batch" not in worker.status_line()  # the activity ends with the step
 
 
 def test_a_batch_that_keeps_failing_is_in_status_then_an_error_and_leaves_no_error_once_it_succeeds(world):
@@ -284,5 +284,5 @@ def test_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path, batchd_env):
     os.close(master)
     text = b"".join(chunks).decode(errors="replace")
     print(text)
-    assert re.search(r"applying batch 1: +100%\|.*\| 120/120 \[", text), text  # tqdm's bar: count, time, rate
+    assert re.search(r"reading batch 1: +100%\|.*\| 120/120 \[", text), text  # tqdm's bar: count, time, rate
     assert "text/s" in text and "pending=0 running=0 ready=120 failed=0" in text
