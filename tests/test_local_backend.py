@@ -137,6 +137,21 @@ def test_job_files_lifecycle(local: Callable[..., Any]) -> None:
     assert backend.status("gs://not/local").state is JobState.FAILED
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can create files for another owner")
+def test_job_files_root_creates_get_the_database_owner(local: Callable[..., Any], tmp_path: Path) -> None:
+    """`sudo batchd flush` must not leave root-owned job folders and files the service cannot write."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    os.chown(tmp_path, nobody.pw_uid, nobody.pw_gid)
+    cfg, store, backend = local()
+    job = backend.submit(3, [Item("k1", "one")])
+    made = [cfg.state_dir / "local-jobs", backend.jobs_dir, cfg.state_dir / (job + ".in.jsonl"),
+            Path(cfg.database.path)]
+    owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made}
+    assert set(owners.values()) == {(nobody.pw_uid, nobody.pw_gid)}, owners
+
+
 # ---------------------------------------------------------------------- with the model
 
 

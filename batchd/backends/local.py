@@ -45,6 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from batchd import files
 from batchd.backends import (
     BackendError,
     CheckResult,
@@ -133,7 +134,7 @@ class LocalBackend:
         name = self.job_name(batch_id)
         inp, out, cancelled = self._paths(name)
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self._make_jobs_dir()
             tmp = inp.with_name(inp.name + ".tmp")
             n = 0
             with open(tmp, "wb") as f:
@@ -145,6 +146,7 @@ class LocalBackend:
                         progress()
                 f.flush()
                 os.fsync(f.fileno())
+            files.adopt(tmp, self.config.database.path)
             for stale in (out, cancelled):
                 stale.unlink(missing_ok=True)
             os.replace(tmp, inp)
@@ -153,6 +155,14 @@ class LocalBackend:
             raise BackendError(f"cannot write local job input {inp}: {e.strerror or e}") from None
         log.debug("local.job_written", batch_id=batch_id, job=name, items=n)
         return name
+
+    def _make_jobs_dir(self) -> None:
+        """``local-jobs/<instance>/`` beside the database; made by root (``sudo batchd flush``), it is given the
+        database's owner and group so the service can still write there."""
+        for d in (self.jobs_dir.parent, self.jobs_dir):
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                files.adopt(d, self.config.database.path)
 
     def find_job(self, batch_id: int) -> str | None:
         name = self.job_name(batch_id)
@@ -182,7 +192,7 @@ class LocalBackend:
             fin = open(inp, "rb")
         except OSError as e:
             raise BackendError(f"cannot read local job input {inp}: {e.strerror or e}") from None
-        with fin, _locked_output(out) as fout:
+        with fin, _locked_output(out, self.config.database.path) as fout:
             done = 0
             for line in _replay(fin, fout):
                 done += 1
@@ -240,7 +250,7 @@ class LocalBackend:
             out.append(CheckResult("local model loads", ok, f"embedded a test sentence on {self.device}"
                                    if ok else f"got {len(vec) // 4} dimensions"))
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self._make_jobs_dir()
             probe = self.jobs_dir / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
@@ -366,12 +376,15 @@ def _offline_env() -> None:
 
 
 @contextlib.contextmanager
-def _locked_output(path: Path) -> Iterator[IO[bytes]]:
+def _locked_output(path: Path, database: str) -> Iterator[IO[bytes]]:
     """The output file opened for read+append under an exclusive, non-blocking flock (freed by a kill too)."""
+    created = not path.exists()
     try:
         f = open(path, "a+b")
     except OSError as e:
         raise BackendError(f"cannot open local job output {path}: {e.strerror or e}") from None
+    if created:
+        files.adopt(path, database)
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
