@@ -272,7 +272,8 @@ def check(app: App) -> None:
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
-    problems = _check_service_files(cfg)  # before opening: a database the service cannot write is the answer
+    file_problems = _check_service_files(cfg)  # before opening: a database the service cannot write is the answer
+    problems = 0
     store = app.store  # exits 1 with a one-line reason when the database cannot be used
     click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
                f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
@@ -297,7 +298,7 @@ def check(app: App) -> None:
     closer = getattr(backend, "close", None)
     if callable(closer):
         closer()
-    if problems:
+    if problems or file_problems:
         sys.exit(1)
 
 

@@ -84,11 +84,12 @@ class Finding:
 
 
 def service_ids() -> tuple[int | None, int]:
-    """(uid of user batchd or None, gid of group batchd — else this process's group)."""
+    """(uid of user batchd, gid of group batchd) — on a host without them, this process's own user and group
+    (batchd run by hand, or as some other service user)."""
     try:
         uid: int | None = pwd.getpwnam(SERVICE_USER).pw_uid
     except KeyError:
-        uid = None
+        uid = os.geteuid()
     try:
         gid = grp.getgrnam(SERVICE_GROUP).gr_gid
     except KeyError:
