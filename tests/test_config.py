@@ -94,9 +94,10 @@ def test_real_endpoints_are_accepted(tmp_path, endpoint):
 
 def test_batchd_owned_names_match_the_store():
     """The names config refuses for the app's columns and table are exactly the ones the migrations create."""
-    from batchd import config, store
+    from batchd import config
+    from batchd.store import schema
 
-    assert {name for name, _ in store._CHUNK_COLUMNS} == set(config.BATCHD_COLUMNS)
+    assert {name for name, _ in schema._CHUNK_COLUMNS} == set(config.BATCHD_COLUMNS)
 
 
 def test_gemini_allows_big_batches(tmp_path):
