@@ -29,7 +29,7 @@ import structlog
 
 from batchd.backends import Stopped
 from batchd.manager import describe_error
-from batchd.store import Busy
+from batchd.store import Busy, DiskFull, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
@@ -181,10 +181,20 @@ class Worker:
                 log.warning("daemon.step_busy", step=name, reason=str(e))
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
-                delay = state.failed(self.clock(), describe_error(e))
-                log.error("daemon.step_failed", step=name, error=describe_error(e),
+                database = self.manager.config.database.path
+                problem = explain(e, database)
+                if isinstance(problem, Busy):
+                    # The application held the database's write lock past the busy timeout: not a failure of
+                    # batchd either; the next tick tries again.
+                    log.warning("daemon.step_busy", step=name, reason=str(problem))
+                    return Outcome(ok=False, skipped=True)
+                error = describe_error(e, database)
+                delay = state.failed(self.clock(), error)
+                # A known state of the database file (disk full, damaged) is said in one line; a traceback is
+                # kept for everything else (a bug must be diagnosable).
+                log.error("daemon.step_failed", step=name, error=error,
                           consecutive_failures=state.consecutive, failures_total=state.failures,
-                          retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
+                          retry_in_s=round(max(delay, state.interval), 1), exc_info=problem is None)
                 return Outcome(ok=False)
             finally:
                 self.health.end()
@@ -259,6 +269,42 @@ class Signals:
 
 
 # ---------------------------------------------------------------------------------------------- modes
+
+
+def wait_for_database(open_store: Callable[[], Any], notifier: Notifier, stop: threading.Event, *,
+                      first: float = 1.0, cap: float = 60.0) -> Any | None:
+    """``batchd run``'s start: open the database, waiting out a full disk or a busy database with backoff.
+
+    A daemon that exits on a full disk is restarted by systemd a few times and then given up on; this one
+    stays up, says why in STATUS= (and READY=1, so systemd's start timeout does not kill it), keeps the
+    watchdog fed (waiting is what it should be doing), and carries on once space is freed. Returns the store,
+    or None when SIGTERM/SIGINT came first. Other StoreErrors (a damaged file, a wrong config) are raised.
+    """
+    signals = Signals(stop).install()
+    try:
+        delay, attempt = first, 0
+        ping = watchdog_interval()
+        while not stop.is_set():
+            try:
+                store = open_store()
+            except (DiskFull, Busy) as e:
+                attempt += 1
+                log.warning("daemon.database_unavailable", error=str(e), attempt=attempt, retry_in_s=delay)
+                if attempt == 1:
+                    notifier.ready(f"waiting for the database: {e}"[:200])
+                notifier.status(f"waiting for the database ({attempt}x, retry in {delay:g}s): {e}"[:200])
+                until = time.monotonic() + delay
+                while not stop.is_set() and time.monotonic() < until:
+                    notifier.watchdog()
+                    stop.wait(min(until - time.monotonic(), (ping or 10.0) / 2))
+                delay = min(delay * 2, cap)
+                continue
+            if attempt:
+                log.info("daemon.database_available", after_attempts=attempt)
+            return store
+        return None
+    finally:
+        signals.restore()
 
 
 def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:

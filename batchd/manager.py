@@ -29,7 +29,7 @@ from batchd.backends import (
     content_hash,
 )
 from batchd.config import Config
-from batchd.store import Store, parse_iso
+from batchd.store import Store, explain, parse_iso
 
 log = structlog.get_logger("batchd.manager")
 
@@ -359,8 +359,16 @@ def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]
         yield buf
 
 
-def describe_error(e: BaseException) -> str:
-    """An exception as one short line for logs and error_message: its type and the first line of its text."""
+def describe_error(e: BaseException, database: str | None = None) -> str:
+    """An exception as one short line for logs and error_message: its type and the first line of its text.
+
+    With ``database`` (its path), a failure of the database file is said plainly instead ("disk full: ...",
+    "database is busy: ...") — SQLite's own words for a full disk are "disk I/O error".
+    """
+    if database is not None:
+        problem = explain(e, database)
+        if problem is not None:
+            return str(problem)
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
