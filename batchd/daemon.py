@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
+from batchd.clock import JumpWatch
 from batchd.manager import describe_error
 from batchd.store import Busy, DiskFull, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
@@ -337,6 +338,16 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     scheduler.add_job(lambda: _tick(worker, worker.sync), "interval", seconds=float(q.sync_interval),
                       id="sync", name="sync", next_run_time=now)
 
+    def on_jump(seconds: float) -> None:
+        # Run times are wall-clock: make every step due now, so the schedule restarts from the new time.
+        log.warning("daemon.clock_jumped", jump_s=round(seconds, 1))
+        for job in scheduler.get_jobs():
+            try:
+                job.modify(next_run_time=datetime.now(UTC))
+            except Exception as e:  # noqa: BLE001 - the scheduler may be shutting down
+                log.debug("daemon.reschedule_failed", job=job.id, error=describe_error(e))
+
+    clock_watch = JumpWatch(on_jump).start()
     done = threading.Event()
     stopper = threading.Thread(target=_stop_scheduler,
                                args=(worker, scheduler, signals, done, SchedulerNotRunningError),
@@ -348,6 +359,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
         notifier.ready(worker.status_line(stats))
         scheduler.start()  # blocks until _stop_scheduler shuts it down
     done.set()
+    clock_watch.stop()
 
     # The scheduler no longer starts steps; wait for the one running to reach a slice boundary.
     if not worker.busy.acquire(timeout=stop_timeout):
