@@ -8,6 +8,9 @@ Three ways to run a :class:`Worker` (one BatchManager, one Store connection):
 - :func:`run_until_idle` — ``batchd run --until-idle``: flush + sync every ``poll`` seconds until nothing is
   pending or running.
 
+Start-up waits out a full disk or a busy database (:func:`wait_for_database`) instead of exiting. A wall-clock
+jump makes every step due at once (:class:`~batchd.clock.JumpWatch`): the scheduler's run times are wall-clock.
+
 Shutdown: SIGTERM/SIGINT only set a flag. The manager's ``progress`` hook (called at every slice boundary)
 raises :class:`~batchd.backends.Stopped` once the flag is set, so the running step stops between two
 committed slices; the scheduler is shut down, STOPPING=1 is sent and the process exits 0. A second signal
