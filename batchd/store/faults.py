@@ -84,9 +84,9 @@ def explain(e: BaseException, path: str) -> StoreError | None:
     if primary == _NOTADB or "file is not a database" in low:
         return Damaged("not an SQLite database (or an encrypted one): check database.path")
     if primary == _CORRUPT or "malformed" in low or "corrupt" in low:
-        return Damaged(f"the database file is damaged ({text}): run `batchd check`, then restore it from a "
-                       "backup or rebuild it with the sqlite3 shell's .recover")
-    if primary == _READONLY or "readonly database" in low or "read-only" in low:
+        return Damaged(f"the database file is damaged ({text}): restore it from a backup or rebuild it with the "
+                       "sqlite3 shell's .recover (`batchd check` lists what is wrong)")
+    if primary == _READONLY or "readonly database" in low or "read-only" in low or _read_only(path):
         return ReadOnly(f"the database is read-only ({text}): batchd needs write access to the file and to "
                         "its folder (for the -wal and -shm files)")
     if primary == _CANTOPEN or "unable to open database" in low:
@@ -103,6 +103,17 @@ def free_bytes(path: str) -> int | None:
     except (OSError, ValueError):
         return None
     return st.f_bavail * st.f_frsize
+
+
+def _read_only(path: str) -> bool:
+    """The database's file system is mounted read-only, or the file or its folder is not writable by us."""
+    folder = Path(path).expanduser().parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return True
+    except (OSError, ValueError):
+        return False
+    return not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK))
 
 
 def _no_space_left(path: str) -> bool:

@@ -135,5 +135,8 @@ class ReadsMixin(StoreBase):
             size = 0
         pragma = "integrity_check" if size < full_below_bytes else "quick_check"
         rows = self._conn.execute(f"PRAGMA {pragma}({INTEGRITY_MAX_PROBLEMS})").fetchall()
-        found = [str(r[0]) for r in rows if str(r[0]).lower() != "ok"]
+        # A row may hold several lines; "*** in database main ***" heads the problems of a database and is not
+        # one itself.
+        lines = [line.strip() for r in rows for line in str(r[0]).splitlines()]
+        found = [line for line in lines if line and line.lower() != "ok" and not line.startswith("***")]
         return pragma, found

@@ -218,7 +218,7 @@ def test_check_runs_an_integrity_check(tmp_path: Path) -> None:
     r = cli(cfg, "check")
     assert r.exit_code == 1
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("FAIL  database integrity")]
-    assert line.startswith("FAIL  database integrity (integrity_check): ") and "problem(s), first: " in line
+    assert line.startswith("FAIL  database integrity (integrity_check): ") and "problem(s), first: Tree " in line
     # quick_check for big files
     store = Store.open(load(cfg))
     try:
@@ -270,7 +270,7 @@ def test_read_only_database_is_one_line(small_disk: Path) -> None:
         r = cli(cfg, *command)
         assert r.exit_code == 1, (command, r.stdout, r.stderr)
         (line,) = [x for x in r.stderr.splitlines() if x.startswith("batchd:")]
-        assert line.startswith(f"batchd: database error: {small_disk / 'app.db'}: "), line
+        assert line.startswith(f"batchd: database error: {small_disk / 'app.db'}: the database is read-only"), line
 
 
 def test_disk_full_is_said_and_exits_75(small_disk: Path) -> None:
