@@ -86,10 +86,13 @@ def explain(e: BaseException, path: str) -> StoreError | None:
     if primary == _CORRUPT or "malformed" in low or "corrupt" in low:
         return Damaged(f"the database file is damaged ({text}): restore it from a backup or rebuild it with the "
                        "sqlite3 shell's .recover (`batchd check` lists what is wrong)")
-    if primary == _READONLY or "readonly database" in low or "read-only" in low or _read_only(path):
+    cantopen = primary == _CANTOPEN or "unable to open database" in low
+    if primary == _READONLY or "readonly database" in low or "read-only" in low or (cantopen and _read_only(path)):
         return ReadOnly(f"the database is read-only ({text}): batchd needs write access to the file and to "
                         "its folder (for the -wal and -shm files)")
-    if primary == _CANTOPEN or "unable to open database" in low:
+    if cantopen:
+        if _no_space_left(path):  # the -wal/-shm (or a spool beside the database) could not be created
+            return DiskFull(_disk_full(path))
         return StoreError(f"cannot open the database ({text}): check that the file and its folder exist and "
                           "are readable and writable")
     return None

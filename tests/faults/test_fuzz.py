@@ -32,7 +32,7 @@ from batchd.manager import BatchManager
 from batchd.store import Store
 from tests.conftest import MEMBACKEND, REPO, Clock, batchd_cmd
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ------------------------------------------------------------------------------------------------ enqueue
