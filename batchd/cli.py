@@ -105,9 +105,9 @@ class App:
             self._store.close()
 
 
-def fail_database(path: str, problem: StoreError) -> NoReturn:
+def fail_database(path: str, problem: StoreError, note: str = "") -> NoReturn:
     """One line for a database that cannot be used; 75 when trying again later can help (busy, disk full)."""
-    fail(f"database error: {path}: {problem}", EX_TEMPFAIL if isinstance(problem, (Busy, DiskFull)) else 1)
+    fail(f"database error: {path}: {problem}{note}", EX_TEMPFAIL if isinstance(problem, (Busy, DiskFull)) else 1)
 
 
 class _Commands(click.Group):
@@ -181,7 +181,17 @@ def enqueue(app: App, file: Any) -> None:
         if show:
             click.echo(f"\r  queued {done:,} chunks", nl=False)
 
-    counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    try:
+        counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    except Exception as e:
+        # Slices are transactions: say how far it got, so that lines without an id are not queued twice.
+        problem = explain(e, app.config.database.path)
+        if problem is None or not done:
+            raise
+        if show:
+            click.echo()
+        fail_database(app.config.database.path, problem, f" (the first {done:,} good lines were queued; "
+                      "the rest were not)")
     if show and done:
         click.echo()
     click.echo(f"inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged} "

@@ -134,6 +134,47 @@ def test_writes_under_the_applications_lock_exit_75_with_one_line(tmp_path: Path
     assert cli(cfg, "cancel", "1").exit_code == 0
 
 
+def test_enqueue_cut_short_says_how_far_it_got(tmp_path: Path) -> None:
+    """Slices are transactions: when the second one cannot be written, the line says the first one landed (lines
+    without an id must not be queued twice by a retry of the whole file)."""
+    import threading
+
+    from batchd.store import ENQUEUE_SLICE, _sqlite_module
+
+    cfg = write_cfg(tmp_path)
+    db = tmp_path / "app.db"
+    assert cli(cfg, "enqueue", "-", stdin=b'{"id": 1, "text": "first"}\n').exit_code == 0
+    fifo = tmp_path / "lines.jsonl"
+    os.mkfifo(fifo)
+    holder: list[Any] = []
+
+    def feed() -> None:
+        with open(fifo, "w") as f:
+            f.writelines(json.dumps({"text": f"line {i}"}) + "\n" for i in range(ENQUEUE_SLICE))
+            f.flush()
+            # The same SQLite library as batchd in this process (see Store.sqlite_module): closing a stdlib
+            # connection would drop the locks batchd's own connection holds on the file.
+            conn = _sqlite_module().connect(db)
+            wait_until(lambda: conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == ENQUEUE_SLICE + 1,
+                       timeout=120, what="the first slice committed")
+            conn.close()
+            holder.append(app_holds_write_lock(db))
+            holder[0].__enter__()
+            f.write('{"text": "in the second slice"}\n')
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        r = cli(cfg, "enqueue", str(fifo))
+    finally:
+        t.join(timeout=180)
+        if holder:
+            holder[0].__exit__(None, None, None)
+    assert r.exit_code == 75, (r.stdout, r.stderr)
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("batchd:")]
+    assert line.endswith(f"try again (the first {ENQUEUE_SLICE:,} good lines were queued; the rest were not)"), line
+
+
 def test_the_daemon_skips_a_step_while_the_app_holds_the_lock(tmp_path: Path, clock: Clock) -> None:
     """In the daemon a busy database is not a failure: no backoff, no traceback; the next tick does the work."""
     cfg = load(write_cfg(tmp_path))
