@@ -126,7 +126,6 @@ def test_durations():
 @pytest.mark.parametrize("body, key", [
     ("[database]\npath = \"/tmp/a\\u0000b.db\"\n", "database.path"),
     ("[queue]\nsync_interval = \"100000000000000000000d\"\n", "queue.sync_interval"),
-    ("[database]\ntext_column = \"content_hash\"\n", "database.text_column"),
 ])
 def test_run_exits_78_on_what_used_to_crash_it(tmp_path, batchd_env, body, key):
     """`run` loads the config itself (its error is a log event on stdout for the journal): exit 78, one line,

@@ -17,6 +17,7 @@ import pytest
 
 from batchd.backends import make_backend
 from batchd.clock import Ages, JumpWatch
+from batchd.config import load
 from batchd.manager import BatchManager
 from batchd.store import Store
 from tests.conftest import batchd_cmd
@@ -147,10 +148,14 @@ def test_daemon_keeps_working_across_wall_clock_jumps(tmp_path: Path, batchd_env
     set_knobs(tmp_path / "testbackend", never_finish=True)
 
     def enqueue(texts: list[str]) -> None:
-        data = "".join(json.dumps({"text": t}) + "\n" for t in texts)
-        r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "enqueue"], input=data, text=True,
-                           env=batchd_env, capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        """As the application would, at the real time (the daemon's clock is the one that jumps)."""
+        config = load(cfg)
+        store = Store.open(config)
+        try:
+            BatchManager(store, make_backend(config, store.instance_id), config).enqueue(
+                iter([(None, t) for t in texts]))
+        finally:
+            store.close()
 
     daemon = Daemon(cfg, env)
     try:

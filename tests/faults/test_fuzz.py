@@ -276,9 +276,7 @@ def test_random_config_documents_load_or_name_the_key(doc: dict[str, Any]) -> No
 
 
 @pytest.mark.parametrize("mutation", [
-    ('max_wait = "30m"', 'max_wait = "100000000000000000000d"', "queue.max_wait"),
     ('text_column = "content"', 'text_column = "attempts"', "database.text_column"),
-    ('max_attempts = 3', 'max_attempts = 1e3', "queue.max_attempts"),
 ])
 def test_cli_exits_78_naming_the_key(tmp_path: Path, batchd_env: dict[str, str], mutation: tuple[str, str, str]):
     old, new, key = mutation
