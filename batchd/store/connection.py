@@ -99,9 +99,9 @@ class StoreBase:
 
         Raises StoreError with a one-line reason (no extension support, unreadable file, a chunks_vec
         of another dimension, an app table lacking the configured columns); the subclasses of
-        batchd.store.faults for a busy, full, damaged or read-only database.
+        batchd.store.problems for a busy, full, damaged or read-only database.
         """
-        from batchd.store.faults import explain
+        from batchd.store.problems import explain
 
         sqlite = _sqlite_module()
         path = config.database.path
