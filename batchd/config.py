@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchd.errors import BatchdError
+
 DEFAULT_PATH = "/etc/batchd/batchd.toml"
 ENV_VAR = "BATCHD_CONFIG"
 
@@ -41,7 +43,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class ConfigError(Exception):
+class ConfigError(BatchdError):
     """A configuration problem. ``str()`` is one line: ``file: key: reason``."""
 
     def __init__(self, path: str | os.PathLike[str] | None, key: str | None, reason: str):
@@ -58,6 +60,19 @@ def parse_duration(value: str) -> float:
     if not m:
         raise ValueError(f"{value!r} is not a duration like '30s', '5m' or '24h'")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_duration(seconds: float, *, exact: bool = True) -> str:
+    """Seconds as an operator writes them, the inverse of :func:`parse_duration`.
+
+    ``exact`` (a configured value: ``job timed out after 2h``): the largest unit that divides it exactly
+    (5400 -> ``90m``), else seconds (``61.5s``). Not exact (an age: ``3h`` old): the largest unit it reaches,
+    rounded down (5400 -> ``1h``; 42.7 -> ``42s``).
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and (not exact or seconds % size == 0):
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s" if exact else f"{int(seconds)}s"
 
 
 class Duration(float):

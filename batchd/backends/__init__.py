@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from batchd.errors import BatchdError
+
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
 
@@ -103,7 +105,7 @@ class CheckResult:
     detail: str = ""
 
 
-class BackendError(Exception):
+class BackendError(BatchdError):
     """A backend call failed; it may succeed if retried later."""
 
 
@@ -111,8 +113,12 @@ class PermanentError(BackendError):
     """A backend call failed in a way retrying will not fix (bad request, forbidden, no such model)."""
 
 
-class Stopped(Exception):
-    """Raised by a progress callback to abandon a long operation at a safe boundary (shutdown)."""
+class Stopped(BaseException):
+    """Raised by a progress callback to abandon a long operation at a safe boundary (shutdown).
+
+    A BaseException, like asyncio's CancelledError: the ``except Exception`` blocks that keep one batch's
+    trouble from stopping the others cannot swallow a shutdown. Whoever runs a step catches it by name.
+    """
 
 
 Progress = Callable[[], None]

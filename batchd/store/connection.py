@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchd.config import Config
+from batchd.errors import BatchdError
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
 
 
-class StoreError(Exception):
+class StoreError(BatchdError):
     """The database cannot be used as configured. ``str()`` is one line saying what to do."""
 
 
