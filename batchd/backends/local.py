@@ -55,6 +55,7 @@ from batchd.backends import (
     _noop,
 )
 from batchd.config import CLASSIC_MODELS, ConfigError
+from batchd.errors import one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -229,7 +230,7 @@ class LocalBackend:
         try:
             vec = self.embed_query("batchd check")
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is a probe
-            out.append(CheckResult("local model loads", False, f"{type(e).__name__}: {e}"))
+            out.append(CheckResult("local model loads", False, one_line(e)))
         else:
             ok = len(vec) == 4 * self.model_dimensions
             out.append(CheckResult("local model loads", ok, f"embedded a test sentence on {self.device}"
