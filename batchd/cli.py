@@ -219,12 +219,13 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
 
 
 @main.command()
-@click.option("--failed", is_flag=True, default=True, help="FAILED chunks back to PENDING (the default).")
+# Kept so that scripts written for 0.1 (`batchd retry --failed`) still run; FAILED chunks are all retry acts on.
+@click.option("--failed", is_flag=True, hidden=True)
 @pass_app
 def retry(app: App, failed: bool) -> None:
     """Put FAILED chunks back in the queue with their attempts reset."""
     app.setup_logging()
-    n = app.store.retry_failed(time.time())
+    n = app.manager.retry_failed()
     click.echo(f"requeued {n} failed chunk(s)")
 
 

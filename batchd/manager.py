@@ -32,6 +32,7 @@ from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
+    JobInfo,
     JobState,
     PermanentError,
     ResultLine,
@@ -248,19 +249,30 @@ class BatchManager:
             self._close(summary, b.id, job, "FAILED", "job.failed", reason=reason, state=info.state.value,
                         error=info.error)
             return
-        applied_before = summary.applied
-        if not self._apply_all(b.id, job, summary):
-            return  # deferred or stopped mid-way; the next sync re-reads and applies the rest
+        lines = self._apply_all(b.id, job, summary)
+        if lines is None:
+            return  # deferred; the next sync re-reads and applies the rest
+        self._compare_counts(b.id, job, info, lines)
         row = self.store.batch(b.id)
         self._close(summary, b.id, job, "COMPLETED", "batch.synced", state=info.state.value,
                     applied=row.completed_chunks if row else None, chunks_key="missing",
-                    failed=row.failed_chunks if row else None,
-                    service_succeeded=info.succeeded, service_failed=info.failed,
-                    applied_now=summary.applied - applied_before)
+                    failed=row.failed_chunks if row else None, lines=lines,
+                    service_succeeded=info.succeeded, service_failed=info.failed)
         self._cleanup(b.id, job)
 
-    def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> bool:
-        """Read every result line into a spool, then apply the spool in chunk-id order. False if reading failed.
+    def _compare_counts(self, batch_id: int, job: str, info: JobInfo, lines: int) -> None:
+        """The service's own count of the rows it answered against the lines read: fewer lines means output
+        files batchd did not find (a changed output layout, a listing cut short) — their chunks come back as
+        missing and are retried, and the operator should know why."""
+        if info.succeeded is None or info.failed is None:
+            return
+        if lines < info.succeeded + info.failed:
+            log.warning("job.output_short", batch_id=batch_id, google_job_id=job, lines=lines,
+                        service_succeeded=info.succeeded, service_failed=info.failed)
+
+    def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> int | None:
+        """Read every result line into a spool, then apply the spool in chunk-id order. Returns the lines read,
+        None when reading failed (the batch is deferred).
 
         Two phases (store/spool.py): parsing holds no lock on the shared database; applying in id order
         writes neighbouring pages in each short transaction instead of ~40% of the table per slice. A job
@@ -281,12 +293,12 @@ class BatchManager:
                         spool.clear()
             except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
                 self._defer(summary, batch_id, job, "reading results failed", e, "job.results_failed", lines=lines)
-                return False
+                return None
             read_ms = round((time.monotonic() - started) * 1000)
             self._apply_spool(batch_id, spool, summary)
         log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines, read_ms=read_ms,
                   duration_ms=round((time.monotonic() - started) * 1000), max_attempts=q.max_attempts)
-        return True
+        return lines
 
     def _apply_spool(self, batch_id: int, spool: Any, summary: SyncSummary) -> None:
         def on_slice(applied: int) -> None:

@@ -75,6 +75,15 @@ def test_is_expected_tells_operational_failures_from_bugs():
     assert is_expected(gexc.ServiceUnavailable("down")) and is_expected(gexc.RetryError("deadline", None))
 
 
+def test_one_duration_format_for_settings_and_ages():
+    from batchd.config import format_duration, parse_duration
+
+    assert [format_duration(s) for s in (7200, 5400, 86400, 45, 61.5)] == ["2h", "90m", "1d", "45s", "61.5s"]
+    assert [format_duration(s, exact=False) for s in (5400, 42.7, 90000, 0)] == ["1h", "42s", "1d", "0s"]
+    for text in ("2h", "90m", "45s", "3d"):
+        assert format_duration(parse_duration(text)) == text
+
+
 # ------------------------------------------------------------------------------------ Stopped
 
 
@@ -217,3 +226,27 @@ def test_drain_ends_when_a_round_changes_nothing_or_a_step_gives_up(world):
     pauses = iter([True, False])
     done = w.manager.drain(pause=lambda: next(pauses))
     assert (done.why, done.rounds) == ("stopped", 2)
+
+
+# ------------------------------------------------------------------------------------ the service's own counts
+
+
+def test_a_job_whose_output_is_shorter_than_the_service_says_is_reported(world):
+    w = world()
+    w.manager.enqueue([(None, f"t{i}") for i in range(10)])
+    w.manager.flush_queue(force=True)
+    w.knobs(drop_every=5, fail_every=3)
+    with capture_logs() as logs:
+        s = w.manager.sync_status()
+    assert s.applied == 5 and s.errored == 5  # items 5, 10 dropped; 3, 6, 9 failed
+    [short] = [e for e in logs if e["event"] == "job.output_short"]
+    assert (short["lines"], short["service_succeeded"], short["service_failed"]) == (8, 7, 3)
+    [synced] = [e for e in logs if e["event"] == "batch.synced"]
+    assert (synced["lines"], synced["service_succeeded"], synced["service_failed"]) == (8, 7, 3)
+
+    w.knobs()
+    w.manager.enqueue([(None, f"u{i}") for i in range(10)])
+    w.manager.flush_queue(force=True)
+    with capture_logs() as logs:
+        w.manager.sync_status()
+    assert not [e for e in logs if e["event"] == "job.output_short"]

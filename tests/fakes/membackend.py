@@ -180,22 +180,31 @@ class MemoryBackend:
             return JobInfo(job_name, JobState.RUNNING)
         state = JobState(knobs.get("final_state", "SUCCEEDED"))
         error = None if state.has_results else f"simulated {state.value.lower()} job"
-        return JobInfo(job_name, state, error=error, output=str(self._path(job_name)))
+        # Like Vertex's completionStats: the service counts the rows it answered, dropped lines included.
+        answers = self._answers(job, knobs, dropped=True) if state.has_results else []
+        failed = sum(1 for a in answers if a.error)
+        return JobInfo(job_name, state, error=error, output=str(self._path(job_name)),
+                       succeeded=len(answers) - failed if state.has_results else None,
+                       failed=failed if state.has_results else None)
 
-    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
-        self._block("results")
-        job = self._load(job_name)
-        knobs = self._knobs()
+    def _answers(self, job: dict[str, Any], knobs: dict[str, Any], dropped: bool = False) -> list[ResultLine]:
         fail_texts = knobs.get("fail_texts") or []
         drop_texts = set(knobs.get("drop_texts") or [])
         lines: list[ResultLine] = []
         for n, (key, text) in enumerate(job["items"], start=1):
-            if (knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0) or text in drop_texts:
+            if not dropped and ((knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0) or text in drop_texts):
                 continue
             if (knobs.get("fail_every") and n % int(knobs["fail_every"]) == 0) or any(s in text for s in fail_texts):
                 lines.append(ResultLine((key,), error="status: simulated line failure"))
             else:
                 lines.append(ResultLine((key,), vector=fake_vector(text, self.dimensions), token_count=len(text.split())))
+        return lines
+
+    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
+        self._block("results")
+        job = self._load(job_name)
+        knobs = self._knobs()
+        lines = self._answers(job, knobs)
         if knobs.get("shuffle"):
             random.Random(job_name).shuffle(lines)
         delay = float(knobs.get("result_delay", 0) or 0)
