@@ -194,8 +194,9 @@ class Worker:
                 self.health.end()
             duration_ms = round((time.monotonic() - started) * 1000)
         if state.consecutive:
+            since = state.first_failure if state.first_failure is not None else self.clock()
             log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
-                     down_s=round(self.clock() - (state.first_failure or self.clock()), 1))
+                     down_s=round(self.clock() - since, 1))
         state.succeeded()
         log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
         return Outcome(value=value, duration_ms=duration_ms)
