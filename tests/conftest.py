@@ -17,7 +17,7 @@ from batchd.manager import BatchManager
 from batchd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-MEMBACKEND = "tests.fakes.membackend:MemoryBackend"
+MEMBACKEND = "tests.fakes.membackend:ScriptedBackend"
 
 
 class Clock:

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from batchd.backends import BackendError, JobInfo, PermanentError, ResultLine, Stopped
 from batchd.errors import BatchdError, is_expected, message, one_line
 from batchd.manager import BatchManager
-from tests.fakes.membackend import MemoryBackend
+from tests.fakes.membackend import ScriptedBackend
 
 
 def manager_on(w: Any, backend_cls: type, **kw: Any) -> BatchManager:
@@ -96,7 +96,7 @@ def test_stopped_cannot_be_swallowed_by_a_catch_all():
             pytest.fail("a catch-all swallowed a shutdown")
 
 
-class RetriesAnything(MemoryBackend):
+class RetriesAnything(ScriptedBackend):
     """A backend that retries any exception while streaming results, as a naive one would."""
 
     def results(self, job_name: str, progress: Any = lambda: None) -> Iterator[ResultLine]:
@@ -129,14 +129,14 @@ def test_shutdown_stops_a_sync_even_through_a_backends_catch_all(world):
 # ------------------------------------------------------------------------------------ defer: traceback for bugs
 
 
-class BuggyStatus(MemoryBackend):
+class BuggyStatus(ScriptedBackend):
     """status() has a bug: a TypeError."""
 
     def status(self, job_name: str) -> JobInfo:
         return None + 1  # type: ignore[operator, return-value]
 
 
-class FlakyStatus(MemoryBackend):
+class FlakyStatus(ScriptedBackend):
     def status(self, job_name: str) -> JobInfo:
         raise BackendError("503 simulated")
 
@@ -186,7 +186,7 @@ def test_flush_summary_says_what_was_submitted_rejected_and_deferred(world):
                            "stopped": False}
 
 
-class StopsDuringSubmit(MemoryBackend):
+class StopsDuringSubmit(ScriptedBackend):
     def submit(self, batch_id: int, items: Any, progress: Any = lambda: None) -> str:
         raise Stopped()
 

@@ -13,10 +13,10 @@ from batchd.backends import JobInfo
 from batchd.manager import BatchManager
 from batchd.systemd import Health, Notifier
 from tests.conftest import Clock
-from tests.fakes.membackend import MemoryBackend
+from tests.fakes.membackend import ScriptedBackend
 
 
-class BrokenStatus(MemoryBackend):
+class BrokenStatus(ScriptedBackend):
     """A backend with a bug: status() answers None (not a JobInfo) while ``broken.json`` exists in its folder."""
 
     def status(self, job_name: str) -> JobInfo:
@@ -25,7 +25,7 @@ class BrokenStatus(MemoryBackend):
         return super().status(job_name)
 
 
-def worker_on(w: Any, backend_cls: type = MemoryBackend, **kw: Any) -> tuple[daemon.Worker, Clock]:
+def worker_on(w: Any, backend_cls: type = ScriptedBackend, **kw: Any) -> tuple[daemon.Worker, Clock]:
     steps = Clock(0.0)
     manager = BatchManager(w.store, backend_cls(w.config, w.store.instance_id), w.config, clock=w.clock)
     return daemon.Worker(manager, notifier=Notifier({}), health=Health(clock=steps), clock=steps, **kw), steps

@@ -134,7 +134,14 @@ def _noop() -> None:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the manager needs from an embedding service. Five calls, all idempotent or best effort."""
+    """What the manager needs from an embedding service. Five calls, all idempotent or best effort.
+
+    A new backend is accepted when it passes the contract suite, ``tests/contract/``: the same scenarios (lost
+    create, failed lookup, timeout, bad final states, failed lines, shutdown mid-results, a broken result
+    stream, an empty batch) run against every backend. Add a rig for it in ``tests/contract/conftest.py``:
+    construct it, and route each fault switch to the backend's own fault injection where it has one (its
+    service's fake), else leave it to the generic ``Faults`` wrapper.
+    """
 
     def submit(self, batch_id: int, items: Iterable[Item], progress: Progress = _noop) -> str:
         """Stage ``items`` and start a job for local batch ``batch_id``; return the job name.

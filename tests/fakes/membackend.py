@@ -1,7 +1,7 @@
 """A complete Backend implementation for tests: it "embeds" by hashing text, keeping its jobs as files.
 
 It is a real backend, loaded through the real plugin hook
-(``[embedding] backend = "tests.fakes.membackend:MemoryBackend"``, with the repository on PYTHONPATH), so it
+(``[embedding] backend = "tests.fakes.membackend:ScriptedBackend"``, with the repository on PYTHONPATH), so it
 works inside a daemon subprocess too. State lives in a folder: ``$BATCHD_TEST_BACKEND_DIR``, else
 ``<database folder>/testbackend``. Jobs are JSON files there; nothing is kept only in memory, so a restarted
 process sees the same jobs.
@@ -102,7 +102,9 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-class MemoryBackend:
+class ScriptedBackend:
+    """The scripted test backend (formerly MemoryBackend: it never kept its jobs in memory, but in files)."""
+
     def __init__(self, config: Any, instance_id: str):
         self.dimensions = config.embedding.dimensions
         self.instance_id = instance_id
@@ -241,3 +243,6 @@ class MemoryBackend:
             return json.loads(self._path(job_name).read_text())
         except (FileNotFoundError, ValueError):
             raise PermanentError(f"no such job {job_name}") from None
+
+
+MemoryBackend = ScriptedBackend  # the old name: configs and tests written for it keep loading
