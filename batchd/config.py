@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchd.backends import models as _models
 from batchd.errors import BatchdError
 
 DEFAULT_PATH = "/etc/batchd/batchd.toml"
@@ -32,10 +33,10 @@ TASK_TYPES = (
     "FACT_VERIFICATION",
     "CODE_RETRIEVAL_QUERY",
 )
-# Rows per batch job, by model family (VERTEX.md).
-CLASSIC_MODELS = ("text-embedding-005", "text-multilingual-embedding-002", "text-embedding-004")
-CLASSIC_MAX_ROWS = 30_000
-GEMINI_MAX_ROWS = 1_000_000
+# Model families (rows per job, dimensions, ...) live in one table: batchd.backends.models.
+CLASSIC_MODELS = _models.CLASSIC_MODELS
+CLASSIC_MAX_ROWS = _models.CLASSIC.max_rows
+GEMINI_MAX_ROWS = _models.GEMINI.max_rows
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/[^\s]*)?$")
@@ -108,11 +109,13 @@ class EmbeddingConfig:
 
     @property
     def family(self) -> str:
-        return "gemini" if self.model.startswith("gemini-") else "classic"
+        """The model's family name in batchd.backends.models ("classic", "gemini")."""
+        return _models.family_of(self.model).name
 
     @property
     def max_rows(self) -> int:
-        return GEMINI_MAX_ROWS if self.family == "gemini" else CLASSIC_MAX_ROWS
+        """Rows one batch job of this model accepts (batchd.backends.models)."""
+        return _models.family_of(self.model).max_rows or QueueConfig.max_batch_size
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,9 @@ class Config:
     vertex: VertexConfig = field(default_factory=VertexConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    # [plugin.<name>] tables, as written: each belongs to the plugin backend that declares that section, and is
+    # built and validated by the plugin's own settings class when the backend is made (make_backend).
+    plugin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "<defaults>"
 
     @property
@@ -193,17 +199,52 @@ def load(path: str | os.PathLike[str]) -> Config:
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (also handy for tests). Raises ConfigError."""
     sections: dict[str, Any] = {}
-    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("source", "plugin")}
     hints = typing.get_type_hints(Config)
     for name, value in data.items():
+        if name == "plugin":
+            sections[name] = _plugin_tables(value, source)
+            continue
         if name not in section_types:
-            raise ConfigError(source, name, f"unknown section (expected one of: {', '.join(section_types)})")
+            raise ConfigError(source, name, f"unknown section (expected one of: {', '.join(section_types)}, "
+                                            "plugin.<name>)")
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table, like [" + name + "]")
         sections[name] = _build_section(hints[name], value, name, source)
     cfg = Config(**sections, source=source)
     _validate(cfg)
     return cfg
+
+
+def _plugin_tables(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(source, "plugin", "must hold tables named after their backend, like [plugin.mybackend]")
+    for name in value:
+        if not _IDENT.match(name):
+            raise ConfigError(source, f"plugin.{name}", "must be a plain name (letters, digits, _)")
+    return {k: dict(v) for k, v in value.items()}
+
+
+class SettingError(ValueError):
+    """Raised by a settings dataclass's ``validate()``: ``key`` (within its section) and why it is wrong."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def build_settings(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:
+    """A backend's settings dataclass from its section: every key known and of the declared type (str, int,
+    bool, Duration), then the dataclass's own ``validate()``, if it has one. Raises ConfigError naming the file,
+    ``section.key`` and the reason — the same errors, and exit status 78, as batchd's own sections."""
+    settings = _build_section(cls, values, section, source)
+    validate = getattr(settings, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except SettingError as e:
+            raise ConfigError(source, f"{section}.{e.key}", e.reason) from None
+    return settings
 
 
 def _build_section(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:

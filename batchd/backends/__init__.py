@@ -199,6 +199,20 @@ def content_hash(text: str, model: str, task_type: str, dimensions: int) -> str:
     return h.hexdigest()
 
 
+def plugin_settings(cls: type, config: Config) -> object:
+    """A plugin backend's own settings, from ``[plugin.<settings_section>]``.
+
+    The class declares ``settings_class`` (a frozen dataclass whose fields are str, int, bool or Duration, with
+    defaults; an optional ``validate()`` raises :class:`batchd.config.SettingError`) and ``settings_section``
+    (default: the class name in lower case). Raises ConfigError naming the file, ``plugin.<name>.<key>`` and why.
+    """
+    from batchd.config import build_settings
+
+    name = getattr(cls, "settings_section", None) or cls.__name__.lower()
+    return build_settings(cls.settings_class, config.plugin.get(name, {}), f"plugin.{name}",  # type: ignore[attr-defined]
+                          config.source)
+
+
 def make_backend(config: Config, instance_id: str) -> Backend:
     """The only place that names concrete backends."""
     kind = config.embedding.backend
@@ -211,7 +225,8 @@ def make_backend(config: Config, instance_id: str) -> Backend:
 
         return LocalBackend(config, instance_id)
     if ":" in kind:
-        # A third-party backend: "package.module:Class", constructed as Class(config, instance_id).
+        # A third-party backend: "package.module:Class", constructed as Class(config, instance_id), or as
+        # Class(config, instance_id, settings) when it declares its own settings (see plugin_settings).
         import importlib
 
         module_name, _, attr = kind.partition(":")
@@ -219,7 +234,9 @@ def make_backend(config: Config, instance_id: str) -> Backend:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise PermanentError(f"cannot load backend {kind!r}: {e}") from None
-        return cls(config, instance_id)  # type: ignore[no-any-return]
+        if getattr(cls, "settings_class", None) is None:
+            return cls(config, instance_id)  # type: ignore[no-any-return]
+        return cls(config, instance_id, plugin_settings(cls, config))  # type: ignore[no-any-return]
     raise PermanentError(f"unknown backend {kind!r}")
 
 
@@ -239,4 +256,5 @@ __all__ = [
     "Stopped",
     "content_hash",
     "make_backend",
+    "plugin_settings",
 ]

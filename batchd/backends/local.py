@@ -54,7 +54,8 @@ from batchd.backends import (
     ResultLine,
     _noop,
 )
-from batchd.config import CLASSIC_MODELS, ConfigError
+from batchd.backends.models import is_google_model
+from batchd.config import ConfigError
 from batchd.errors import one_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,7 +87,7 @@ class LocalBackend:
         self.device = config.local.device
         self.jobs_dir = config.state_dir / JOBS_DIR / self.instance_id
         emb_model = config.embedding.model
-        if emb_model in CLASSIC_MODELS or emb_model.startswith("gemini-"):
+        if is_google_model(emb_model):
             # embedding.model is part of every content hash: vectors labelled with a Vertex model would be
             # mistaken for (and copied as) that model's vectors.
             raise ConfigError(config.source, "embedding.model",

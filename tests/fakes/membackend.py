@@ -41,6 +41,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from batchd.backends import (
     Progress,
     ResultLine,
 )
+from batchd.config import SettingError
 
 _lock = threading.Lock()
 
@@ -102,13 +104,27 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class ScriptedSettings:
+    """``[plugin.scripted]``: a plugin backend's own section, built and validated by batchd's config rules."""
+
+    folder: str = ""  # where jobs, knobs and counters live (default: $BATCHD_TEST_BACKEND_DIR, else next to the db)
+
+    def validate(self) -> None:
+        if self.folder and not Path(self.folder).is_absolute():
+            raise SettingError("folder", f"{self.folder!r} is not an absolute path")
+
+
 class ScriptedBackend:
     """The scripted test backend (formerly MemoryBackend: it never kept its jobs in memory, but in files)."""
 
-    def __init__(self, config: Any, instance_id: str):
+    settings_class = ScriptedSettings
+    settings_section = "scripted"
+
+    def __init__(self, config: Any, instance_id: str, settings: ScriptedSettings | None = None):
         self.dimensions = config.embedding.dimensions
         self.instance_id = instance_id
-        self.dir = backend_dir(config)
+        self.dir = Path(settings.folder) if settings and settings.folder else backend_dir(config)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # -------------------------------------------------------------- knobs and counters
