@@ -80,11 +80,6 @@ def test_crash_between_create_and_commit_is_adopted(vworld) -> None:
     assert_all_ready(w, t)
 
 
-@pytest.mark.parametrize("state, message", [
-    ("FAILED", "fake: the job failed"),
-    ("EXPIRED", "fake: the job expired in the queue"),
-    ("CANCELLED", "fake: the job was cancelled"),
-])
 def test_storms_of_429_and_503_are_ridden_out(vworld) -> None:
     w = vworld()
     t = enqueue(w)
