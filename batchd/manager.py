@@ -160,7 +160,7 @@ class BatchManager:
             self._defer(summary, batch_id, None, "submit failed", e, "batch.submit_retry")
             return None
         self.store.mark_submitted(batch_id, job, self.clock())
-        summary._submitted(batch_id)
+        summary.note_submitted(batch_id)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -190,7 +190,7 @@ class BatchManager:
                 continue
             if found:
                 self.store.mark_submitted(b.id, found, self.clock())
-                summary._submitted(b.id)
+                summary.note_submitted(b.id)
                 log.info("batch.adopted", batch_id=b.id, google_job_id=found)
             else:
                 log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
@@ -340,7 +340,7 @@ class BatchManager:
         (``event``: info when COMPLETED, error when FAILED)."""
         n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status=status,
                                             error=reason)
-        summary._closed(batch_id, status, reason, n, failed)
+        summary.note_closed(batch_id, status, reason, n, failed)
         emit = log.info if status == "COMPLETED" else log.error
         if reason is not None:
             fields["reason"] = reason
@@ -354,7 +354,7 @@ class BatchManager:
         error = one_line(e)
         reason = f"{what}, will retry: {error}"
         self.store.note_batch_error(batch_id, reason, self.clock())
-        summary._deferred(batch_id, reason, error)
+        summary.note_deferred(batch_id, reason, error)
         log.warning(event, batch_id=batch_id, google_job_id=job, error=error, exc_info=not is_expected(e), **fields)
 
     # ------------------------------------------------------------------ draining

@@ -1,8 +1,8 @@
 """What one step of the manager did: the summaries :class:`~batchd.manager.BatchManager` returns.
 
 The CLI prints them and the daemon logs them (``flush.done``, ``sync.done``) instead of querying the database
-again. The manager's two failure moves record into them: ``_closed`` (a batch ended for good, with a status
-and a reason) and ``_deferred`` (a batch left for the next cycle, with the reason on its row).
+again. The manager's two failure moves record into them: ``note_closed`` (a batch ended for good, with a status
+and a reason) and ``note_deferred`` (a batch left for the next cycle, with the reason on its row).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ class SyncSummary:
                 "errored": self.errored, "failed": self.failed, "stopped": self.stopped,
                 "errors": list(self.errors)}
 
-    def _closed(self, batch_id: int, status: str, reason: str | None, chunks: int, chunks_failed: int) -> None:
+    def note_closed(self, batch_id: int, status: str, reason: str | None, chunks: int, chunks_failed: int) -> None:
         self.finished += 1
         self.errored += chunks
         self.failed += chunks_failed
 
-    def _deferred(self, batch_id: int, reason: str, error: str) -> None:
+    def note_deferred(self, batch_id: int, reason: str, error: str) -> None:
         self.errors.append(f"batch {batch_id}: {error}")
 
 
@@ -72,17 +72,17 @@ class FlushSummary:
                 "not_submitted": [n.batch_id for n in self.not_submitted], "errored": self.errored,
                 "failed": self.failed, "stopped": self.stopped}
 
-    def _closed(self, batch_id: int, status: str, reason: str | None, chunks: int, chunks_failed: int) -> None:
+    def note_closed(self, batch_id: int, status: str, reason: str | None, chunks: int, chunks_failed: int) -> None:
         self.errored += chunks
         self.failed += chunks_failed
         self._forget(batch_id)
         self.not_submitted.append(NotSubmitted(batch_id, status, reason or ""))
 
-    def _deferred(self, batch_id: int, reason: str, error: str) -> None:
+    def note_deferred(self, batch_id: int, reason: str, error: str) -> None:
         self._forget(batch_id)
         self.not_submitted.append(NotSubmitted(batch_id, "PENDING", reason))
 
-    def _submitted(self, batch_id: int) -> None:
+    def note_submitted(self, batch_id: int) -> None:
         self._forget(batch_id)
         self.submitted.append(batch_id)
 
