@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchd.config import Config
+from batchd.errors import BatchdError
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
 
 
-class StoreError(Exception):
+class StoreError(BatchdError):
     """The database cannot be used as configured. ``str()`` is one line saying what to do."""
 
 
@@ -122,7 +123,7 @@ class StoreBase:
                 raise StoreError(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
             # 32 MiB page cache (default 2 MiB): a 2,000-vector slice or a 10,000-row enqueue slice dirties more
-            # than 2 MiB, and spilling mid-transaction made both ~1.5x slower (bench/, README "Benchmarks").
+            # than 2 MiB, and spilling mid-transaction slowed both down (bench/, README "Benchmarks").
             conn.execute("PRAGMA cache_size = -32768")
             conn.execute("PRAGMA foreign_keys = ON")
             store = cls(conn, config, sqlite)

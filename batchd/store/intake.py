@@ -16,7 +16,7 @@ from batchd.backends import Item
 from batchd.store.connection import StoreBase, iso
 
 HASH_SLICE = 5_000
-ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: <= ~100 ms of plain inserts (bench/: 5,000 was ~15% slower)
+ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: short for the app, yet fewer commits (README, "Benchmarks")
 
 
 @dataclass(frozen=True)

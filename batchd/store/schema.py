@@ -141,8 +141,8 @@ def m001_initial(store: Store) -> None:
                       f"ON {t}(batch_job_id, content_hash) WHERE batch_job_id IS NOT NULL")
     if store.vec_dimensions() is None:
         # chunk_size=128 (default 1024): vec0 writes each vector into its chunk's blob, and each write walks
-        # that blob's overflow-page chain; at 768 dims a 1024-vector chunk is a 3 MB chain and inserts run
-        # ~4x slower. KNN time is the same (bench/, README "Benchmarks").
+        # that blob's overflow-page chain; at 768 dims a 1024-vector chunk is a 3 MB chain, and inserts slow
+        # down with it while KNN time does not change (bench/, README "Benchmarks").
         store.execute_ddl(
             f"CREATE VIRTUAL TABLE chunks_vec USING vec0(chunk_id integer primary key, "
             f"embedding float[{store.dimensions}] distance_metric=cosine, chunk_size=128)")
