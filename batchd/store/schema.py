@@ -176,6 +176,34 @@ def m003_status_index(store: Store) -> None:
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_status')} ON {store.q_table}(embedding_status)")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index]
+def m004_triggers_never_fail(store: Store) -> None:
+    """The triggers again, written so that no application write can ever fail because of them (issue 9, item 1).
+
+    A statement with a conflict clause (an UPSERT's DO UPDATE, UPDATE OR ABORT / OR FAIL / OR ROLLBACK)
+    imposes its policy on every statement of the triggers it fires, overriding their own ``OR IGNORE``: the
+    tombstone insert then failed with "UNIQUE constraint failed: batchd_tombstones.chunk_id" whenever a
+    tombstone for that id was still waiting for batchd's next cycle (the text changed twice). Now no trigger
+    statement can hit a constraint at all, whatever policy is imposed: the tombstone insert is guarded by
+    NOT EXISTS, and the self-update only sets batchd's own unconstrained columns.
+    """
+    t, i, x = store.q_table, store.q_id, store.q_text
+    p = store.config.database.chunks_table
+    changed, deleted = quote_ident("batchd_" + p + "_text_changed"), quote_ident("batchd_" + p + "_deleted")
+
+    def tombstone(ref: str) -> str:
+        return (f"INSERT INTO batchd_tombstones(chunk_id) SELECT {ref}.{i} "
+                f"WHERE NOT EXISTS (SELECT 1 FROM batchd_tombstones WHERE chunk_id = {ref}.{i});")
+
+    store.execute_ddl(f"DROP TRIGGER IF EXISTS {changed}")
+    store.execute_ddl(f"DROP TRIGGER IF EXISTS {deleted}")
+    store.execute_ddl(
+        f"CREATE TRIGGER {changed} AFTER UPDATE OF {x} ON {t} WHEN OLD.{x} IS NOT NEW.{x} BEGIN "
+        f"UPDATE {t} SET embedding_status = 'PENDING', batch_job_id = NULL, content_hash = NULL, attempts = 0, "
+        f"error_message = NULL, embedded_at = NULL, queued_at = NULL WHERE {i} = NEW.{i}; "
+        f"{tombstone('NEW')} END")
+    store.execute_ddl(f"CREATE TRIGGER {deleted} AFTER DELETE ON {t} BEGIN {tombstone('OLD')} END")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail]
 
 SCHEMA_VERSION = len(STEPS)

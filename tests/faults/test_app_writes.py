@@ -109,7 +109,7 @@ def test_enqueue_of_one_id_retexted_three_times_in_one_input(tmp_path: Path, bat
     cfg = tmp_path / "batchd.toml"
     cfg.write_text(f'[database]\npath = "{tmp_path / "app.db"}"\n[embedding]\nbackend = "{MEMBACKEND}"\n'
                    'model = "test-model"\ndimensions = 16\n')
-    lines = '{"text":"good"}\n{"id":1,"text":"a"}\n{"id":1,"text":"b"}\n{"id":1,"text":"c"}\n'
+    lines = '{"text":"good"}\n{"id":7,"text":"a"}\n{"id":7,"text":"b"}\n{"id":7,"text":"c"}\n'
     proc = subprocess.run([*batchd_cmd(), "--config", str(cfg), "enqueue", "-"], input=lines, text=True,
                           capture_output=True, env=batchd_env, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -117,4 +117,4 @@ def test_enqueue_of_one_id_retexted_three_times_in_one_input(tmp_path: Path, bat
     rows = conn.execute("SELECT id, content FROM chunks ORDER BY id").fetchall()
     conn.close()
     assert sorted(r[1] for r in rows) == ["c", "good"]
-    assert (1, "c") in rows
+    assert (7, "c") in rows
