@@ -76,6 +76,18 @@ def _load_vec(conn: Any) -> None:
 
 
 
+def lock_path(db_path: str) -> str:
+    """The worker lock's file for a database: ``batchd-<inode>.lock`` in the folder the file really lives in.
+
+    Keyed on the file, not on the path string: every name that reaches the database — a symlink, a relative path,
+    a hard link in the same folder — gives the same lock file, so at most one batchd process works on a database
+    however it is named (issue 9, item 2). A hard link in another folder is not a supported way to share a
+    database at all: SQLite names the WAL and shared-memory files after the path, so two names corrupt it.
+    """
+    real = os.path.realpath(db_path)
+    return os.path.join(os.path.dirname(real), f"batchd-{os.stat(real).st_ino}.lock")
+
+
 class StoreBase:
     """One SQLite connection to the shared database file; the concerns built on it are mixins (batchd.store)."""
 
@@ -140,8 +152,9 @@ class StoreBase:
         """Hold the database's worker lock: one batchd process at a time flushes, syncs or recovers.
 
         Two workers on one file (the daemon and a hand-run `batchd flush`) could otherwise both find a
-        batch left without a job and both submit it: paying twice. The lock is an flock on
-        ``<database>-batchd.lock`` (released by the kernel if the process dies), never waited for:
+        batch left without a job and both submit it: paying twice. The lock is an flock on the file
+        :func:`lock_path` names — keyed on the database file itself, so two configs reaching it through a
+        symlink or a hard link share it (released by the kernel if the process dies), never waited for:
         raises :class:`Busy` naming the holder's pid. Re-entrant within this Store.
         """
         path = self.config.database.path
@@ -151,7 +164,7 @@ class StoreBase:
         if self._lock_depth == 0:
             import fcntl
 
-            f = open(f"{path}-batchd.lock", "a+")  # kept open while the lock is held
+            f = open(lock_path(path), "a+")  # kept open while the lock is held
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
