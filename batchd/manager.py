@@ -163,7 +163,12 @@ class BatchManager:
             self.store.note_batch_error(batch_id, f"submit failed, will retry: {describe_error(e)}", self.clock())
             log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=describe_error(e))
             return None
-        self.store.mark_submitted(batch_id, job, self.clock())
+        if not self.store.mark_submitted(batch_id, job, self.clock()):
+            # Closed while its job was being created (an operator's cancel): the job must not run on, paid for
+            # texts that are queued again.
+            self._cancel_remote(batch_id, job)
+            log.warning("batch.closed_during_submit", batch_id=batch_id, google_job_id=job)
+            return None
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -193,8 +198,10 @@ class BatchManager:
                 log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=describe_error(e))
                 continue
             if found:
-                self.store.mark_submitted(b.id, found, self.clock())
-                log.info("batch.adopted", batch_id=b.id, google_job_id=found)
+                if self.store.mark_submitted(b.id, found, self.clock()):
+                    log.info("batch.adopted", batch_id=b.id, google_job_id=found)
+                else:
+                    self._cancel_remote(b.id, found)
             else:
                 log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
                 self._submit(b.id)
@@ -326,21 +333,50 @@ class BatchManager:
     # ------------------------------------------------------------------ operator actions
 
     def cancel(self, batch_id: int) -> bool:
-        """Cancel a batch: best-effort remote cancel, its chunks back to PENDING (no attempt counted).
+        """Cancel a batch: its remote job cancelled, its chunks back to PENDING without counting an attempt.
+
+        Safe against a step running at the same time in another process (issue 9, item 5):
+
+        - A batch with a job name: the job is cancelled first; if that call fails (other than "no such job"),
+          BackendError is raised and nothing changed — releasing the chunks of a job that still runs would pay
+          for them twice. The batch is then closed only if it is still in flight: a sync that finished it first
+          wins, and cancel returns False. A sync that finishes after the cancel leaves the batch FAILED.
+        - A batch without a job name may be in the middle of its submit or its recovery: the cancel takes the
+          worker lock (raises :class:`~batchd.store.Busy` while a step runs), cancels a job created before a
+          crash if the backend finds one, then closes the batch.
 
         Returns False when the batch does not exist or is already final.
         """
         b = self.store.batch(batch_id)
-        if b is None or b.status in ("COMPLETED", "FAILED"):
+        if b is None or b.status not in ("PENDING", "RUNNING"):
             return False
         if b.google_job_id:
+            return self._cancel(batch_id, b.google_job_id)
+        with self.store.worker_lock():
+            b = self.store.batch(batch_id)
+            if b is None or b.status not in ("PENDING", "RUNNING"):
+                return False
+            return self._cancel(batch_id, b.google_job_id or self.backend.find_job(batch_id))
+
+    def _cancel(self, batch_id: int, job: str | None) -> bool:
+        if job:
             try:
-                self.backend.cancel(b.google_job_id)
-            except Exception as e:  # noqa: BLE001
-                log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
+                self.backend.cancel(job)
+            except PermanentError as e:  # the job is gone: nothing left to stop
+                log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e))
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
-        log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
+        if n is None:
+            log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
+            return False
+        log.info("batch.cancelled", batch_id=batch_id, google_job_id=job, chunks=n)
         return True
+
+    def _cancel_remote(self, batch_id: int, job: str) -> None:
+        """Best effort: stop a job whose batch was closed while it was being created or adopted."""
+        try:
+            self.backend.cancel(job)
+        except Exception as e:  # noqa: BLE001 - best effort; logged with the job name for the operator
+            log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e))
 
     def retry_failed(self) -> int:
         n = self.store.retry_failed(self.clock())

@@ -214,9 +214,16 @@ class IntakeMixin(StoreBase):
             (batch_id,)).fetchone()[0])
 
     def mark_submitted(self, batch_id: int, job_name: str, now: float,
-                       input_uri: str | None = None, output_uri: str | None = None) -> None:
+                       input_uri: str | None = None, output_uri: str | None = None) -> bool:
+        """Record a batch's remote job and mark it RUNNING — only while the batch is still in flight.
+
+        False when it was closed meanwhile (an operator's cancel): a closed batch is never revived, and the
+        caller cancels the job it just created.
+        """
         with self.transaction() as c:
-            c.execute(
+            cur = c.execute(
                 "UPDATE batch_jobs SET google_job_id = ?, status = 'RUNNING', input_uri = coalesce(?, input_uri), "
-                "output_uri = coalesce(?, output_uri), error_message = NULL, updated_at = ? WHERE id = ?",
+                "output_uri = coalesce(?, output_uri), error_message = NULL, updated_at = ? "
+                "WHERE id = ? AND status IN ('PENDING', 'RUNNING')",
                 (job_name, input_uri, output_uri, iso(now), batch_id))
+            return cur.rowcount > 0
