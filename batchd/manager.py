@@ -29,6 +29,7 @@ from batchd.backends import (
     content_hash,
 )
 from batchd.config import Config
+from batchd.faults import crash_point
 from batchd.store import Store, parse_iso
 
 log = structlog.get_logger("batchd.manager")
@@ -129,6 +130,7 @@ class BatchManager:
             if claimed is None:
                 break
             batch_id, n = claimed
+            crash_point("claim.committed")
             created.append(batch_id)
             log.info("batch.claimed", batch_id=batch_id, google_job_id=None, chunks=n)
             if self._submit(batch_id) is None:
@@ -163,6 +165,7 @@ class BatchManager:
             self.store.note_batch_error(batch_id, f"submit failed, will retry: {describe_error(e)}", self.clock())
             log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=describe_error(e))
             return None
+        crash_point("submit.created")
         if not self.store.mark_submitted(batch_id, job, self.clock()):
             # Closed while its job was being created (an operator's cancel): the job must not run on, paid for
             # texts that are queued again.
@@ -197,6 +200,7 @@ class BatchManager:
                                             self.clock())
                 log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=describe_error(e))
                 continue
+            crash_point("recover.found")
             if found:
                 if self.store.mark_submitted(b.id, found, self.clock()):
                     log.info("batch.adopted", batch_id=b.id, google_job_id=found)
@@ -291,6 +295,7 @@ class BatchManager:
         try:
             for chunk in _slices(self.backend.results(job, progress=self.progress), RESULT_SLICE):
                 counts = self.store.apply_results(batch_id, chunk, q.max_attempts, self.clock())
+                crash_point("results.slice_applied")
                 summary.applied += counts.applied
                 summary.errored += counts.errored
                 summary.failed += counts.failed

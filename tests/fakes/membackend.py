@@ -54,6 +54,7 @@ from batchd.backends import (
     Progress,
     ResultLine,
 )
+from batchd.faults import crash_point
 
 _lock = threading.Lock()
 
@@ -150,6 +151,11 @@ class MemoryBackend:
             raise BackendError("503 simulated: service unavailable")
         rows = [[it.key, it.text] for it in items]
         progress()
+        # "Upload": stage the input, kept if an earlier attempt left it (like Vertex's ifGenerationMatch=0).
+        staged = self.dir / f"input-{self.instance_id}-{batch_id}.json"
+        if not staged.exists():
+            _write_json(staged, rows)
+        crash_point("submit.uploaded")
         n = len(list(self.dir.glob(f"job-{batch_id}-*.json")))
         name = f"memjobs/{self.instance_id}/{batch_id}/{n}"
         _write_json(self._path(name), {"name": name, "batch_id": batch_id, "instance": self.instance_id,

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from batchd.store import Busy, Store
-from tests.faults.invariants import problems
 from tests.fakes.membackend import read_counters
+from tests.faults.invariants import problems
 
 
 def texts(n: int, tag: str = "t") -> list[tuple[None, str]]:
