@@ -4,10 +4,12 @@ It uses only the standard library's sqlite3 and never loads sqlite-vec, like a t
 database with batchd. Any trigger batchd installs must let every one of these writes succeed (issue 9, item 1).
 
     python tests/faults/appwriter.py DB [PATTERN ...] [--sleep SECONDS]
+    python tests/faults/appwriter.py DB --edit-loop SEED STOPFILE
 
 Runs the named patterns (default: all, in order), each on its own range of ids, and prints one JSON line per
 pattern: {"pattern": name, "ok": true} or {"pattern": name, "ok": false, "error": "..."}. Exit status 0 when
 every pattern succeeded, 1 otherwise. ``--sleep`` makes ``long_transaction`` hold the write lock that long.
+``--edit-loop`` edits random rows until STOPFILE exists (the kill loop's busy application).
 
 The table is the one :func:`create_app_table` makes: ``chunks(id INTEGER PRIMARY KEY, content TEXT NOT NULL,
 doc_id TEXT, position INTEGER)`` with ROWS rows, ids 1..ROWS, ``doc_id = 'doc-<id // 100>'``.
@@ -200,6 +202,39 @@ def long_transaction(conn: sqlite3.Connection, sleep: float) -> None:
     conn.commit()
 
 
+def edit_loop(path: str, seed: int, stop: str) -> int:
+    """Random edits, each its own transaction, until the file ``stop`` exists; returns the number of edits.
+
+    Every new text is unique (a counter), so "no text is sent in two jobs" stays checkable. Mixes UPDATE of the
+    text, DELETE, INSERT, UPSERT and INSERT OR REPLACE of random ids.
+    """
+    import os
+    import random
+
+    rng = random.Random(seed)
+    conn = sqlite3.connect(path, timeout=30.0)
+    n = 0
+    while not os.path.exists(stop):
+        top = conn.execute("SELECT coalesce(max(id), 1) FROM chunks").fetchone()[0]
+        i, text, roll = rng.randint(1, top), f"edit {seed}-{n}", rng.random()
+        if roll < 0.5:
+            conn.execute("UPDATE chunks SET content = ? WHERE id = ?", (text, i))
+        elif roll < 0.65:
+            conn.execute("DELETE FROM chunks WHERE id = ?", (i,))
+        elif roll < 0.8:
+            conn.execute("INSERT INTO chunks(content) VALUES (?)", (text,))
+        elif roll < 0.9:
+            conn.execute("INSERT INTO chunks(id, content) VALUES (?, ?) "
+                         "ON CONFLICT(id) DO UPDATE SET content = excluded.content", (i, text))
+        else:
+            conn.execute("INSERT OR REPLACE INTO chunks(id, content) VALUES (?, ?)", (i, text))
+        conn.commit()
+        n += 1
+        time.sleep(rng.uniform(0.005, 0.05))
+    conn.close()
+    return n
+
+
 def run(path: str, names: list[str], sleep: float = 0.0) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for name in names:
@@ -215,6 +250,9 @@ def run(path: str, names: list[str], sleep: float = 0.0) -> list[dict[str, objec
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:2] == ["--edit-loop"]:  # DB --edit-loop SEED STOPFILE
+        print(json.dumps({"edits": edit_loop(argv[0], int(argv[2]), argv[3])}), flush=True)
+        return 0
     sleep = 0.0
     if "--sleep" in argv:
         k = argv.index("--sleep")
