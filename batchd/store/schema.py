@@ -236,6 +236,12 @@ def m004_triggers_never_fail(store: Store) -> None:
     tombstone for that id was still waiting for batchd's next cycle (the text changed twice). Now no trigger
     statement can hit a constraint at all, whatever policy is imposed: the tombstone insert is guarded by
     NOT EXISTS, and the self-update only sets batchd's own unconstrained columns.
+
+    A third trigger covers ``INSERT OR REPLACE`` / ``REPLACE INTO`` over an existing id: SQLite deletes the old row
+    without firing delete triggers (recursive_triggers is off), so its vector stayed — stale, and kept for good if
+    the new text then failed. A BEFORE INSERT of an id that exists leaves a tombstone; the purge removes the
+    vector only if the chunk is not READY by then (an ``INSERT OR IGNORE`` or a no-op UPSERT leaves the row READY,
+    and its vector stays). Fresh inserts (no such id yet) pay one primary-key probe, nothing else.
     """
     t, i, x = store.q_table, store.q_id, store.q_text
     p = store.config.database.chunks_table
@@ -253,6 +259,9 @@ def m004_triggers_never_fail(store: Store) -> None:
         f"error_message = NULL, embedded_at = NULL, queued_at = NULL WHERE {i} = NEW.{i}; "
         f"{tombstone('NEW')} END")
     store.execute_ddl(f"CREATE TRIGGER {deleted} AFTER DELETE ON {t} BEGIN {tombstone('OLD')} END")
+    store.execute_ddl(
+        f"CREATE TRIGGER IF NOT EXISTS {quote_ident('batchd_' + p + '_replaced')} BEFORE INSERT ON {t} "
+        f"WHEN EXISTS (SELECT 1 FROM {t} WHERE {i} = NEW.{i}) BEGIN {tombstone('NEW')} END")
 
 
 STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail]

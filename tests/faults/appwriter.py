@@ -90,6 +90,14 @@ def insert_or_replace(conn: sqlite3.Connection, sleep: float) -> None:
 
 
 @pattern
+def replace_with_nothing_to_embed(conn: sqlite3.Connection, sleep: float) -> None:
+    """ids 36-40: INSERT OR REPLACE with an empty text: the chunk ends FAILED, and its old vector must go (REPLACE
+    deletes the old row without firing delete triggers)."""
+    conn.executemany("INSERT OR REPLACE INTO chunks(id, content) VALUES (?, '')", [(i,) for i in range(36, 41)])
+    conn.commit()
+
+
+@pattern
 def replace_into(conn: sqlite3.Connection, sleep: float) -> None:
     """ids 21-30: REPLACE INTO with a new text, twice; ids 31-35: REPLACE INTO with the same text."""
     for rev in (2, 3):
