@@ -206,6 +206,7 @@ class IntakeMixin(StoreBase):
                 c.execute("DELETE FROM batch_jobs WHERE id = ?", (batch_id,))
                 return None
             c.execute("UPDATE batch_jobs SET total_chunks = ? WHERE id = ?", (n, batch_id))
+        self.note_claimed(batch_id)
         return batch_id, n
 
     def batch_items(self, batch_id: int) -> Iterator[Item]:

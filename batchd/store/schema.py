@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from batchd.store.connection import StoreBase, StoreError, iso, quote_ident
+from batchd.store.connection import StoreBase, StoreError, claimed_before, iso, quote_ident
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
@@ -51,13 +51,19 @@ class SchemaMixin(StoreBase):
     def _check_copy(self) -> None:
         """Make a copied or restored database file an instance of its own (issue 9, item 4).
 
-        ``batchd_meta.database_file`` records the inode of the file the instance id belongs to. A copy — a
-        restored backup, a staging clone, the file moved to another filesystem — is another file carrying the
-        same instance id: left alone it would adopt, poll, cancel and clean up the original's jobs and staged
-        files, and label its own new jobs like the original's. So the copy gets a new random instance id (its
-        jobs and staging paths are its own from now on) and its batches in flight are closed WITHOUT touching
-        their jobs, which belong to the original: their chunks are queued again, no attempt counted. The same
-        file under another name (a symlink, a hard link, a move within its filesystem) keeps its instance.
+        Two signs that this file is not the one its instance id has been working for:
+
+        - a copy — a restored backup, a staging clone, the file moved to another filesystem — is another file:
+          its inode differs from ``batchd_meta.database_file``, recorded when the instance id was made;
+        - a backup written over the original in place keeps the inode but goes back in time: the lock file
+          (keyed on the inode, see :func:`~batchd.store.connection.lock_path`) remembers a higher batch id
+          claimed for this instance than the database now holds.
+
+        Left alone, such a file would adopt, poll, cancel and clean up the original's jobs and staged files, and
+        label its own new jobs like the original's (reusing its batch ids). So it gets a new random instance id
+        (its jobs and staging paths are its own from now on) and its batches in flight are closed WITHOUT
+        touching their jobs, which belong to the original: their chunks are queued again, no attempt counted.
+        The same file under another name (a symlink, a hard link, a move within its filesystem) keeps its id.
         """
         path = self.config.database.path
         if path == ":memory:":
@@ -65,34 +71,45 @@ class SchemaMixin(StoreBase):
         inode = str(os.stat(os.path.realpath(path)).st_ino)
         get = "SELECT value FROM batchd_meta WHERE key = 'database_file'"
         row = self._conn.execute(get).fetchone()
-        if row is not None and row[0] == inode:
+        if row is None or row[0] != inode:
+            with self.transaction() as c:
+                row = c.execute(get).fetchone()  # again, under the write lock: another process may have done it
+                c.execute("INSERT INTO batchd_meta(key, value) VALUES ('database_file', ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (inode,))
+                if row is not None and row[0] != inode:
+                    self._become_new_instance(c, "database copied or restored")
             return
-        old = self.instance_id
-        new = secrets.token_hex(6)
-        stamp = iso(time.time())
-        with self.transaction() as c:
-            row = c.execute(get).fetchone()  # again, under the write lock: another process may have done it
-            c.execute("INSERT INTO batchd_meta(key, value) VALUES ('database_file', ?) "
-                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (inode,))
-            if row is None or row[0] == inode:
-                return  # first open by a batchd that records it (new database, or upgraded from before)
-            old = str(c.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()[0])
-            reason = (f"database copied or restored (it was instance {old}, now {new}): this batch's job belongs "
-                      "to the original and was left alone; its chunks are queued again")
-            # The job name is moved into the message: nothing in the copy can reach the original's job any more.
-            batches = c.execute(
-                "UPDATE batch_jobs SET status = 'FAILED', "
-                "error_message = ? || coalesce(' (job ' || google_job_id || ')', ''), google_job_id = NULL, "
-                "finished_at = coalesce(finished_at, ?), updated_at = ? WHERE status IN ('PENDING', 'RUNNING')",
-                (reason, stamp, stamp)).rowcount
-            chunks = c.execute(f"UPDATE {self.q_table} SET batch_job_id = NULL WHERE batch_job_id IS NOT NULL").rowcount
-            c.execute("UPDATE batchd_meta SET value = ? WHERE key = 'instance_id'", (new,))
-            c.execute("INSERT INTO batchd_meta(key, value) VALUES ('copied_from', ?) "
-                      "ON CONFLICT(key) DO UPDATE SET value = value || ' ' || excluded.value", (old,))
+        claimed = claimed_before(path)
+        if claimed and claimed[0] == self.instance_id:
+            with self.transaction() as c:
+                top = c.execute("SELECT coalesce(max(id), 0) FROM batch_jobs").fetchone()[0]
+                if top < claimed[1] and self._instance_in(c) == self.instance_id:
+                    self._become_new_instance(
+                        c, f"database restored to an earlier state (batch {claimed[1]} was claimed before, the "
+                           f"file now ends at batch {top})")
+
+    def _instance_in(self, c: Any) -> str:
+        return str(c.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()[0])
+
+    def _become_new_instance(self, c: Any, why: str) -> None:
+        """Inside a write transaction: a new instance id; in-flight batches closed, their jobs left alone."""
+        old, new, stamp = self._instance_in(c), secrets.token_hex(6), iso(time.time())
+        reason = (f"{why} (it was instance {old}, now {new}): this batch's job belongs to the original and was "
+                  "left alone; its chunks are queued again")
+        # The job name is moved into the message: nothing in the copy can reach the original's job any more.
+        batches = c.execute(
+            "UPDATE batch_jobs SET status = 'FAILED', "
+            "error_message = ? || coalesce(' (job ' || google_job_id || ')', ''), google_job_id = NULL, "
+            "finished_at = coalesce(finished_at, ?), updated_at = ? WHERE status IN ('PENDING', 'RUNNING')",
+            (reason, stamp, stamp)).rowcount
+        chunks = c.execute(f"UPDATE {self.q_table} SET batch_job_id = NULL WHERE batch_job_id IS NOT NULL").rowcount
+        c.execute("UPDATE batchd_meta SET value = ? WHERE key = 'instance_id'", (new,))
+        c.execute("INSERT INTO batchd_meta(key, value) VALUES ('copied_from', ?) "
+                  "ON CONFLICT(key) DO UPDATE SET value = value || ' ' || excluded.value", (old,))
         self.instance_id = new
         structlog.get_logger("batchd.store").warning(
-            "store.copy_detected", previous_instance=old, instance=new, batches_closed=batches,
-            chunks_requeued=chunks, database=path)
+            "store.copy_detected", reason=why, previous_instance=old, instance=new, batches_closed=batches,
+            chunks_requeued=chunks, database=self.config.database.path)
 
     def _ensure_instance_id(self) -> str:
         row = self._conn.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()

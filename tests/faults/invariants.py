@@ -16,14 +16,14 @@ from typing import Any
 from tests.fakes.membackend import fake_vector
 
 
-def remote_jobs(backend_dir: Path, instance_id: str) -> list[dict[str, Any]]:
-    """The test backend's jobs created for one database (instance)."""
+def remote_jobs(backend_dir: Path, instance_id: str | None) -> list[dict[str, Any]]:
+    """The test backend's jobs created for one database (instance), or for every one (None)."""
     import json
 
     jobs = []
     for p in sorted(backend_dir.glob("job-*.json")):
         job = json.loads(p.read_text())
-        if job.get("instance") == instance_id:
+        if instance_id is None or job.get("instance") == instance_id:
             jobs.append(job)
     return jobs
 
@@ -69,11 +69,18 @@ def problems(store: Any, backend_dir: Path, *, idle: bool = True, texts_once: bo
             out.append(f"remote job(s) for batch {batch_id}, which this database does not know")
         if n > 1:
             out.append(f"batch {batch_id} has {n} remote jobs (paid {n} times)")
+    # A batch finished before this database became a new instance (a copy) names a job of its old instance.
+    every = {j["name"]: j for j in remote_jobs(backend_dir, None)}
+    per_key = Counter((j["instance"], int(j["batch_id"])) for j in every.values())
     for b in batches.values():
-        if b.google_job_id and per_batch.get(b.id, 0) != 1:
-            out.append(f"batch {b.id} names job {b.google_job_id} but {per_batch.get(b.id, 0)} remote jobs exist")
-        if b.google_job_id and b.google_job_id not in {j["name"] for j in jobs}:
+        if not b.google_job_id:
+            continue
+        job = every.get(b.google_job_id)
+        if job is None:
             out.append(f"batch {b.id} names job {b.google_job_id}, which does not exist")
+        elif int(job["batch_id"]) != b.id or per_key[(job["instance"], b.id)] != 1:
+            out.append(f"batch {b.id} names job {b.google_job_id} but {per_key[(job['instance'], b.id)]} remote "
+                       f"jobs exist for it")
     if texts_once:
         sent = Counter(key for j in jobs for key, _ in j["items"])
         twice = [k for k, n in sent.items() if n > 1]

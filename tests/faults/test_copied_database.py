@@ -85,3 +85,34 @@ def test_a_copy_is_detected_once(world: Any, tmp_path: Path, shared_project: Pat
     first = world(database={"path": str(copy_path)})
     second = world(database={"path": str(copy_path)})
     assert first.store.instance_id == second.store.instance_id != w.store.instance_id
+
+
+def test_a_backup_restored_in_place_is_recognised(world: Any, tmp_path: Path, shared_project: Path) -> None:
+    """The backup written over the original file (same inode): the lock file remembers batches claimed after the
+    backup was taken, so the restored file gets a new instance and never reuses the original's batch labels."""
+    import shutil
+
+    w = world()
+    w.manager.enqueue([(None, f"before the backup {i}") for i in range(10)])
+    drive(w)
+    db = Path(w.config.database.path)
+    saved = tmp_path / "backup.db"
+    backup(str(db), saved)
+    w.manager.enqueue([(None, f"after the backup {i}") for i in range(10)])
+    w.manager.flush_queue(force=True)  # batch 2, RUNNING under the original instance
+    original_instance, inode = w.store.instance_id, db.stat().st_ino
+    w.store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(saved, db)  # in place: same inode
+    assert db.stat().st_ino == inode
+
+    restored = world()
+    assert restored.store.instance_id != original_instance
+    assert [b.status for b in restored.store.batches()] == ["COMPLETED"]  # the backup's state, untouched
+    restored.manager.enqueue([(None, f"after the restore {i}") for i in range(10)])
+    drive(restored)
+    assert problems(restored.store, shared_project) == []
+    assert len(remote_jobs(shared_project, original_instance)) == 2  # the original's two jobs, untouched
+    again = world()
+    assert again.store.instance_id == restored.store.instance_id  # detected once
