@@ -382,7 +382,15 @@ class BatchManager:
             b = self.store.batch(batch_id)
             if b is None or b.status not in ("PENDING", "RUNNING"):
                 return False
-            return self._cancel(batch_id, b.google_job_id or self.backend.find_job(batch_id))
+            job = b.google_job_id
+            if not job:
+                try:
+                    job = self.backend.find_job(batch_id)
+                except BackendError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
+                    raise BackendError(describe_error(e)) from None
+            return self._cancel(batch_id, job)
 
     def _cancel(self, batch_id: int, job: str | None) -> bool:
         if job:
@@ -390,6 +398,10 @@ class BatchManager:
                 self.backend.cancel(job)
             except PermanentError as e:  # the job is gone: nothing left to stop
                 log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e))
+            except BackendError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
+                raise BackendError(describe_error(e)) from None
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
         if n is None:
             log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
