@@ -22,6 +22,7 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``submit_permanent`` (str): every submit raises PermanentError with this message.
 - ``lose_create`` (int N): the next N submits create the job, then raise (the lost-response case).
 - ``status_errors`` (int N): the next N status() calls raise a transient error.
+- ``cancel_errors`` (int N): the next N cancel() calls raise a transient error (the job keeps running).
 - ``block`` (str): "submit" | "status" | "results" — that call blocks forever (a wedged worker).
 - ``hang_submits`` (int N): the next N submits hang until the process dies (a worker the watchdog must
   kill; unlike ``block``, the restarted process is not wedged again).
@@ -213,6 +214,8 @@ class MemoryBackend:
                 progress()  # like a real download, report progress per block (may raise Stopped)
 
     def cancel(self, job_name: str) -> None:
+        if self._take("cancel_errors"):
+            raise BackendError("503 simulated: cancel failed")
         self._count("cancels")
         try:
             job = self._load(job_name)

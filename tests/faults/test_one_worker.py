@@ -205,3 +205,18 @@ def test_finish_batch_never_overwrites_a_cancelled_batch(world: Any) -> None:
     w.store.finish_batch(1, 3, w.clock(), status="COMPLETED")
     assert w.store.batch(1).status == "FAILED"
     assert w.store.cancel_batch_locally(1, "again", w.clock()) is None  # already final: nothing to cancel
+
+
+def test_a_cancel_whose_remote_call_fails_changes_nothing(world: Any) -> None:
+    """Releasing the chunks of a job that may still run would put their texts in two paid jobs."""
+    from batchd.backends import BackendError
+
+    w = world()
+    w.manager.enqueue(texts(5))
+    w.manager.flush_queue(force=True)
+    w.knobs(cancel_errors=1)
+    with pytest.raises(BackendError, match="cancel failed"):
+        w.manager.cancel(1)
+    assert w.store.batch(1).status == "RUNNING" and w.store.queue_stats()["running"] == 5
+    assert w.manager.cancel(1) is True
+    assert w.store.batch(1).status == "FAILED" and w.store.queue_stats()["pending"] == 5
