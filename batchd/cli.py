@@ -234,8 +234,16 @@ def retry(app: App, failed: bool) -> None:
 @pass_app
 def cancel(app: App, batch_id: int) -> None:
     """Cancel a batch (best effort remotely); its chunks go back to PENDING without counting an attempt."""
+    from batchd.backends import BackendError
+
     app.setup_logging()
-    if not app.manager.cancel(batch_id):
+    try:
+        cancelled = app.manager.cancel(batch_id)
+    except Busy as e:
+        fail(f"cancel: batch {batch_id} may be being submitted right now: {e}", EX_TEMPFAIL)
+    except BackendError as e:
+        fail(f"cancel: batch {batch_id}: its job could not be cancelled, nothing changed: {one_line(e)}")
+    if not cancelled:
         fail(f"cancel: batch {batch_id} does not exist or is already finished")
     click.echo(f"cancelled batch {batch_id}")
 
