@@ -56,8 +56,6 @@ MAX_INT = 1_000_000_000
 BATCHD_COLUMNS = ("embedding_status", "batch_job_id", "error_message", "attempts", "content_hash", "embedded_at",
                   "queued_at")
 BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones")
-
-
 class ConfigError(BatchdError):
     """A configuration problem. ``str()`` is one line: ``file: key: reason``.
 

@@ -34,7 +34,7 @@ import structlog
 from batchd.backends import Stopped
 from batchd.clock import JumpWatch
 from batchd.errors import is_expected, one_line
-from batchd.store import Busy, explain
+from batchd.store import Busy, describe_problem, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
@@ -199,11 +199,12 @@ class Worker:
                     return Outcome(ok=False, skipped=True)
                 # A known state of the database file (disk full, damaged) is said as such, in one line and without
                 # a traceback; everything else keeps its traceback (a bug must be diagnosable).
-                error = str(problem) if problem is not None else one_line(e)
+                error = describe_problem(e, database)
                 delay = state.failed(self.clock(), error)
                 log.error("daemon.step_failed", step=name, error=error,
                           consecutive_failures=state.consecutive, failures_total=state.failures,
-                          retry_in_s=round(max(delay, state.interval), 1), exc_info=problem is None)
+                          retry_in_s=round(max(delay, state.interval), 1),
+                          exc_info=problem is None and not is_expected(e))
                 return Outcome(ok=False)
             finally:
                 self.health.end()

@@ -24,22 +24,6 @@ _ENDPOINT = re.compile(
 )
 
 
-def endpoint_ok(value: str) -> bool:
-    """A dotted host name, an IP address, ``localhost``, or a single-label name with a port ("vertex:8080").
-
-    A bare word without dot or port ("0s", "yes") is refused: it is a typo, not a host the operator meant.
-    """
-    m = _ENDPOINT.match(value)
-    if not m:
-        return False
-    if m.group("port") is not None and not 0 < int(m.group("port")) < 65536:
-        return False
-    if m.group("ipv4") and any(int(part) > 255 for part in m.group("ipv4").split(".")):
-        return False
-    single = m.group("single")
-    return not single or single.lower() == "localhost" or m.group("port") is not None
-
-
 @dataclass(frozen=True)
 class VertexSettings:
     project: str = ""
@@ -66,7 +50,7 @@ class VertexSettings:
         """Raises SettingError for a value that can never work (a key left empty is :meth:`missing`)."""
         if self.staging_uri and not GS_URI.match(self.staging_uri):
             raise SettingError("staging_uri", f"{self.staging_uri!r} is not a gs://bucket/prefix URI")
-        if self.api_endpoint and not endpoint_ok(self.api_endpoint):
+        if self.api_endpoint and not _endpoint_ok(self.api_endpoint):
             raise SettingError("api_endpoint", f"{self.api_endpoint!r} is not a host[:port] or http(s):// URL")
         if not self.location:
             raise SettingError("location", "must not be empty")
@@ -85,6 +69,22 @@ class VertexSettings:
         if not self.staging_uri:
             out.append("vertex.staging_uri is not set (a gs://bucket/prefix for job input and output)")
         return out
+
+
+def _endpoint_ok(value: str) -> bool:
+    """A dotted host name, an IP address, ``localhost``, or a single-label name with a port ("vertex:8080").
+
+    A bare word without dot or port ("0s", "yes") is refused: it is a typo, not a host the operator meant.
+    """
+    m = _ENDPOINT.match(value)
+    if not m:
+        return False
+    if m.group("port") is not None and not 0 < int(m.group("port")) < 65536:
+        return False
+    if m.group("ipv4") and any(int(part) > 255 for part in m.group("ipv4").split(".")):
+        return False
+    single = m.group("single")
+    return not single or single.lower() == "localhost" or m.group("port") is not None
 
 
 __all__ = ["GS_URI", "VertexSettings"]

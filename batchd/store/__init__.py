@@ -23,7 +23,15 @@ from batchd.store.connection import (
     quote_ident,
 )
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
-from batchd.store.problems import Damaged, DatabaseBusy, DiskFull, ReadOnly, explain, is_sqlite_error
+from batchd.store.problems import (
+    Damaged,
+    DatabaseBusy,
+    DiskFull,
+    ReadOnly,
+    describe_problem,
+    explain,
+    is_sqlite_error,
+)
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
@@ -51,6 +59,7 @@ __all__ = [
     "StoreBase",
     "StoreError",
     "_sqlite_module",
+    "describe_problem",
     "explain",
     "is_sqlite_error",
     "iso",

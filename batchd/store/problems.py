@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from batchd.errors import one_line
 from batchd.store.connection import Busy, StoreError
 
 # Below this many free bytes an I/O error on the database's file system is taken to be "disk full": SQLite
@@ -131,12 +132,20 @@ def _disk_full(path: str) -> str:
             "(the daemon retries by itself)")
 
 
+def describe_problem(e: BaseException, path: str) -> str:
+    """One line for ``e`` raised while using the database at ``path``: the file's state in plain words when
+    :func:`explain` knows it ("disk full: ...", "database is busy: ..."), else :func:`batchd.errors.one_line`."""
+    problem = explain(e, path)
+    return one_line(problem if problem is not None else e)
+
+
 __all__ = [
     "FULL_BELOW_BYTES",
     "Damaged",
     "DatabaseBusy",
     "DiskFull",
     "ReadOnly",
+    "describe_problem",
     "explain",
     "free_bytes",
     "is_sqlite_error",
