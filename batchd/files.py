@@ -74,6 +74,14 @@ def owner_text_ids() -> str:
     return f"{_user(os.geteuid())}:{_group(os.getegid())}"
 
 
+def access_summary(db_path: str) -> str:
+    """Who this process is and whose each database file is, for a "read-only database" message."""
+    owners = ", ".join(f"{p} {owner_text(p)}" for p in (db_path, f"{db_path}-wal", f"{db_path}-shm")
+                       if os.path.exists(p))
+    return (f"this process is {owner_text_ids()}, the files are {owners}; each must be readable and writable by "
+            f"group {SERVICE_GROUP} (see `batchd check`)")
+
+
 @dataclass(frozen=True)
 class Finding:
     """One line of ``batchd check`` about a file: ok, warn (works, but fragile) or fail (the service is locked out)."""
@@ -173,5 +181,5 @@ def _group(gid: int) -> str:
         return str(gid)
 
 
-__all__ = ["UMASK", "Finding", "access_problems", "adopt", "interpreter_problem", "make_shared", "owner_text", "owner_text_ids", "private_umask",
+__all__ = ["UMASK", "Finding", "access_problems", "access_summary", "adopt", "interpreter_problem", "make_shared", "owner_text", "owner_text_ids", "private_umask",
            "service_ids"]

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+import structlog
+
+log = structlog.get_logger("batchd.manager")  # the manager's events, emitted on its behalf
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +50,46 @@ class Activity:
         total = max(self.total, self.done)  # lines replayed after a restart may exceed what is still in flight
         return f"{self.verb} batch {self.batch_id}: {self.done:,}/{total:,} ({self.rate():,.0f}/s)"
 
+
+
+class ReadProgress:
+    """Follows one batch's read of results for the manager: counts the lines as the backend produces them
+    (:meth:`tick`, its ``progress`` callback) and as they are consumed (:meth:`count`), reports the
+    :class:`Activity` to ``on_activity`` and a ``batch.progress`` info event every EVENT_EVERY backend slices."""
+
+    EVENT_EVERY = 5
+
+    def __init__(self, act: Activity, on_activity: Callable[[Activity], None] | None, progress: Callable[[], None]):
+        self.act = act
+        self.on_activity = on_activity
+        self.progress = progress
+        self.report()
+
+    def tick(self, produced: int | None = None) -> None:
+        """The backend's progress call (per slice embedded, per block downloaded); ``produced`` (optional) is
+        the number of lines it has made so far, ahead of those consumed. Feeds the watchdog; may raise Stopped."""
+        act = self.act
+        if produced is not None:
+            act.done = max(act.done, produced)
+        if act.base is None:
+            act.base = (time.monotonic(), act.done)
+        act.slices += 1
+        self.report(event=act.slices % self.EVENT_EVERY == 0)
+        self.progress()
+
+    def count(self, lines: Iterable[T]) -> Iterator[T]:
+        for seen, line in enumerate(lines, start=1):
+            self.act.done = max(self.act.done, seen)
+            yield line
+
+    def report(self, *, event: bool = False) -> None:
+        act = self.act
+        if event:
+            rate = act.rate()
+            log.info("batch.progress", batch_id=act.batch_id, done=act.done, total=act.total,
+                     per_s=round(rate, 1), eta_s=round((act.total - act.done) / rate) if rate > 0 else None)
+        if self.on_activity is not None:
+            self.on_activity(act)
 
 
 class TerminalProgress:
@@ -93,4 +139,4 @@ class TerminalProgress:
         self._bar, self._batch = None, None
 
 
-__all__ = ["Activity", "TerminalProgress"]
+__all__ = ["Activity", "ReadProgress", "TerminalProgress"]

@@ -13,6 +13,7 @@ systemd is told ``RELOADING=1`` first and ``READY=1`` when done, so ``systemctl 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ import structlog
 
 from batchd import logs
 from batchd.config import Config, ConfigError, Duration, load
+from batchd.errors import one_line
 
 log = structlog.get_logger("batchd.reload")
 
@@ -34,6 +36,9 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         if section.name == "source":
             continue
         a, b = getattr(old, section.name), getattr(new, section.name)
+        if not dataclasses.is_dataclass(a):  # [plugin.<name>] tables: a mapping per plugin
+            out += [f"{section.name}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            continue
         for f in dataclasses.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
                 out.append(f"{section.name}.{f.name}")
@@ -87,10 +92,28 @@ def reload(worker: Any, path: str, scheduler: Any = None) -> bool:
         worker.notifier.ready(worker.status_line(last) if last is not None else None)
 
 
+def watch(worker: Any, scheduler: Any, path: str, done: threading.Event) -> threading.Thread:
+    """Start the thread that applies a reload each time SIGHUP sets ``worker.reload`` (the signal handler only
+    sets the flag), until ``done`` or the worker's stop."""
+
+    def loop() -> None:
+        while not done.is_set() and not worker.stop.is_set():
+            if worker.reload.wait(0.5):
+                worker.reload.clear()
+                try:
+                    reload(worker, path, scheduler)
+                except Exception as e:  # a failed reload must never stop the daemon
+                    log.error("config.reload_failed", error=one_line(e), exc_info=True)
+
+    t = threading.Thread(target=loop, name="batchd-reloader", daemon=True)
+    t.start()
+    return t
+
+
 def _value(cfg: Config, key: str) -> Any:
     section, name = key.split(".", 1)
     value = getattr(getattr(cfg, section), name)
     return float(value) if isinstance(value, Duration) else value  # seconds, as a JSON number
 
 
-__all__ = ["changed_keys", "is_live", "merge_live", "reload"]
+__all__ = ["changed_keys", "is_live", "merge_live", "reload", "watch"]

@@ -22,6 +22,7 @@ import structlog
 
 from batchd import daemon
 from batchd.reload import reload
+from batchd.store import lock_path
 from batchd.systemd import Notifier
 from tests.conftest import batchd_cmd
 from tests.fakes.membackend import set_knobs
@@ -77,7 +78,7 @@ def test_a_batch_that_keeps_failing_is_in_status_then_an_error_and_leaves_no_err
     assert [e["log_level"] for e in failed] == ["warning", "warning", "error"]
     assert failed[-1]["consecutive_failures"] == 3
     line = worker.status_line()
-    assert "sync failing (3x): batch 1: BackendError: RuntimeError: could not create a primitive" in line, line
+    assert "sync failing (3x): batch 1: RuntimeError: could not create a primitive" in line, line
     assert "will retry" in (w.store.batch(1).error_message or "")
 
     w.knobs()
@@ -207,7 +208,7 @@ def test_files_batchd_creates_are_never_readable_by_others(tmp_path, batchd_env)
     r = _run(batchd_env, cfg, "flush", "--force")
     assert r.returncode == 0, r.stderr
     db = tmp_path / "app.db"
-    made = [db, Path(f"{db}-batchd.lock")] + [p for p in (Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
+    made = [db, Path(lock_path(str(db)))] + [p for p in (Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in made}
     assert all(m & 0o007 == 0 and m & 0o060 == 0o060 for m in modes.values()), modes
 
@@ -215,11 +216,12 @@ def test_files_batchd_creates_are_never_readable_by_others(tmp_path, batchd_env)
 def test_an_unusable_lock_is_one_line_not_a_traceback(tmp_path, batchd_env):
     cfg = write_config(tmp_path)
     assert _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "t"}\n').returncode == 0
-    (tmp_path / "app.db-batchd.lock").mkdir()  # something batchd cannot open as its lock, even as root
+    lock = lock_path(str(tmp_path / "app.db"))
+    os.mkdir(lock)  # something batchd cannot open as its lock, even as root
     for cmd in ("flush", "sync"):
         r = _run(batchd_env, cfg, cmd)
         assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert r.stderr.strip().startswith(f"batchd: {cmd}: cannot open the worker lock {tmp_path}/app.db-batchd.lock")
+        assert r.stderr.startswith("batchd: ") and f"cannot open the worker lock {lock}" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -235,7 +237,7 @@ def test_files_root_creates_get_the_owner_and_group_of_the_database(tmp_path, ba
     r = _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "t"}\n')  # root creates the database...
     assert r.returncode == 0, r.stderr
     assert _run(batchd_env, cfg, "flush", "--force").returncode == 0  # ...and the worker lock
-    for name in ("app.db", "app.db-batchd.lock"):
+    for name in ("app.db", Path(lock_path(str(folder / "app.db"))).name):
         st = (folder / name).stat()
         assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), name
 
