@@ -233,8 +233,6 @@ def sync(app: App) -> None:
         s = app.manager.sync_status()
     except Busy as e:
         fail(f"sync: {e}", EX_TEMPFAIL)
-    except StoreError as e:
-        fail(f"sync: {e}")
     click.echo(f"checked={s.checked} finished={s.finished} applied={s.applied} retried={s.errored - s.failed} "
                f"failed={s.failed}")
     for err in s.errors:
@@ -397,9 +395,9 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
     capture = None
-    if logs.stream_is_journal(sys.stdout) or not (sys.stdout.isatty() or sys.stderr.isatty()):
+    if _on_fds_1_2() and (logs.stream_is_journal(sys.stdout) or not (sys.stdout.isatty() or sys.stderr.isatty())):
         # A service (JSON logs, nobody watching a terminal): what C libraries (PyTorch's cpuinfo, ...) write to
-        # fd 1/2 becomes foreign.output events.
+        # fd 1/2 becomes foreign.output events. (Not when called in-process with other streams: a test's runner.)
         from batchd.capture import OutputCapture
 
         capture = OutputCapture()
@@ -411,6 +409,13 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     finally:
         if capture is not None:
             capture.stop()
+
+
+def _on_fds_1_2() -> bool:
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
