@@ -85,13 +85,21 @@ class ResultLine:
 
     ``keys`` are the content hashes the line answers (classic Vertex lines answer
     every row with the same text). Exactly one of ``vector`` / ``error`` is set.
-    ``vector`` is a little-endian float32 blob of length ``4 * dimensions``.
+    ``vector`` is a little-endian float32 blob of length ``4 * dimensions`` (made by
+    :func:`batchd.vectors.fit_vector`). A line with no ``keys`` is an output line that names no row
+    (unparseable, or not tied to any text): it changes no chunk and is counted as unmatched.
+    ``token_count`` is what the service billed for the line's input, when it says; ``truncated`` that the
+    service cut the input to its token limit; ``answered_dims`` the vector length it answered with and
+    ``cut`` whether that was longer than asked (and so cut and renormalised).
     """
 
     keys: tuple[str, ...]
     vector: bytes | None = None
     error: str | None = None
     token_count: int | None = None
+    truncated: bool = False
+    answered_dims: int | None = None
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)

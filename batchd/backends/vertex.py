@@ -31,6 +31,7 @@ from batchd.backends import (
     ResultLine,
     _noop,
 )
+from batchd.backends.models import CLASSIC, family_of
 from batchd.backends.vertex_common import (
     SetupError,
     load_credentials,
@@ -39,8 +40,9 @@ from batchd.backends.vertex_common import (
     quick_retry,
     retryable,
 )
-from batchd.backends.vertex_lines import LineFormat, embedding_values, float32_blob
+from batchd.backends.vertex_lines import LineFormat, embedding_of
 from batchd.backends.vertex_storage import VertexStorage
+from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -50,7 +52,6 @@ log = structlog.get_logger("batchd.vertex")
 PROGRESS_LINES = 1000  # result lines between progress() calls
 LABEL_INSTANCE = "batchd-instance"
 LABEL_BATCH = "batchd-batch"
-CLASSIC_DEFAULT_DIMENSIONS = 768
 
 
 class VertexBackend:
@@ -61,7 +62,8 @@ class VertexBackend:
         self.instance_id = instance_id
         emb, vx = config.embedding, config.vertex
         self.model, self.task_type, self.dimensions = emb.model, emb.task_type, emb.dimensions
-        self.gemini = emb.family == "gemini"
+        self.family = family_of(self.model)
+        self.gemini = self.family.name == "gemini"
         self.lines = LineFormat(self.model, self.task_type, self.dimensions)
         self.project, self.location = vx.project, vx.location
         self.bucket_name = vx.bucket
@@ -172,7 +174,7 @@ class VertexBackend:
                            "gcs_destination": {"output_uri_prefix": self.output_prefix(batch_id)}},
             labels=self._labels(batch_id),
         )
-        if not self.gemini and self.dimensions != CLASSIC_DEFAULT_DIMENSIONS:
+        if not self.gemini and self.dimensions != CLASSIC.default_dimensions:
             # Classic models take the size as a model parameter (Gemini lines carry it per request).
             job.model_parameters = {"outputDimensionality": self.dimensions}
         return job
@@ -232,25 +234,47 @@ class VertexBackend:
     # ------------------------------------------------------------------ results
 
     def results(self, job_name: str, progress: Progress = _noop) -> Iterator[ResultLine]:
-        """Every result line of the job's output folder, file by file, line by line (bounded memory)."""
+        """Every result line of the job's output folder, file by file, line by line (bounded memory).
+
+        Reads the ``*.jsonl`` files directly in ``output_info.gcs_output_directory`` (results and errors
+        files), never subfolders such as ``incremental_predictions/``. A job that names no output folder is
+        read from the ``prediction-*`` folders under its output prefix. Works for any final state: a job
+        that ended FAILED, CANCELLED or EXPIRED still exports (and bills) the rows it completed. A line tied
+        to no row is yielded with no keys (counted as unmatched by the caller).
+        """
         job = self._get(job_name)
-        folder = job.output_info.gcs_output_directory or job.output_config.gcs_destination.output_uri_prefix
-        blobs = self.gcs.list_jsonl(folder)
-        log.debug("job.output_files", google_job_id=job_name, files=len(blobs))
+        folder = job.output_info.gcs_output_directory
+        folders = [folder] if folder else \
+            self.gcs.subfolders(job.output_config.gcs_destination.output_uri_prefix, "prediction-")
         n = 0
-        for bucket, name in blobs:
-            for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
-                n += 1
-                if n % PROGRESS_LINES == 0:
-                    progress()
-                if not raw.strip():
-                    continue
-                result = self.lines.parse(raw)
-                if result is None:
-                    log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
-                    continue
-                yield result
+        for folder in folders:
+            files, skipped = self.gcs.list_output(folder)
+            log.debug("job.output_files", google_job_id=job_name, folder=folder, files=[f for _, f in files],
+                      skipped=len(skipped))
+            if skipped:
+                log.info("job.output_skipped", google_job_id=job_name, folder=folder, objects=len(skipped),
+                         first=skipped[0])
+            for bucket, name in files:
+                for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
+                    n += 1
+                    if n % PROGRESS_LINES == 0:
+                        progress()
+                    if not raw.strip():
+                        continue
+                    result = self.lines.parse(raw)
+                    if result is None:
+                        log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
+                        result = ResultLine((), error=f"{name}:{lineno}: an output line tied to no row")
+                    yield result
         progress()
+
+    def output_files(self, job_name: str) -> list[str]:
+        """gs:// URIs of the result files :meth:`results` reads (for ``check --live``)."""
+        job = self._get(job_name)
+        folder = job.output_info.gcs_output_directory
+        folders = [folder] if folder else \
+            self.gcs.subfolders(job.output_config.gcs_destination.output_uri_prefix, "prediction-")
+        return [f"gs://{b}/{n}" for f in folders for b, n in self.gcs.list_output(f)[0]]
 
     # ------------------------------------------------------------------ cleanup / check / query
 
@@ -320,10 +344,14 @@ class VertexBackend:
         except (gexc.BadRequest, gexc.Forbidden, gexc.NotFound) as e:
             raise PermanentError(message(e)) from None
         preds = [json_format.MessageToDict(p) for p in resp._pb.predictions]
-        values, _ = embedding_values({"predictions": preds})
-        if values is None or len(values) != self.dimensions:
-            raise BackendError(f"the online prediction returned no {self.dimensions}-dimension embedding")
-        return float32_blob(values)
+        emb = embedding_of({"predictions": preds})
+        if emb is None:
+            raise BackendError("the online prediction returned no embedding")
+        try:
+            # Queries get the documents' treatment: cut to size and, for Gemini, renormalised (issue 10).
+            return fit_vector(emb.values, self.dimensions, renormalise=self.gemini)[0]
+        except VectorError as e:
+            raise BackendError(f"the online prediction returned an unusable embedding: {e}") from None
 
 
 # ---------------------------------------------------------------------- helpers

@@ -122,15 +122,37 @@ class VertexStorage:
 
     # ------------------------------------------------------------------ read
 
-    def list_jsonl(self, folder: str) -> list[tuple[str, str]]:
-        """(bucket, object name) of every ``*.jsonl`` under the gs:// ``folder``, sorted by name."""
+    def list_output(self, folder: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """The ``*.jsonl`` files directly in the gs:// ``folder`` as (bucket, name), sorted by name; and the
+        names of what was left out (objects in subfolders, other files).
+
+        Only the folder's own files are results: Vertex exports completed rows continuously, and copies under
+        ``incremental_predictions/`` (or any other subfolder) would be the same rows read again (issue 10;
+        a user pipeline that ran real jobs skips them).
+        """
         bucket, prefix = split_gs(folder)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        names = sorted(b.name for b in self.client.list_blobs(bucket, prefix=prefix, retry=make_retry(self.vx),
-                                                              timeout=self.timeout)
-                       if b.name.endswith(".jsonl"))
-        return [(bucket, n) for n in names]
+        files, skipped = [], []
+        for b in self.client.list_blobs(bucket, prefix=prefix, retry=make_retry(self.vx), timeout=self.timeout):
+            rest = b.name[len(prefix):]
+            if "/" not in rest and rest.endswith(".jsonl"):
+                files.append((bucket, b.name))
+            elif rest:
+                skipped.append(b.name)
+        return sorted(files), sorted(skipped)
+
+    def subfolders(self, folder: str, starting: str = "") -> list[str]:
+        """gs:// URIs of the folders directly inside ``folder`` whose name starts with ``starting``."""
+        bucket, prefix = split_gs(folder)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        found = set()
+        for b in self.client.list_blobs(bucket, prefix=prefix, retry=make_retry(self.vx), timeout=self.timeout):
+            head, sep, _ = b.name[len(prefix):].partition("/")
+            if sep and head.startswith(starting):
+                found.add(f"gs://{bucket}/{prefix}{head}/")
+        return sorted(found)
 
     def read_lines(self, bucket: str, name: str) -> Iterator[bytes]:
         """The object's lines (without their newlines), streamed."""
