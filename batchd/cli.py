@@ -193,6 +193,8 @@ def stats(app: App, as_json: bool) -> None:
     click.echo(f"pending  {st['pending']:>10,}")
     click.echo(f"running  {st['running']:>10,}")
     click.echo(f"ready    {st['ready']:>10,}")
+    if st.get("truncated"):
+        click.echo(f"  {st['truncated']:>8,} x input truncated by the service (vector of the first tokens only)")
     click.echo(f"failed   {st['failed']:>10,}")
     for reason, n in app.store.failure_reasons() if st["failed"] else []:
         click.echo(f"  {n:>8,} x {reason}")
@@ -214,11 +216,13 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
         for b in rows:
             click.echo(orjson.dumps(b.__dict__).decode())
         return
-    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  {'age':>6}  error")
+    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  "
+               f"{'unmatched':>9}  {'age':>6}  error")
     for b in rows:
         created = parse_iso(b.created_at) or now
         click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
-                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {_age(now - created):>6}  {b.error_message or ''}")
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {b.unmatched_lines:>9}  {_age(now - created):>6}  "
+                   f"{b.error_message or ''}")
 
 
 def _age(seconds: float) -> str:

@@ -22,6 +22,7 @@ from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
+    JobInfo,
     JobState,
     PermanentError,
     ResultLine,
@@ -34,6 +35,8 @@ from batchd.store import Store, parse_iso
 log = structlog.get_logger("batchd.manager")
 
 RESULT_SLICE = 2_000
+CANCEL_GRACE = 3600.0  # after job_timeout, how long a cancelled job may take to end before its chunks go back
+CANCEL_WAIT = 30.0  # how long `batchd cancel` waits for the cancelled job's export
 
 
 @dataclass
@@ -250,43 +253,69 @@ class BatchManager:
             if info.state.value != b.remote_state:
                 log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)
 
-        if not info.state.terminal:
-            created = parse_iso(b.created_at) or self.clock()
-            if self.clock() - created > q.job_timeout:
-                self._time_out(b, summary)
+        if not info.state.terminal:  # PAUSED and UPDATING too: keep polling, bounded by job_timeout
+            if self._timed_out(b):
+                self._time_out(b, info, summary)
             return
+        self._close(b, info, summary)
 
+    def _close(self, b: Any, info: JobInfo, summary: SyncSummary) -> None:
+        """Apply a terminal job's exported rows, then close its batch; rows without a result go back.
+
+        A job that ends FAILED, CANCELLED or EXPIRED still exports — and bills — the rows it completed (Google:
+        "If the batch inference job is terminated, all completed rows are exported. You are only charged for
+        completed inferences"): whenever it names an output, read it first, so no answered text is sent (and
+        paid for) again. Only the chunks left without a result count an attempt.
+        """
+        q, job = self.config.queue, b.google_job_id
+        if (info.state.has_results or info.output) and not self._apply_all(b.id, job, summary):
+            return  # stopped or failed mid-way; the next sync re-reads and applies the rest
         if info.state.has_results:
-            if not self._apply_all(b.id, job, summary):
-                return  # stopped mid-way; the next sync re-reads and applies the rest
             n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="COMPLETED")
             summary.errored += n
             summary.failed += failed
             row = self.store.batch(b.id)
             log.info("batch.synced", batch_id=b.id, google_job_id=job, state=info.state.value,
                      applied=row.completed_chunks if row else None, missing=n,
-                     failed=row.failed_chunks if row else None)
+                     failed=row.failed_chunks if row else None, unmatched=row.unmatched_lines if row else None)
             self._cleanup(b.id, job)
         else:
-            reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
+            if self._timed_out(b):
+                reason = f"job timed out after {_human(q.job_timeout)} and was cancelled"
+            else:
+                reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
             n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
             summary.errored += n
             summary.failed += failed
-            log.error("job.failed", batch_id=b.id, google_job_id=job, state=info.state.value, error=info.error,
-                      chunks=n, chunks_failed=failed)
+            row = self.store.batch(b.id)
+            log.error("job.timed_out" if self._timed_out(b) else "job.failed", batch_id=b.id, google_job_id=job,
+                      state=info.state.value, error=info.error, chunks=n, chunks_failed=failed,
+                      applied=row.completed_chunks if row else None, unmatched=row.unmatched_lines if row else None)
         summary.finished += 1
+
+    def _timed_out(self, b: Any, grace: float = 0.0) -> bool:
+        created = parse_iso(b.created_at) or self.clock()
+        return self.clock() - created > self.config.queue.job_timeout + grace
 
     def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> bool:
         """Stream every result line into the store, RESULT_SLICE lines per transaction. False if stopped."""
         q = self.config.queue
         started = time.monotonic()
         lines = 0
+        unmatched = truncated = cut = 0
+        answered_dims: set[int] = set()
         try:
             for chunk in _slices(self.backend.results(job, progress=self.progress), RESULT_SLICE):
                 counts = self.store.apply_results(batch_id, chunk, q.max_attempts, self.clock())
                 summary.applied += counts.applied
                 summary.errored += counts.errored
                 summary.failed += counts.failed
+                unmatched += counts.unmatched
+                truncated += counts.truncated
+                for line in chunk:
+                    if line.cut:
+                        cut += 1
+                        answered_dims.add(line.answered_dims or 0)
                 lines += len(chunk)
                 self.progress()
         except Stopped:
@@ -300,20 +329,54 @@ class BatchManager:
             return False
         log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines,
                   duration_ms=round((time.monotonic() - started) * 1000))
+        self.store.record_unmatched(batch_id, unmatched, self.clock())
+        # Once per batch, not per line: what the service did to this batch's inputs and vectors.
+        if cut:
+            log.info("batch.vectors_cut", batch_id=batch_id, google_job_id=job, lines=cut,
+                     answered_dimensions=sorted(answered_dims), dimensions=self._dims)
+        if truncated:
+            log.warning("batch.inputs_truncated", batch_id=batch_id, google_job_id=job, chunks=truncated)
+        if unmatched:
+            log.warning("job.output_unmatched", batch_id=batch_id, google_job_id=job, lines=unmatched)
         return True
 
-    def _time_out(self, b: Any, summary: SyncSummary) -> None:
+    def _time_out(self, b: Any, info: JobInfo, summary: SyncSummary) -> None:
+        """Cancel a job past job_timeout, then read what it exported before its chunks go back.
+
+        A cancel takes effect after a while (CANCELLING): the batch stays RUNNING, polled each sync, until the
+        job is final and its export applied (see :meth:`_close`) — or until CANCEL_GRACE more has passed, when
+        its chunks go back anyway (rows it exports later would then be paid twice: logged).
+        """
         q = self.config.queue
-        try:
-            self.backend.cancel(b.google_job_id)
-        except Exception as e:  # noqa: BLE001 - cancel is best effort
-            log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
-        reason = f"job timed out after {_human(q.job_timeout)} and was cancelled"
+        if info.state is not JobState.CANCELLING:
+            try:
+                self.backend.cancel(b.google_job_id)
+            except Exception as e:  # noqa: BLE001 - cancel is best effort
+                log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id,
+                            error=describe_error(e))
+            try:
+                info = self.backend.status(b.google_job_id)
+            except Exception as e:  # noqa: BLE001 - read again at the next sync
+                log.warning("job.status_failed", batch_id=b.id, google_job_id=b.google_job_id,
+                            error=describe_error(e))
+        if info.state.terminal:
+            self.store.set_remote_state(b.id, info.state.value, self.clock(), info.output)
+            self._close(b, info, summary)
+            return
+        if not self._timed_out(b, CANCEL_GRACE):
+            self.store.note_batch_error(
+                b.id, f"job timed out after {_human(q.job_timeout)}: cancel requested, waiting for its export",
+                self.clock())
+            log.warning("job.cancelling", batch_id=b.id, google_job_id=b.google_job_id, state=info.state.value)
+            return
+        reason = (f"job timed out after {_human(q.job_timeout)} and was cancelled "
+                  f"(still {info.state.value} {_human(CANCEL_GRACE)} later; its export was not read)")
         n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
         summary.errored += n
         summary.failed += failed
         summary.finished += 1
-        log.error("job.timed_out", batch_id=b.id, google_job_id=b.google_job_id, chunks=n, chunks_failed=failed)
+        log.error("job.timed_out", batch_id=b.id, google_job_id=b.google_job_id, chunks=n, chunks_failed=failed,
+                  state=info.state.value, export_read=False)
 
     def _cleanup(self, batch_id: int, job: str) -> None:
         if not isinstance(self.backend, Cleanable):
@@ -338,9 +401,29 @@ class BatchManager:
                 self.backend.cancel(b.google_job_id)
             except Exception as e:  # noqa: BLE001
                 log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
+            self._apply_cancelled_export(b)
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
         log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
         return True
+
+    def _apply_cancelled_export(self, b: Any) -> None:
+        """Wait up to CANCEL_WAIT for a cancelled job to end, and apply the rows it exported (paid for)."""
+        deadline = time.monotonic() + CANCEL_WAIT
+        while True:
+            try:
+                info = self.backend.status(b.google_job_id)
+            except Exception as e:  # noqa: BLE001 - the chunks go back regardless
+                log.warning("job.status_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
+                return
+            if info.state.terminal or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        if not info.state.terminal:
+            log.warning("job.cancel_unconfirmed", batch_id=b.id, google_job_id=b.google_job_id,
+                        state=info.state.value, wait_s=CANCEL_WAIT)
+            return
+        if info.output or info.state.has_results:
+            self._apply_all(b.id, b.google_job_id, SyncSummary())
 
     def retry_failed(self) -> int:
         n = self.store.retry_failed(self.clock())

@@ -143,14 +143,17 @@ class IntakeMixin(StoreBase):
                 pairs = c.execute(find).fetchall()
                 if not pairs:
                     break
-                vecs = []
+                vecs, sources = [], []
                 for dst, src in pairs:
                     row = c.execute("SELECT embedding FROM chunks_vec WHERE chunk_id = ?", (src,)).fetchone()
                     if row is not None:
                         vecs.append((dst, row[0]))
+                        sources.append((src, dst))
                 if not vecs:
                     break
                 self._write_vectors(c, vecs, stamp)
+                c.executemany(f"UPDATE {t} SET truncated = (SELECT truncated FROM {t} WHERE {i} = ?) WHERE {i} = ?",
+                              sources)  # a copy of a vector made from a truncated input is one too
                 copied += len(vecs)
             if len(pairs) < 2000:
                 break

@@ -35,6 +35,8 @@ class ApplyCounts:
     errored: int = 0  # chunks sent back for retry (or FAILED) because their line failed
     failed: int = 0  # of those, chunks that reached max_attempts
     tokens: int = 0
+    unmatched: int = 0  # lines that named no row: no key, or a key no chunk of the table has
+    truncated: int = 0  # chunks that became READY from an input the service truncated
 
 
 class ResultsMixin(StoreBase):
@@ -62,11 +64,16 @@ class ResultsMixin(StoreBase):
         vec_size = 4 * self.dimensions
         ok_keys: list[tuple[str, bytes]] = []
         err_keys: list[tuple[str, str]] = []
-        tokens = 0
+        cut_keys: set[str] = set()
+        tokens = unmatched = 0
         for line in lines:
-            if line.vector is not None and len(line.vector) == vec_size:
+            if not line.keys:
+                unmatched += 1
+            elif line.vector is not None and len(line.vector) == vec_size:
                 ok_keys.extend((k, line.vector) for k in line.keys)
                 tokens += line.token_count or 0
+                if line.truncated:
+                    cut_keys.update(line.keys)
             else:
                 reason = line.error or (
                     f"vector has {len(line.vector) // 4} dimensions, expected {self.dimensions}"
@@ -80,17 +87,24 @@ class ResultsMixin(StoreBase):
         with self.transaction() as c:
             # One IN query per IN_SLICE keys (through the batch index), not one SELECT per key.
             vecs: list[tuple[int, bytes]] = []
+            trunc: list[int] = []
+            matched: set[str] = set()
             for start in range(0, len(keys), IN_SLICE):
                 part = keys[start:start + IN_SLICE]
                 rows = c.execute(
                     f"SELECT {i}, content_hash FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
                     f"AND content_hash IN ({', '.join('?' * len(part))})", (batch_id, *part))
-                vecs.extend((cid, blobs[key]) for cid, key in rows)
+                found = [(cid, key) for cid, key in rows]
+                vecs.extend((cid, blobs[key]) for cid, key in found)
+                trunc.extend(cid for cid, key in found if key in cut_keys)
+                matched.update(key for _, key in found)
             vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
             seen: set[str] = set(keys)
             if vecs:
                 self._write_vectors(c, vecs, stamp)
                 applied = len(vecs)
+            if trunc:
+                c.executemany(f"UPDATE {t} SET truncated = 1 WHERE {i} = ?", [(cid,) for cid in trunc])
             for key, reason in err_keys:
                 if key in seen:
                     continue  # a success for the same text already landed in this slice
@@ -99,11 +113,36 @@ class ResultsMixin(StoreBase):
                                           (batch_id, key), reason, max_attempts)
                 errored += e
                 failed += f
+                if e:
+                    matched.add(key)
+            unmatched += self._unknown_keys(c, seen - matched)
             c.execute(
                 "UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, failed_chunks = failed_chunks + ?, "
                 "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
                 (applied, errored, tokens, stamp, batch_id))
-        return ApplyCounts(applied, errored, failed, tokens)
+        return ApplyCounts(applied, errored, failed, tokens, unmatched, len(trunc))
+
+    def _unknown_keys(self, c: Any, keys: set[str]) -> int:
+        """How many of ``keys`` (answered, but claimed by no chunk of the batch) no chunk of the table has at all.
+
+        A key some chunk has is a text answered twice or a row applied already: not a mismatch. (A row whose
+        text the application changed while in flight has a new hash: its old answer counts as unmatched.)"""
+        if not keys:
+            return 0
+        known: set[str] = set()
+        todo = list(keys)
+        for start in range(0, len(todo), IN_SLICE):
+            part = todo[start:start + IN_SLICE]
+            known.update(r[0] for r in c.execute(
+                f"SELECT DISTINCT content_hash FROM {self.q_table} WHERE content_hash IN ({', '.join('?' * len(part))})",
+                part))
+        return len(keys) - len(known)
+
+    def record_unmatched(self, batch_id: int, lines: int, now: float) -> None:
+        """The number of output lines of the batch's job that named no row (set after a full read; idempotent)."""
+        with self.transaction() as c:
+            c.execute("UPDATE batch_jobs SET unmatched_lines = ?, updated_at = ? WHERE id = ?",
+                      (lines, iso(now), batch_id))
 
     def _write_vectors(self, c: Any, vecs: list[tuple[int, bytes]], stamp: str) -> None:
         """sqlite-vec 0.1.9 has no INSERT OR REPLACE on vec0: DELETE then INSERT, same transaction."""
@@ -112,7 +151,7 @@ class ResultsMixin(StoreBase):
         c.executemany("INSERT INTO chunks_vec(chunk_id, embedding) VALUES (?, ?)", vecs)
         c.executemany(
             f"UPDATE {self.q_table} SET embedding_status = 'READY', batch_job_id = NULL, error_message = NULL, "
-            f"embedded_at = ? WHERE {self.q_id} = ?", [(stamp, cid) for cid, _ in vecs])
+            f"truncated = 0, embedded_at = ? WHERE {self.q_id} = ?", [(stamp, cid) for cid, _ in vecs])
         c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", ids)
 
     def _retry_chunks(self, c: Any, where: str, params: tuple, reason: str, max_attempts: int) -> tuple[int, int]:

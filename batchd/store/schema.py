@@ -176,6 +176,19 @@ def m003_status_index(store: Store) -> None:
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_status')} ON {store.q_table}(embedding_status)")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index]
+def m004_output_accounting(store: Store) -> None:
+    """What a job's output says beyond vectors (issue 10): ``truncated`` per chunk (the service cut its input to
+    the model's token limit; a partial index keeps counting them cheap) and ``unmatched_lines`` per batch
+    (output lines that named no row: a silent mismatch would look like missing lines forever)."""
+    t, p = store.q_table, store.config.database.chunks_table
+    if "truncated" not in {c.lower() for c in store.table_columns(p)}:
+        store.execute_ddl(f"ALTER TABLE {t} ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_truncated')} "
+                      f"ON {t}(embedding_status) WHERE truncated = 1")
+    if "unmatched_lines" not in {c.lower() for c in store.table_columns("batch_jobs")}:
+        store.execute_ddl("ALTER TABLE batch_jobs ADD COLUMN unmatched_lines INTEGER NOT NULL DEFAULT 0")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_output_accounting]
 
 SCHEMA_VERSION = len(STEPS)
