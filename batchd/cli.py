@@ -280,7 +280,8 @@ def check(app: App) -> None:
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
         for r in backend.check():
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
+            mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
+            click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
             problems += 0 if r.ok else 1
     closer = getattr(backend, "close", None)
     if callable(closer):

@@ -104,11 +104,14 @@ class ResultLine:
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """One line of ``batchd check``: what was checked, whether it passed, and why not."""
+    """One line of ``batchd check``: what was checked, whether it passed, and why not.
+
+    ``warning``: it passed, but something deserves the operator's attention (printed ``warn``; exit 0)."""
 
     name: str
     ok: bool
     detail: str = ""
+    warning: bool = False
 
 
 class BackendError(Exception):

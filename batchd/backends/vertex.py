@@ -50,6 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = structlog.get_logger("batchd.vertex")
 
 PROGRESS_LINES = 1000  # result lines between progress() calls
+# Where Gemini embedding batch jobs run. Source: Vertex AI docs, "Batch prediction for Gemini embeddings" /
+# "Gemini embedding model locations", as of 2026-11 (VERTEX.md). Not a hard rule: Google adds regions, so
+# `check` only warns.
+GEMINI_BATCH_REGIONS = ("us-central1", "us-east4", "us-west1", "us-west4", "europe-west1", "europe-west4")
 LABEL_INSTANCE = "batchd-instance"
 LABEL_BATCH = "batchd-batch"
 
@@ -302,6 +306,11 @@ class VertexBackend:
         if missing:
             return [CheckResult("vertex settings", False, "; ".join(missing))]
         out = [CheckResult("vertex settings", True, f"project {self.project}, {self.location}, model {self.model}")]
+        if self.gemini and self.location not in GEMINI_BATCH_REGIONS:
+            out.append(CheckResult(
+                "vertex region", True, f"vertex.location = {self.location!r}: Gemini embedding batch jobs ran only "
+                f"in {', '.join(GEMINI_BATCH_REGIONS)} (Vertex AI docs, 2026-11); jobs here may be refused",
+                warning=True))
         try:
             self._creds()
             out.append(CheckResult("credentials", True, self.config.vertex.credentials))
