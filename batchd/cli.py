@@ -254,9 +254,25 @@ def cancel(app: App, batch_id: int) -> None:
 
 
 @main.command()
+@click.option("--live", is_flag=True,
+              help="Also run a tiny real job (3 fixed texts, never your chunks) and verify what comes back.")
+@click.option("--timeout", "timeout", default="30m", show_default=True, metavar="DURATION",
+              help="With --live: how long to wait for the job (then it is cancelled).")
+@click.option("--keep", is_flag=True, help="With --live: leave the job's staged files for inspection.")
+@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
+              help="With --live: the pause between status checks.")
 @pass_app
-def check(app: App) -> None:
-    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
+def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
+    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well.
+
+    With --live, a 3-text job runs end to end through the same code path as real batches; Ctrl-C cancels it
+    and deletes its files (exit 130)."""
+    from batchd.config import parse_duration
+
+    try:
+        timeout_s, poll_s = parse_duration(timeout), parse_duration(poll)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timeout/--poll") from None
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
@@ -283,11 +299,45 @@ def check(app: App) -> None:
             mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
             click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
             problems += 0 if r.ok else 1
-    closer = getattr(backend, "close", None)
-    if callable(closer):
-        closer()
-    if problems:
-        sys.exit(1)
+    status = 1 if problems else 0
+    try:
+        if live and not problems:
+            status = _live_check(backend, cfg, timeout_s, keep, poll_s)
+        elif live:
+            click.echo("FAIL  live check: not run while the checks above fail")
+    finally:
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            closer()
+    if status:
+        sys.exit(status)
+
+
+def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:
+    from batchd.livecheck import run_live_check
+
+    show = sys.stderr.isatty()
+    last: list[str] = []
+
+    def waiting(state: str, elapsed: float) -> None:
+        if show:
+            click.echo(f"\r      waiting for the job: {state:<20} {_age(elapsed):>6}", nl=False, err=True)
+        elif last != [state]:
+            click.echo(f"      waiting for the job: {state} after {_age(elapsed)}", err=True)
+        last[:] = [state]
+
+    def echo(line: Any) -> None:
+        if show and last:
+            click.echo(err=True)
+            last.clear()
+        click.echo(str(line))
+
+    emb = cfg.embedding
+    res = run_live_check(backend, emb.model, emb.task_type, emb.dimensions, timeout=timeout, keep=keep, poll=poll,
+                         echo=echo, waiting=waiting)
+    if res.interrupted:
+        return 130
+    return 0 if res.ok else 1
 
 
 @main.command()

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from batchd.cli import main
 from tests.fakes.fake_vertex import fake_values, fake_vector
-from tests.fakes.vertex_env import fake_vertex, gcs, vworld  # noqa: F401
+from tests.fakes.vertex_env import fake_vertex, gcs, vworld
 
 DIMS = 8
 

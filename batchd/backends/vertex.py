@@ -290,6 +290,26 @@ class VertexBackend:
         deleted = self.gcs.delete_prefix(self.batch_prefix(batch_id))
         log.info("batch.cleaned_up", batch_id=batch_id, google_job_id=job_name, objects=deleted)
 
+    def discard(self, batch_id: int) -> int:
+        """Delete everything staged for ``batch_id`` whatever ``vertex.cleanup`` says (``check --live``)."""
+        self._require_settings()
+        return self.gcs.delete_prefix(self.batch_prefix(batch_id))
+
+    def live_notes(self) -> list[str]:
+        """What the first real run should look at (``check --live`` prints these; VERTEX.md has the sources)."""
+        notes = ["UNCONFIRMED for batch: a classic output line with a singular `prediction`, errors files whose "
+                 "lines are the bare instance plus `error`, and an `error` with only `status` (all accepted)"]
+        if self.gemini:
+            notes += [f"Gemini batch returned {3072} values for a smaller output_dimensionality in user pipelines "
+                      "(2026-11): the 'vector length' line above says what this job did",
+                      "UNCONFIRMED: the fallback shape response.embeddings[0].values"]
+        else:
+            notes += ["UNCONFIRMED: outputDimensionality as a batch model parameter of the classic models "
+                      f"(sent when dimensions != {CLASSIC.default_dimensions}), and whether such vectors come "
+                      "unit length (the 'unit length' line above)",
+                      "classic task_type per line is used by real users but not shown on Google's batch page"]
+        return notes
+
     def close(self) -> None:
         """Release the HTTP sessions (the clients are built again on next use)."""
         for client in (self._jobs_client, self._predict_client):
