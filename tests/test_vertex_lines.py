@@ -3,6 +3,7 @@ the UNCONFIRMED variants and broken lines."""
 
 from __future__ import annotations
 
+import math
 from array import array
 
 import orjson
@@ -62,8 +63,9 @@ GEMINI_REQ = {"content": {"parts": [{"text": "hi"}]},
 
 
 def unit(values: list[float]) -> bytes:
-    norm = sum(v * v for v in values) ** 0.5
-    return array("f", [v / norm for v in values]).tobytes()
+    vec = array("f", values)
+    norm = math.hypot(*vec)
+    return array("f", [v / norm for v in vec]).tobytes()
 
 
 @pytest.mark.parametrize("response", [

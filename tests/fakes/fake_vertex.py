@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import random
 import threading
 import urllib.parse
@@ -55,8 +56,8 @@ def fake_vector(text: str, dims: int, *, unit: bool = False) -> bytes:
 
 
 def _unit(values: list[float]) -> list[float]:
-    vec = array("f", values)  # as batchd computes it: the norm of the float32 values, then x / norm
-    norm = sum(x * x for x in vec) ** 0.5
+    vec = array("f", values)  # as batchd computes it (vectors.fit_vector): the float32 values' norm, then x / norm
+    norm = math.hypot(*vec)
     return [x / norm for x in vec]
 
 
