@@ -44,7 +44,10 @@ class JobState(enum.Enum):
 
     @property
     def has_results(self) -> bool:
-        """True for final states whose output files should be read."""
+        """True for the final states that count as success (the batch ends COMPLETED).
+
+        Not the only states with output: a job that ended FAILED, CANCELLED or EXPIRED may have exported (and
+        billed) rows; its output is read too when :attr:`JobInfo.output` names one."""
         return self in (JobState.SUCCEEDED, JobState.PARTIALLY_SUCCEEDED)
 
 
@@ -76,7 +79,7 @@ class JobInfo:
     error: str | None = None
     succeeded: int | None = None
     failed: int | None = None
-    output: str | None = None  # where results live (a gs:// folder, a file path)
+    output: str | None = None  # where results live (a gs:// folder, a file path); also for a failed job that exported
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +162,10 @@ class Backend(Protocol):
     def results(self, job_name: str, progress: Progress = _noop) -> Iterator[ResultLine]:
         """Stream every result line of a finished job, in any order, in bounded memory.
 
-        Lines that cannot be parsed are skipped (their rows count as missing). May be called
-        again from the start after an interruption.
+        Called for every final job that has results or names an output (see :attr:`JobState.has_results`).
+        A line that cannot be tied to any row is yielded with no keys (counted as unmatched; its rows count
+        as missing). Vectors go through :func:`batchd.vectors.fit_vector`. May be called again from the start
+        after an interruption.
         """
 
     def cancel(self, job_name: str) -> None:
