@@ -57,8 +57,8 @@ def run_live_check(backend: Backend, model: str, task_type: str, dimensions: int
                    sleep: Callable[[float], None] = time.sleep,
                    clock: Callable[[], float] = time.monotonic) -> LiveResult:
     """Submit, wait, verify, clean up. ``echo`` gets each line as it is decided; ``waiting`` the job's state
-    and the seconds waited, once per poll. KeyboardInterrupt while waiting cancels the job, deletes its
-    files and ends the check (``interrupted``)."""
+    and the seconds waited, once per poll. KeyboardInterrupt (Ctrl-C) at any point cancels the job (found by
+    its labels if its creation was under way), deletes its files and ends the check (``interrupted``)."""
     res = LiveResult()
 
     def say(mark: str, name: str, detail: str = "") -> None:
@@ -69,21 +69,37 @@ def run_live_check(backend: Backend, model: str, task_type: str, dimensions: int
     items = [Item(content_hash(t, model, task_type, dimensions), t) for t in LIVE_TEXTS]
     texts = {it.key: it.text for it in items}
     _discard(backend)  # an earlier --keep run's input would otherwise be reused as is
+    job: str | None = None
     try:
-        job = backend.submit(LIVE_BATCH_ID, items)
-    except Exception as e:  # noqa: BLE001 - reported as a line, like every surprise
-        say("FAIL", "input accepted", f"expected the service to accept a {len(items)}-line job; it answered: "
-            f"{_one_line(e)}")
-        _discard(backend)
-        return res
-    say("ok", "input accepted", f"{len(items)} lines, {model}, {task_type}, {dimensions} dimensions: job {job}")
-    try:
-        info = _wait(backend, job, timeout, poll, waiting, sleep, clock)
+        try:
+            job = backend.submit(LIVE_BATCH_ID, items)
+        except Exception as e:  # noqa: BLE001 - reported as a line, like every surprise
+            say("FAIL", "input accepted", f"expected the service to accept a {len(items)}-line job; it answered: "
+                f"{_one_line(e)}")
+            _discard(backend)
+            return res
+        say("ok", "input accepted", f"{len(items)} lines, {model}, {task_type}, {dimensions} dimensions: job {job}")
+        try:
+            info = _wait(backend, job, timeout, poll, waiting, sleep, clock)
+        except Exception as e:  # noqa: BLE001
+            say("FAIL", "job finished", f"reading the job's state failed: {_one_line(e)} (cancelled)")
+            _cancel(backend, job)
+            _discard(backend)
+            return res
+        if info is not None:
+            _verify(backend, job, info, texts, dimensions, say)
     except KeyboardInterrupt:
         res.interrupted = True
-        _cancel(backend, job)
+        if job is None:
+            try:
+                job = backend.find_job(LIVE_BATCH_ID)
+            except Exception:  # noqa: BLE001 - best effort
+                job = None
+        if job is not None:
+            _cancel(backend, job)
         removed = _discard(backend)
-        say("FAIL", "interrupted", f"job {job} cancelled" + (f", {removed} staged objects deleted" if removed else ""))
+        say("FAIL", "interrupted", (f"job {job} cancelled" if job else "no job was created")
+            + (f", {removed} staged objects deleted" if removed else ""))
         return res
     if info is None:
         _cancel(backend, job)
@@ -91,17 +107,14 @@ def run_live_check(backend: Backend, model: str, task_type: str, dimensions: int
             _discard(backend)
         say("FAIL", "job finished", f"expected the job to end within {_human(timeout)}; it did not (cancelled)")
         return res
-    try:
-        _verify(backend, job, info, texts, dimensions, say)
-    finally:
-        if keep:
-            say("note", "files kept", f"batch {LIVE_BATCH_ID}'s staged input and output were left for inspection")
-        else:
-            removed = _discard(backend)
-            say("ok", "cleaned up", f"{removed} staged objects deleted")
-        notes = getattr(backend, "live_notes", None)
-        for note in notes() if callable(notes) else []:
-            say("note", "to look at", note)
+    if keep:
+        say("note", "files kept", f"batch {LIVE_BATCH_ID}'s staged input and output were left for inspection")
+    else:
+        removed = _discard(backend)
+        say("ok", "cleaned up", f"{removed} staged objects deleted")
+    notes = getattr(backend, "live_notes", None)
+    for note in notes() if callable(notes) else []:
+        say("note", "to look at", note)
     return res
 
 

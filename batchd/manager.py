@@ -282,7 +282,8 @@ class BatchManager:
                      failed=row.failed_chunks if row else None, unmatched=row.unmatched_lines if row else None)
             self._cleanup(b.id, job)
         else:
-            if self._timed_out(b):
+            timed_out = info.state is JobState.CANCELLED and self._timed_out(b)  # batchd's own cancel
+            if timed_out:
                 reason = f"job timed out after {_human(q.job_timeout)} and was cancelled"
             else:
                 reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
@@ -290,7 +291,7 @@ class BatchManager:
             summary.errored += n
             summary.failed += failed
             row = self.store.batch(b.id)
-            log.error("job.timed_out" if self._timed_out(b) else "job.failed", batch_id=b.id, google_job_id=job,
+            log.error("job.timed_out" if timed_out else "job.failed", batch_id=b.id, google_job_id=job,
                       state=info.state.value, error=info.error, chunks=n, chunks_failed=failed,
                       applied=row.completed_chunks if row else None, unmatched=row.unmatched_lines if row else None)
         summary.finished += 1
