@@ -311,3 +311,17 @@ def test_paused_and_updating_jobs_are_waited_through(vworld, tmp_path: Path, hol
     w.manager.sync_status()
     assert set(statuses(w).values()) == {("READY", 0)}
     never_paid_twice(w)
+
+
+def test_the_never_pay_twice_figure_sees_a_resend(vworld) -> None:
+    """The figure itself can fail: a text submitted again after its answer was exported is counted."""
+    from batchd.backends import Item
+
+    w = vworld()
+    texts = enqueue(w, 5)
+    w.manager.flush_queue()
+    w.fake.finish()
+    w.manager.sync_status()
+    assert w.fake.resent_after_answer() == 0
+    w.backend.submit(99, [Item(f"k{i}", t) for i, t in enumerate(texts[:2])])
+    assert w.fake.resent_after_answer() == 2

@@ -99,8 +99,11 @@ class FakeVertex:
         self.mangle_echo: Callable[[str], str] | None = None
         self.hold: str | None = None
         self.cancel_lag = False
-        self.answered: dict[str, str] = {}  # text -> the first job whose output answered it with a vector
-        self.resent: list[tuple[str, str]] = []  # (job, text) sent in a job created after the text was answered
+        self.answered: dict[str, int] = {}  # text -> when (self._clock) an output first answered it with a vector
+        self.created: dict[str, int] = {}  # job name -> when (self._clock) it was created
+        self.sent: dict[str, list[str]] = {}  # job name -> the texts of its input (recorded when it ran)
+        self.resent: list[tuple[str, str]] = []  # filled by resent_after_answer()
+        self._clock = 0  # orders creates and exports
         self._faults: list[tuple[int, str | None, str]] = []
         self._seq = 0
         self._server: ThreadingHTTPServer | None = None
@@ -164,9 +167,26 @@ class FakeVertex:
             return self.jobs[name].state.name.removeprefix("JOB_STATE_")
 
     def resent_after_answer(self) -> int:
-        """Texts sent again after the service had answered them (and billed them): must be 0."""
+        """Texts sent again after the service had answered them (and billed them): must be 0.
+
+        Reads every job's staged input: ``resent`` lists each (job, text) sent in a job created after an
+        earlier output had answered that text with a vector."""
         with self.lock:
-            return len(self.resent)
+            jobs = sorted(self.created.items(), key=lambda kv: kv[1])
+            answered = dict(self.answered)
+        resent = []
+        for name, created in jobs:
+            texts = self.sent.get(name)
+            if texts is None:  # a job that never ran: its input is still staged
+                texts = []
+                for uri in self.jobs[name].input_config.gcs_source.uris:
+                    try:
+                        texts += [_text(orjson.loads(raw)) for raw in self._read_lines(uri)]
+                    except Exception:  # noqa: BLE001 - no input staged (bench jobs): nothing sent
+                        pass
+            resent += [(name, t) for t in texts if answered.get(t, created) < created]
+        self.resent = resent
+        return len(resent)
 
     def step(self, name: str | None = None) -> None:
         """Move each (or one) unfinished job one state on: QUEUED, PENDING, RUNNING, then final_state."""
@@ -250,10 +270,12 @@ class FakeVertex:
         bucket = self.storage.bucket(bucket_name)
         job.output_info.gcs_output_directory = folder
 
-        lines: Iterator[bytes] = (ln for uri in job.input_config.gcs_source.uris for ln in self._read_lines(uri))
+        every = [ln for uri in job.input_config.gcs_source.uris for ln in self._read_lines(uri)]
+        with self.lock:
+            self.sent.setdefault(job.name, [_text(orjson.loads(raw)) for raw in every])
+        lines: Iterator[bytes] = iter(every)
         incomplete = 0
         if fraction is not None:  # the job ended early: only its first rows were completed
-            every = list(lines)
             done = int(len(every) * fraction)
             lines, incomplete = iter(every[:done]), len(every) - done
         if self.shuffle:
@@ -286,7 +308,8 @@ class FakeVertex:
                     ok += 1
                     writers[i % len(writers)].write(orjson.dumps(out) + b"\n")
                     with self.lock:
-                        self.answered.setdefault(text, job.name)
+                        self._clock += 1
+                        self.answered.setdefault(text, self._clock)
                 if copies is not None:
                     copies.write(orjson.dumps(out if err_out is None else err_out) + b"\n")
         finally:
@@ -380,14 +403,8 @@ class FakeVertex:
             job.state = aiplatform_v1.JobState.JOB_STATE_QUEUED
             job.create_time = job.update_time = _now()
             self.jobs[job.name] = job
-            answered = set(self.answered)
-        for uri in job.input_config.gcs_source.uris:  # the "never pay twice" figure
-            for raw in self._read_lines(uri):
-                line = orjson.loads(raw)
-                text = line["request"]["content"]["parts"][0]["text"] if "request" in line else line["content"]
-                if text in answered:
-                    with self.lock:
-                        self.resent.append((job.name, text))
+            self._clock += 1
+            self.created[job.name] = self._clock
         return job
 
     def list(self, parent: str, query: dict[str, str]) -> dict[str, Any]:
@@ -441,6 +458,11 @@ class FakeVertex:
                                  "statistics": {"token_count": 1, "truncated": False}}}
                  for inst in body.get("instances", [])]
         return {"predictions": preds, "deployedModelId": "", "model": "", "modelVersionId": ""}
+
+
+def _text(line: dict[str, Any]) -> str:
+    """The text of one input line of either family."""
+    return str(line["request"]["content"]["parts"][0]["text"] if "request" in line else line["content"])
 
 
 def _job_dict(job: aiplatform_v1.BatchPredictionJob) -> dict[str, Any]:
