@@ -7,6 +7,7 @@ Parsing has no side effects: it reads one file and returns data or raises
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -16,6 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from batchd.backends import models as _models
+from batchd.backends.local_settings import LocalSettings
+from batchd.backends.vertex_settings import VertexSettings
+from batchd.errors import BatchdError
+from batchd.settings import Duration, SettingError
 
 DEFAULT_PATH = "/etc/batchd/batchd.toml"
 ENV_VAR = "BATCHD_CONFIG"
@@ -30,38 +37,77 @@ TASK_TYPES = (
     "FACT_VERIFICATION",
     "CODE_RETRIEVAL_QUERY",
 )
-# Rows per batch job, by model family (VERTEX.md).
-CLASSIC_MODELS = ("text-embedding-005", "text-multilingual-embedding-002", "text-embedding-004")
-CLASSIC_MAX_ROWS = 30_000
-GEMINI_MAX_ROWS = 1_000_000
+# Model families (rows per job, dimensions, ...) live in one table: batchd.backends.models.
+CLASSIC_MODELS = _models.CLASSIC_MODELS
+CLASSIC_MAX_ROWS = _models.CLASSIC.max_rows
+GEMINI_MAX_ROWS = _models.GEMINI.max_rows
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/[^\s]*)?$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Every duration lies in [1ms, 365d]: below, it is a typo ("0.0000001ms"); above, it is a typo too
+# ("100000000000000000000d" overflowed the scheduler's timedelta and crashed `run`).
+MIN_DURATION = 0.001
+MAX_DURATION = 365 * 86400.0
+# Every integer key is at most this: SQLite binds 64-bit integers, and no sane queue setting comes close.
+MAX_INT = 1_000_000_000
+# Columns batchd adds to the application's table and tables it owns (store migrations create exactly these;
+# tests/test_config.py checks they agree). The configured id/text column or table must not be one of them.
+BATCHD_COLUMNS = ("embedding_status", "batch_job_id", "error_message", "attempts", "content_hash", "embedded_at",
+                  "queued_at")
+BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones")
+class ConfigError(BatchdError):
+    """A configuration problem. ``str()`` is one line: ``file: key: reason``.
 
-
-class ConfigError(Exception):
-    """A configuration problem. ``str()`` is one line: ``file: key: reason``."""
+    Characters that are not printable (a newline in a quoted TOML key, a NUL) are shown escaped, so the
+    message stays one line whatever the file holds.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None, key: str | None, reason: str):
         self.path = str(path) if path is not None else "<config>"
         self.key = key
         self.reason = reason
         where = f"{self.path}: {key}: " if key else f"{self.path}: "
-        super().__init__(where + reason)
+        super().__init__(_printable(where + reason))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_duration(value: str) -> float:
-    """'30s', '5m', '24h', '2d', '500ms' -> seconds. Raises ValueError."""
+    """'30s', '5m', '24h', '2d', '500ms' -> seconds. Raises ValueError (also outside 1ms..365d)."""
     m = _DURATION.match(value)
     if not m:
         raise ValueError(f"{value!r} is not a duration like '30s', '5m' or '24h'")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    secs = float(m.group(1)) * _UNITS[m.group(2)]
+    check_duration(secs, value)
+    return secs
 
 
-class Duration(float):
-    """Seconds, written in TOML as a string with a unit."""
+def check_duration(secs: float, shown: object) -> None:
+    """Raise ValueError unless ``secs`` is a finite number of seconds in [MIN_DURATION, MAX_DURATION]."""
+    if not math.isfinite(secs):
+        raise ValueError(f"{shown!r} is not a finite duration")
+    if secs <= 0:
+        raise ValueError("must be greater than zero")
+    if secs < MIN_DURATION:
+        raise ValueError(f"{shown!r} is shorter than 1ms")
+    if secs > MAX_DURATION:
+        raise ValueError(f"{shown!r} is longer than 365d")
+
+
+def format_duration(seconds: float, *, exact: bool = True) -> str:
+    """Seconds as an operator writes them, the inverse of :func:`parse_duration`.
+
+    ``exact`` (a configured value: ``job timed out after 2h``): the largest unit that divides it exactly
+    (5400 -> ``90m``), else seconds (``61.5s``). Not exact (an age: ``3h`` old): the largest unit it reaches,
+    rounded down (5400 -> ``1h``; 42.7 -> ``42s``).
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and (not exact or seconds % size == 0):
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s" if exact else f"{int(seconds)}s"
 
 
 @dataclass(frozen=True)
@@ -93,42 +139,19 @@ class EmbeddingConfig:
 
     @property
     def family(self) -> str:
-        return "gemini" if self.model.startswith("gemini-") else "classic"
+        """The model's family name in batchd.backends.models ("classic", "gemini")."""
+        return _models.family_of(self.model).name
 
     @property
     def max_rows(self) -> int:
-        return GEMINI_MAX_ROWS if self.family == "gemini" else CLASSIC_MAX_ROWS
+        """Rows one batch job of this model accepts (batchd.backends.models)."""
+        return _models.family_of(self.model).max_rows or QueueConfig.max_batch_size
 
 
-@dataclass(frozen=True)
-class VertexConfig:
-    project: str = ""
-    location: str = "us-central1"
-    staging_uri: str = ""
-    api_endpoint: str = ""
-    credentials: str = "default"
-    cleanup: bool = True
-    request_timeout: Duration = Duration(60)
-    retry_backoff: Duration = Duration(1)  # first wait after a 429/5xx; doubles, with jitter
-    retry_deadline: Duration = Duration(300)  # give up retrying one call after this long
-
-    @property
-    def bucket(self) -> str:
-        m = _GS_URI.match(self.staging_uri)
-        return m.group(1) if m else ""
-
-    @property
-    def prefix(self) -> str:
-        m = _GS_URI.match(self.staging_uri)
-        return (m.group(2) or "").strip("/") if m else ""
-
-
-@dataclass(frozen=True)
-class LocalConfig:
-    model: str = "all-MiniLM-L6-v2"
-    batch_size: int = 64
-    slice_size: int = 256
-    device: str = "cpu"
+# The built-in backends' sections are owned by the backends (their settings modules); listed here so that the
+# file is parsed in one pass. Old names kept for code that imports them from here.
+VertexConfig = VertexSettings
+LocalConfig = LocalSettings
 
 
 @dataclass(frozen=True)
@@ -141,9 +164,12 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    vertex: VertexConfig = field(default_factory=VertexConfig)
-    local: LocalConfig = field(default_factory=LocalConfig)
+    vertex: VertexSettings = field(default_factory=VertexSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    # [plugin.<name>] tables, as written: each belongs to the plugin backend that declares that section, and is
+    # built and validated by the plugin's own settings class when the backend is made (make_backend).
+    plugin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "<defaults>"
 
     @property
@@ -178,17 +204,44 @@ def load(path: str | os.PathLike[str]) -> Config:
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (also handy for tests). Raises ConfigError."""
     sections: dict[str, Any] = {}
-    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("source", "plugin")}
     hints = typing.get_type_hints(Config)
     for name, value in data.items():
+        if name == "plugin":
+            sections[name] = _plugin_tables(value, source)
+            continue
         if name not in section_types:
-            raise ConfigError(source, name, f"unknown section (expected one of: {', '.join(section_types)})")
+            raise ConfigError(source, name, f"unknown section (expected one of: {', '.join(section_types)}, "
+                                            "plugin.<name>)")
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table, like [" + name + "]")
-        sections[name] = _build_section(hints[name], value, name, source)
+        sections[name] = build_settings(hints[name], value, name, source)
     cfg = Config(**sections, source=source)
     _validate(cfg)
     return cfg
+
+
+def _plugin_tables(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(source, "plugin", "must hold tables named after their backend, like [plugin.mybackend]")
+    for name in value:
+        if not _IDENT.match(name):
+            raise ConfigError(source, f"plugin.{name}", "must be a plain name (letters, digits, _)")
+    return {k: dict(v) for k, v in value.items()}
+
+
+def build_settings(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:
+    """A backend's settings dataclass from its section: every key known and of the declared type (str, int,
+    bool, Duration), then the dataclass's own ``validate()``, if it has one. Raises ConfigError naming the file,
+    ``section.key`` and the reason — the same errors, and exit status 78, as batchd's own sections."""
+    settings = _build_section(cls, values, section, source)
+    validate = getattr(settings, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except SettingError as e:
+            raise ConfigError(source, f"{section}.{e.key}", e.reason) from None
+    return settings
 
 
 def _build_section(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:
@@ -207,15 +260,14 @@ def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
     if typ is Duration:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(source, key, f"expected a duration like \"30s\", got {_tname(value)}")
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, str):
                 secs = parse_duration(value)
-            except ValueError as e:
-                raise ConfigError(source, key, str(e)) from None
-        else:
-            secs = float(value)
-        if secs <= 0:
-            raise ConfigError(source, key, "must be greater than zero")
+            else:
+                secs = float(value)
+                check_duration(secs, value)
+        except (ValueError, OverflowError) as e:
+            raise ConfigError(source, key, str(e)) from None
         return Duration(secs)
     if typ is bool:
         if not isinstance(value, bool):
@@ -224,6 +276,8 @@ def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(source, key, f"expected an integer, got {_tname(value)}")
+        if value > MAX_INT:
+            raise ConfigError(source, key, f"{value} is too large (at most {MAX_INT})")
         return value
     if typ is str:
         if not isinstance(value, str):
@@ -241,13 +295,26 @@ def _tname(value: Any) -> str:
 
 def _validate(cfg: Config) -> None:
     src = cfg.source
-    db, q, emb, vx, loc = cfg.database, cfg.queue, cfg.embedding, cfg.vertex, cfg.local
+    db, q, emb = cfg.database, cfg.queue, cfg.embedding
 
     if not db.path:
         raise ConfigError(src, "database.path", "must not be empty")
+    if "\x00" in db.path:
+        raise ConfigError(src, "database.path", "must not contain a NUL character")
     for key in ("chunks_table", "id_column", "text_column"):
         if not _IDENT.match(getattr(db, key)):
             raise ConfigError(src, f"database.{key}", "must be a plain SQL identifier (letters, digits, _)")
+    for key in ("id_column", "text_column"):
+        if getattr(db, key).lower() in BATCHD_COLUMNS:
+            raise ConfigError(src, f"database.{key}", f"{getattr(db, key)!r} is one of the columns batchd adds "
+                              f"to {db.chunks_table} ({', '.join(BATCHD_COLUMNS)}): name the application's own column")
+    if db.text_column.lower() == db.id_column.lower():
+        raise ConfigError(src, "database.text_column", f"{db.text_column!r} is also database.id_column: "
+                          "the text and the id must be two columns")
+    table = db.chunks_table.lower()
+    if table in BATCHD_TABLES or table.startswith(("chunks_vec_", "sqlite_")):
+        raise ConfigError(src, "database.chunks_table",
+                          f"{db.chunks_table!r} is a table batchd or SQLite owns: name the application's table")
 
     for key in ("min_batch_size", "max_batch_size", "max_attempts", "max_running_jobs"):
         if getattr(q, key) < 1:
@@ -271,33 +338,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "queue.max_batch_size",
                           f"{q.max_batch_size} exceeds the {emb.max_rows} rows a {emb.model} batch job accepts")
 
-    if vx.staging_uri and not _GS_URI.match(vx.staging_uri):
-        raise ConfigError(src, "vertex.staging_uri", f"{vx.staging_uri!r} is not a gs://bucket/prefix URI")
-    if vx.api_endpoint and not re.match(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$", vx.api_endpoint):
-        raise ConfigError(src, "vertex.api_endpoint", f"{vx.api_endpoint!r} is not a host[:port] or http(s):// URL")
-    if not vx.location:
-        raise ConfigError(src, "vertex.location", "must not be empty")
-    if vx.retry_backoff > vx.retry_deadline:
-        raise ConfigError(src, "vertex.retry_backoff",
-                          f"{vx.retry_backoff:g}s is longer than vertex.retry_deadline ({vx.retry_deadline:g}s)")
-    if not vx.credentials:
-        raise ConfigError(src, "vertex.credentials",
-                          "must be \"default\", \"anonymous\" or the path of a service-account JSON file")
-
-    if loc.batch_size < 1:
-        raise ConfigError(src, "local.batch_size", "must be at least 1")
-    if loc.slice_size < 1:
-        raise ConfigError(src, "local.slice_size", "must be at least 1")
-
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
 
 
 def vertex_missing(cfg: Config) -> list[str]:
     """Keys the Vertex backend needs that are not set, as human lines (for `batchd check`)."""
-    missing = []
-    if not cfg.vertex.project:
-        missing.append("vertex.project is not set (the Google Cloud project that runs the jobs)")
-    if not cfg.vertex.staging_uri:
-        missing.append("vertex.staging_uri is not set (a gs://bucket/prefix for job input and output)")
-    return missing
+    return cfg.vertex.missing()

@@ -8,6 +8,9 @@ Three ways to run a :class:`Worker` (one BatchManager, one Store connection):
 - :func:`run_until_idle` — ``batchd run --until-idle``: flush + sync every ``poll`` seconds until nothing is
   pending or running.
 
+Start-up waits out a full disk or a busy database (:func:`wait_for_database`) instead of exiting. A wall-clock
+jump makes every step due at once (:class:`~batchd.clock.JumpWatch`): the scheduler's run times are wall-clock.
+
 Shutdown: SIGTERM/SIGINT only set a flag. The manager's ``progress`` hook (called at every slice boundary)
 raises :class:`~batchd.backends.Stopped` once the flag is set, so the running step stops between two
 committed slices; the scheduler is shut down, STOPPING=1 is sent and the process exits 0. A second signal
@@ -28,8 +31,9 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
-from batchd.manager import describe_error
-from batchd.store import Busy
+from batchd.clock import JumpWatch
+from batchd.errors import is_expected, one_line
+from batchd.store import Busy, DiskFull, describe_problem, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
@@ -136,15 +140,19 @@ class Worker:
 
         ``force=None`` forces only when something is pending (``--once`` and ``--until-idle``).
         """
-        def flush() -> list[int]:
+        def flush() -> Any:
             f = force
             if f is None:
                 f = self.manager.get_queue_stats()["pending"] > 0
             return self.manager.flush_queue(force=f)
 
         out = self._step("flush", flush)
-        if out.ok and not out.skipped:
-            self.last.flush_at, self.last.submitted = time.time(), len(out.value or [])
+        if out.ok and not out.skipped and out.value is not None:
+            summary = out.value
+            self.last.flush_at, self.last.submitted = time.time(), len(summary.submitted)
+            out.stopped = out.stopped or summary.stopped
+            if summary.created or summary.not_submitted:
+                log.info("flush.done", duration_ms=out.duration_ms, **summary.as_dict())
         return out
 
     def sync(self) -> Outcome:
@@ -181,28 +189,54 @@ class Worker:
                 log.warning("daemon.step_busy", step=name, reason=str(e))
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
-                delay = state.failed(self.clock(), describe_error(e))
-                log.error("daemon.step_failed", step=name, error=describe_error(e),
+                database = self.manager.config.database.path
+                problem = explain(e, database)
+                if isinstance(problem, Busy):
+                    # The application held the database's write lock past the busy timeout: not a failure of
+                    # batchd either; the next tick tries again.
+                    log.warning("daemon.step_busy", step=name, reason=str(problem))
+                    return Outcome(ok=False, skipped=True)
+                error = describe_problem(e, database)
+                delay = state.failed(self.clock(), error)
+                # A known state of the database file (disk full, damaged) is said in one line; a traceback is
+                # kept for everything else (a bug must be diagnosable).
+                log.error("daemon.step_failed", step=name, error=error,
                           consecutive_failures=state.consecutive, failures_total=state.failures,
-                          retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
+                          retry_in_s=round(max(delay, state.interval), 1),
+                          exc_info=problem is None and not is_expected(e))
                 return Outcome(ok=False)
             finally:
                 self.health.end()
             duration_ms = round((time.monotonic() - started) * 1000)
         if state.consecutive:
+            since = state.first_failure if state.first_failure is not None else self.clock()
             log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
-                     down_s=round(self.clock() - (state.first_failure or self.clock()), 1))
+                     down_s=round(self.clock() - since, 1))
         state.succeeded()
         log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
         return Outcome(value=value, duration_ms=duration_ms)
+
+    def cycle(self) -> dict[str, Any] | None:
+        """One round of ``--until-idle``: flush (forced if anything is pending) + sync, then STATUS=; the
+        counts, or None when they could not be read. Skipped (stats None) once shutdown was asked."""
+        if self.stop.is_set():
+            return None
+        self.flush(force=None)
+        self.sync()
+        return self.report()
+
+    def broken(self) -> str | None:
+        """The steps that failed GIVE_UP_AFTER times in a row, as one line; None while all is well."""
+        broken = [s for s in self.steps.values() if s.consecutive >= GIVE_UP_AFTER]
+        return "; ".join(f"{s.name}: {s.last_error}" for s in broken) or None
 
     # ------------------------------------------------------------------ status
 
     def stats(self) -> dict[str, Any] | None:
         try:
             return dict(self.manager.get_queue_stats())
-        except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
-            log.warning("daemon.stats_failed", error=describe_error(e))
+        except Exception as e:  # a status line is not worth failing for
+            log.warning("daemon.stats_failed", error=one_line(e), exc_info=not is_expected(e))
             return None
 
     def status_line(self, stats: dict[str, Any] | None = None) -> str:
@@ -261,6 +295,42 @@ class Signals:
 # ---------------------------------------------------------------------------------------------- modes
 
 
+def wait_for_database(open_store: Callable[[], Any], notifier: Notifier, stop: threading.Event, *,
+                      first: float = 1.0, cap: float = 60.0) -> Any | None:
+    """``batchd run``'s start: open the database, waiting out a full disk or a busy database with backoff.
+
+    A daemon that exits on a full disk is restarted by systemd a few times and then given up on; this one
+    stays up, says why in STATUS= (and READY=1, so systemd's start timeout does not kill it), keeps the
+    watchdog fed (waiting is what it should be doing), and carries on once space is freed. Returns the store,
+    or None when SIGTERM/SIGINT came first. Other StoreErrors (a damaged file, a wrong config) are raised.
+    """
+    signals = Signals(stop).install()
+    try:
+        delay, attempt = first, 0
+        ping = watchdog_interval()
+        while not stop.is_set():
+            try:
+                store = open_store()
+            except (DiskFull, Busy) as e:
+                attempt += 1
+                log.warning("daemon.database_unavailable", error=str(e), attempt=attempt, retry_in_s=delay)
+                if attempt == 1:
+                    notifier.ready(f"waiting for the database: {e}"[:200])
+                notifier.status(f"waiting for the database ({attempt}x, retry in {delay:g}s): {e}"[:200])
+                until = time.monotonic() + delay
+                while not stop.is_set() and time.monotonic() < until:
+                    notifier.watchdog()
+                    stop.wait(min(until - time.monotonic(), (ping or 10.0) / 2))
+                delay = min(delay * 2, cap)
+                continue
+            if attempt:
+                log.info("daemon.database_available", after_attempts=attempt)
+            return store
+        return None
+    finally:
+        signals.restore()
+
+
 def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status."""
     from apscheduler.executors.pool import ThreadPoolExecutor
@@ -291,6 +361,16 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     scheduler.add_job(lambda: _tick(worker, worker.sync), "interval", seconds=float(q.sync_interval),
                       id="sync", name="sync", next_run_time=now)
 
+    def on_jump(seconds: float) -> None:
+        # Run times are wall-clock: make every step due now, so the schedule restarts from the new time.
+        log.warning("daemon.clock_jumped", jump_s=round(seconds, 1))
+        for job in scheduler.get_jobs():
+            try:
+                job.modify(next_run_time=datetime.now(UTC))
+            except Exception as e:  # noqa: BLE001 - the scheduler may be shutting down
+                log.debug("daemon.reschedule_failed", job=job.id, error=one_line(e))
+
+    clock_watch = JumpWatch(on_jump).start()
     done = threading.Event()
     stopper = threading.Thread(target=_stop_scheduler,
                                args=(worker, scheduler, signals, done, SchedulerNotRunningError),
@@ -302,6 +382,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
         notifier.ready(worker.status_line(stats))
         scheduler.start()  # blocks until _stop_scheduler shuts it down
     done.set()
+    clock_watch.stop()
 
     # The scheduler no longer starts steps; wait for the one running to reach a slice boundary.
     if not worker.busy.acquire(timeout=stop_timeout):
@@ -343,10 +424,10 @@ def run_once(worker: Worker) -> int:
         results = [worker.recover(), worker.flush(force=None), worker.sync()]
         stats = worker.report()
         failed = [name for name, out in zip(("recover", "flush", "sync"), results) if not out.ok]
-        sync = results[2].value
+        flush, sync = results[1].value, results[2].value
         if sync is not None and sync.errors:
             failed.append("sync")
-        unsubmitted = [b.id for b in worker.manager.store.batches(["PENDING"]) if not b.google_job_id]
+        unsubmitted = flush.deferred if flush is not None else []
         if unsubmitted and not worker.stop.is_set():
             failed.append("submit")
         stopped = any(o.stopped for o in results)
@@ -367,22 +448,18 @@ def run_until_idle(worker: Worker, poll: float,
     signals = Signals(worker.stop).install()
     try:
         worker.recover()
-        while not worker.stop.is_set():
-            worker.flush(force=None)
-            worker.sync()
-            stats = worker.report()
-            if stats is not None:
-                if on_cycle:
-                    on_cycle(stats)
-                if stats["pending"] == 0 and stats["running"] == 0:
-                    log.info("daemon.idle", **stats)
-                    return EXIT_OK
+        if worker.stop.is_set():
+            log.info("daemon.stopped", signal=_signame(signals.received))
+            return EXIT_OK
+        done = worker.manager.drain(round=worker.cycle, pause=lambda: not worker.stop.wait(poll),
+                                    on_round=on_cycle, give_up=worker.broken)
+        if done.idle:
+            log.info("daemon.idle", **(done.stats or {}))
+            return EXIT_OK
+        if done.why == "gave_up":
             broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]
-            if broken:
-                log.error("daemon.gave_up", steps=[s.name for s in broken],
-                          errors=[s.last_error for s in broken])
-                return EXIT_FAILED
-            worker.stop.wait(poll)
+            log.error("daemon.gave_up", steps=[s.name for s in broken], errors=[s.last_error for s in broken])
+            return EXIT_FAILED
         log.info("daemon.stopped", signal=_signame(signals.received))
         return EXIT_OK
     finally:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchd.backends import Backend, Item, JobInfo, ResultLine, content_hash
+from batchd.config import format_duration
+from batchd.errors import one_line
 
 LIVE_BATCH_ID = 0  # real batch ids start at 1: the live job's labels and staging path never meet a real one
 LIVE_TEXTS = (
@@ -75,14 +77,14 @@ def run_live_check(backend: Backend, model: str, task_type: str, dimensions: int
             job = backend.submit(LIVE_BATCH_ID, items)
         except Exception as e:  # noqa: BLE001 - reported as a line, like every surprise
             say("FAIL", "input accepted", f"expected the service to accept a {len(items)}-line job; it answered: "
-                f"{_one_line(e)}")
+                f"{one_line(e)}")
             _discard(backend)
             return res
         say("ok", "input accepted", f"{len(items)} lines, {model}, {task_type}, {dimensions} dimensions: job {job}")
         try:
             info = _wait(backend, job, timeout, poll, waiting, sleep, clock)
         except Exception as e:  # noqa: BLE001
-            say("FAIL", "job finished", f"reading the job's state failed: {_one_line(e)} (cancelled)")
+            say("FAIL", "job finished", f"reading the job's state failed: {one_line(e)} (cancelled)")
             _cancel(backend, job)
             _discard(backend)
             return res
@@ -105,7 +107,8 @@ def run_live_check(backend: Backend, model: str, task_type: str, dimensions: int
         _cancel(backend, job)
         if not keep:
             _discard(backend)
-        say("FAIL", "job finished", f"expected the job to end within {_human(timeout)}; it did not (cancelled)")
+        say("FAIL", "job finished", f"expected the job to end within {format_duration(timeout)}; it did not "
+            "(cancelled)")
         return res
     if keep:
         say("note", "files kept", f"batch {LIVE_BATCH_ID}'s staged input and output were left for inspection")
@@ -133,7 +136,7 @@ def _verify(backend: Backend, job: str, info: JobInfo, texts: dict[str, str], di
         try:
             files = lister(job)
         except Exception as e:  # noqa: BLE001
-            say("FAIL", "output files", f"listing the job's output failed: {_one_line(e)}")
+            say("FAIL", "output files", f"listing the job's output failed: {one_line(e)}")
             return
         if not files:
             say("FAIL", "output files", f"expected at least one *.jsonl result file in {info.output}; found none")
@@ -142,7 +145,7 @@ def _verify(backend: Backend, job: str, info: JobInfo, texts: dict[str, str], di
     try:
         lines = list(backend.results(job))
     except Exception as e:  # noqa: BLE001
-        say("FAIL", "each line parsed", f"reading the job's output failed: {_one_line(e)}")
+        say("FAIL", "each line parsed", f"reading the job's output failed: {one_line(e)}")
         return
     answered: dict[str, ResultLine] = {}
     problems = []
@@ -232,17 +235,6 @@ def _discard(backend: Backend) -> int:
 
 def _norm(blob: bytes | None) -> float:
     return math.sqrt(sum(x * x for x in array("f", blob or b"")))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
 
 
 __all__ = ["LIVE_BATCH_ID", "LIVE_TEXTS", "Line", "LiveResult", "run_live_check"]

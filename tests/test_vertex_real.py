@@ -140,7 +140,7 @@ def test_job_timeout_cancel_waits_for_the_export_and_applies_it(vworld) -> None:
 
 
 def test_job_timeout_cancel_gives_up_after_the_grace(vworld) -> None:
-    from batchd.manager import CANCEL_GRACE
+    from batchd.endings import CANCEL_GRACE
 
     w = vworld(queue={"job_timeout": "2h"})
     enqueue(w, 10)

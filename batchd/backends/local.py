@@ -57,6 +57,7 @@ from batchd.backends import (
 )
 from batchd.backends.models import is_google_model
 from batchd.config import ConfigError
+from batchd.errors import one_line
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,7 +238,7 @@ class LocalBackend:
         try:
             vec = self.embed_query("batchd check")
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is a probe
-            out.append(CheckResult("local model loads", False, f"{type(e).__name__}: {e}"))
+            out.append(CheckResult("local model loads", False, one_line(e)))
         else:
             ok = len(vec) == 4 * self.model_dimensions
             out.append(CheckResult("local model loads", ok, f"embedded a test sentence on {self.device}"

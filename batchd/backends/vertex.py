@@ -42,6 +42,7 @@ from batchd.backends.vertex_common import (
 )
 from batchd.backends.vertex_lines import LineFormat, embedding_of
 from batchd.backends.vertex_storage import VertexStorage
+from batchd.faults import crash_point
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,6 +143,7 @@ class VertexBackend:
         """
         self._require_settings()
         lines = self._upload_input(batch_id, items, progress)
+        crash_point("submit.uploaded")
         job = self._job_spec(batch_id)
         from google.api_core import exceptions as gexc
 

@@ -1,4 +1,5 @@
-"""What both sides of the Vertex backend share: credentials, the retry policies, and an error as one line.
+"""What both sides of the Vertex backend share: credentials and the retry policies (an error's words come from
+:func:`batchd.errors.message`, re-exported here as ``message``).
 
 The JobService side (:mod:`batchd.backends.vertex`) and the Cloud Storage side
 (:mod:`batchd.backends.vertex_storage`) retry the same errors the same way: 429 / 5xx / dropped connections
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from batchd.backends import BackendError
+from batchd.errors import message
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import VertexConfig
@@ -90,22 +92,6 @@ def retry_create(exc: BaseException) -> bool:
     from google.api_core import exceptions as gexc
 
     return isinstance(exc, (gexc.TooManyRequests, gexc.ResourceExhausted))
-
-
-def message(e: BaseException) -> str:
-    """A Google client exception as one line: the HTTP status and the server's own message."""
-    resp = getattr(e, "response", None)
-    if resp is not None and hasattr(resp, "status_code") and not hasattr(e, "message"):
-        # The storage media library's InvalidResponse: take the server's own message from the body.
-        try:
-            detail = resp.json()["error"]["message"]
-        except Exception:  # noqa: BLE001
-            detail = (getattr(resp, "text", "") or "")[:200]
-        return f"{resp.status_code} {' '.join(str(detail).split())}".strip()
-    msg = getattr(e, "message", None) or str(e)
-    code = getattr(e, "code", None)
-    text = " ".join(str(msg).split())[:500]
-    return f"{int(code)} {text}" if isinstance(code, int) and not text.startswith(str(code)) else text
 
 
 def split_gs(uri: str) -> tuple[str, str]:
