@@ -293,7 +293,7 @@ def test_odd_vectors_in_the_output_never_reach_chunks_vec(local: Callable[..., A
     manager = BatchManager(store, backend, cfg)
     texts = ["fine", "infinite", "not a number", "all zeros"]
     manager.enqueue([(None, t) for t in texts])
-    [batch_id] = manager.flush_queue()
+    [batch_id] = manager.flush_queue().created
     job = store.batch(batch_id).google_job_id
     inp = cfg.state_dir / (job + ".in.jsonl")
     good = np.full(384, 0.05, dtype="<f4")

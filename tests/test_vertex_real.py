@@ -103,7 +103,7 @@ def test_failed_job_after_exporting_60_percent_resends_only_the_other_40(vworld,
         # attempts are counted only for the rows that got no result
         assert (status, attempts) == (("READY", 0) if text in answered else ("PENDING", 1)), text
     w.fake.final_state, w.fake.export_fraction = "SUCCEEDED", None
-    assert w.manager.flush_queue() == [2]
+    assert w.manager.flush_queue().created == [2]
     assert sorted(sent(w, 2)) == sorted(set(texts) - answered) and len(sent(w, 2)) == 20
     w.fake.finish()
     w.manager.sync_status()
@@ -135,7 +135,7 @@ def test_job_timeout_cancel_waits_for_the_export_and_applies_it(vworld) -> None:
     assert b.status == "FAILED" and "timed out after 2h" in b.error_message
     assert sorted(statuses(w).values()) == [("PENDING", 1)] * 20 + [("READY", 0)] * 20
     w.fake.cancel_lag, w.fake.export_fraction = False, None
-    assert w.manager.flush_queue() == [2] and len(sent(w, 2)) == 20
+    assert w.manager.flush_queue().created == [2] and len(sent(w, 2)) == 20
     never_paid_twice(w)
 
 
@@ -170,7 +170,7 @@ def test_operator_cancel_applies_what_the_cancelled_job_exported(vworld) -> None
     # the exported half is kept; the rest goes back without an attempt counted
     assert sorted(statuses(w).values()) == [("PENDING", 0)] * 15 + [("READY", 0)] * 15
     w.fake.export_fraction = None
-    assert w.manager.flush_queue() == [2] and len(sent(w, 2)) == 15
+    assert w.manager.flush_queue().created == [2] and len(sent(w, 2)) == 15
     never_paid_twice(w)
 
 
