@@ -8,6 +8,10 @@ Three ways to run a :class:`Worker` (one BatchManager, one Store connection):
 - :func:`run_until_idle` — ``batchd run --until-idle``: flush + sync every ``poll`` seconds until nothing is
   pending or running.
 
+Start-up waits out a full disk or a busy database (:func:`batchd.startup.wait_for_database`) instead of exiting. A
+wall-clock jump makes every step due at once (:class:`~batchd.clock.JumpWatch`): the scheduler's run times are
+wall-clock.
+
 Shutdown: SIGTERM/SIGINT only set a flag. The manager's ``progress`` hook (called at every slice boundary)
 raises :class:`~batchd.backends.Stopped` once the flag is set, so the running step stops between two
 committed slices; the scheduler is shut down, STOPPING=1 is sent and the process exits 0. A second signal
@@ -28,8 +32,9 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
+from batchd.clock import JumpWatch
 from batchd.errors import is_expected, one_line
-from batchd.store import Busy
+from batchd.store import Busy, describe_problem, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
@@ -185,10 +190,21 @@ class Worker:
                 log.warning("daemon.step_busy", step=name, reason=str(e))
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
-                delay = state.failed(self.clock(), one_line(e))
-                log.error("daemon.step_failed", step=name, error=one_line(e),
+                database = self.manager.config.database.path
+                problem = explain(e, database)
+                if isinstance(problem, Busy):
+                    # The application held the database's write lock past the busy timeout: not a failure of
+                    # batchd either; the next tick tries again.
+                    log.warning("daemon.step_busy", step=name, reason=str(problem))
+                    return Outcome(ok=False, skipped=True)
+                # A known state of the database file (disk full, damaged) is said as such, in one line and without
+                # a traceback; everything else keeps its traceback (a bug must be diagnosable).
+                error = describe_problem(e, database)
+                delay = state.failed(self.clock(), error)
+                log.error("daemon.step_failed", step=name, error=error,
                           consecutive_failures=state.consecutive, failures_total=state.failures,
-                          retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
+                          retry_in_s=round(max(delay, state.interval), 1),
+                          exc_info=problem is None and not is_expected(e))
                 return Outcome(ok=False)
             finally:
                 self.health.end()
@@ -310,6 +326,16 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     scheduler.add_job(lambda: _tick(worker, worker.sync), "interval", seconds=float(q.sync_interval),
                       id="sync", name="sync", next_run_time=now)
 
+    def on_jump(seconds: float) -> None:
+        # Run times are wall-clock: make every step due now, so the schedule restarts from the new time.
+        log.warning("daemon.clock_jumped", jump_s=round(seconds, 1))
+        for job in scheduler.get_jobs():
+            try:
+                job.modify(next_run_time=datetime.now(UTC))
+            except Exception as e:  # noqa: BLE001 - the scheduler may be shutting down
+                log.debug("daemon.reschedule_failed", job=job.id, error=one_line(e))
+
+    clock_watch = JumpWatch(on_jump).start()
     done = threading.Event()
     stopper = threading.Thread(target=_stop_scheduler,
                                args=(worker, scheduler, signals, done, SchedulerNotRunningError),
@@ -321,6 +347,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
         notifier.ready(worker.status_line(stats))
         scheduler.start()  # blocks until _stop_scheduler shuts it down
     done.set()
+    clock_watch.stop()
 
     # The scheduler no longer starts steps; wait for the one running to reach a slice boundary.
     if not worker.busy.acquire(timeout=stop_timeout):

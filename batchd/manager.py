@@ -17,7 +17,9 @@ Exceptions become words in one place (:func:`batchd.errors.one_line`). Shutdown 
 BaseException that no ``except Exception`` here can swallow. Each step returns a summary (:class:`FlushSummary`,
 :class:`SyncSummary`) that the CLI and the daemon read instead of querying the database again.
 
-Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping.
+Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping. Ages are measured
+with :class:`~batchd.clock.Ages`: a wall-clock jump while the process runs neither times jobs out nor delays
+``max_wait`` (``monotonic`` is the clock that does not jump; an injected ``clock`` serves as both by default).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from batchd.backends import (
     Stopped,
     content_hash,
 )
+from batchd.clock import Ages
 from batchd.config import Config, format_duration
 from batchd.errors import is_expected, one_line
+from batchd.faults import crash_point
 from batchd.store import Store, parse_iso
 from batchd.summary import Drained, FlushSummary, NotSubmitted, SyncSummary
 
@@ -54,11 +58,13 @@ class BatchManager:
     """The core of batchd: ``BatchManager(store, backend, config)``, usable without the CLI or the daemon."""
 
     def __init__(self, store: Store, backend: Backend, config: Config, *,
-                 clock: Callable[[], float] = time.time, progress: Callable[[], None] | None = None):
+                 clock: Callable[[], float] = time.time, progress: Callable[[], None] | None = None,
+                 monotonic: Callable[[], float] | None = None):
         self.store = store
         self.backend = backend
         self.config = config
         self.clock = clock
+        self.ages = Ages(clock, monotonic or (time.monotonic if clock is time.time else clock))
         # Called at every slice boundary: feeds the watchdog, and raises Stopped when shutdown was asked.
         self.progress = progress or (lambda: None)
         emb = config.embedding
@@ -99,7 +105,7 @@ class BatchManager:
         if pending >= q.min_batch_size:
             return True
         oldest_ts = parse_iso(oldest)
-        return oldest_ts is not None and self.clock() - oldest_ts >= q.max_wait
+        return oldest_ts is not None and self.ages.age("oldest_pending", oldest_ts) >= q.max_wait
 
     def flush_queue(self, min_size: int | None = None, force: bool = False) -> FlushSummary:
         """Recover earlier batches, then claim pending chunks into batches and submit them.
@@ -133,6 +139,7 @@ class BatchManager:
             if claimed is None:
                 break
             batch_id, n = claimed
+            crash_point("claim.committed")
             summary.created.append(batch_id)
             log.info("batch.claimed", batch_id=batch_id, google_job_id=None, chunks=n)
             if self._submit(batch_id, summary) is None:
@@ -159,7 +166,13 @@ class BatchManager:
         except Exception as e:  # noqa: BLE001 - transient (or a bug, logged with its traceback): recover() retries
             self._defer(summary, batch_id, None, "submit failed", e, "batch.submit_retry")
             return None
-        self.store.mark_submitted(batch_id, job, self.clock())
+        crash_point("submit.created")
+        if not self.store.mark_submitted(batch_id, job, self.clock()):
+            # Closed while its job was being created (an operator's cancel): the job must not run on, paid for
+            # texts that are queued again.
+            self._cancel_remote(batch_id, job)
+            log.warning("batch.closed_during_submit", batch_id=batch_id, google_job_id=job)
+            return None
         summary.note_submitted(batch_id)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
@@ -188,10 +201,13 @@ class BatchManager:
             except Exception as e:  # noqa: BLE001 - try again at the next cycle
                 self._defer(summary, b.id, None, "recovery lookup failed", e, "batch.recover_failed")
                 continue
+            crash_point("recover.found")
             if found:
-                self.store.mark_submitted(b.id, found, self.clock())
-                summary.note_submitted(b.id)
-                log.info("batch.adopted", batch_id=b.id, google_job_id=found)
+                if self.store.mark_submitted(b.id, found, self.clock()):
+                    summary.note_submitted(b.id)
+                    log.info("batch.adopted", batch_id=b.id, google_job_id=found)
+                else:
+                    self._cancel_remote(b.id, found)
             else:
                 log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
                 self._submit(b.id, summary)
@@ -212,7 +228,9 @@ class BatchManager:
             self.store.wipe_spools()
             self.store.purge_tombstones()
             try:
-                for b in self.store.batches(["RUNNING"]):
+                running = self.store.batches(["RUNNING"])
+                self.ages.keep_only([("batch", b.id) for b in running], "batch")
+                for b in running:
                     self._sync_one(b, summary)
                     self.progress()
             except Stopped:
@@ -240,7 +258,7 @@ class BatchManager:
 
         if not info.state.terminal:
             created = parse_iso(b.created_at) or self.clock()
-            if self.clock() - created > self.config.queue.job_timeout:
+            if self.ages.age(("batch", b.id), created) > self.config.queue.job_timeout:
                 self._time_out(b, summary)
             return
 
@@ -303,6 +321,7 @@ class BatchManager:
     def _apply_spool(self, batch_id: int, spool: Any, summary: SyncSummary) -> None:
         def on_slice(applied: int) -> None:
             summary.applied += applied
+            crash_point("results.slice_applied")
             self.progress()
 
         counts = self.store.apply_spool(batch_id, spool, self.config.queue.max_attempts, self.clock(),
@@ -403,17 +422,54 @@ class BatchManager:
     # ------------------------------------------------------------------ operator actions
 
     def cancel(self, batch_id: int) -> bool:
-        """Cancel a batch: best-effort remote cancel, its chunks back to PENDING (no attempt counted).
+        """Cancel a batch: its remote job cancelled, its chunks back to PENDING without counting an attempt.
+
+        Safe against a step running at the same time in another process (issue 9, item 5):
+
+        - A batch with a job name: the job is cancelled first; if that call fails (other than "no such job"),
+          BackendError is raised and nothing changed — releasing the chunks of a job that still runs would pay
+          for them twice. The batch is then closed only if it is still in flight: a sync that finished it first
+          wins, and cancel returns False. A sync that finishes after the cancel leaves the batch FAILED.
+        - A batch without a job name may be in the middle of its submit or its recovery: the cancel takes the
+          worker lock (raises :class:`~batchd.store.Busy` while a step runs), cancels a job created before a
+          crash if the backend finds one, then closes the batch.
 
         Returns False when the batch does not exist or is already final.
         """
         b = self.store.batch(batch_id)
-        if b is None or b.status in ("COMPLETED", "FAILED"):
+        if b is None or b.status not in ("PENDING", "RUNNING"):
             return False
         if b.google_job_id:
-            self._cancel_remote(b.id, b.google_job_id)
+            return self._cancel(batch_id, b.google_job_id)
+        with self.store.worker_lock():
+            b = self.store.batch(batch_id)
+            if b is None or b.status not in ("PENDING", "RUNNING"):
+                return False
+            job = b.google_job_id
+            if not job:
+                try:
+                    job = self.backend.find_job(batch_id)
+                except BackendError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
+                    raise BackendError(one_line(e)) from None
+            return self._cancel(batch_id, job)
+
+    def _cancel(self, batch_id: int, job: str | None) -> bool:
+        if job:
+            try:
+                self.backend.cancel(job)
+            except PermanentError as e:  # the job is gone: nothing left to stop
+                log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=one_line(e))
+            except BackendError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
+                raise BackendError(one_line(e)) from None
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
-        log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
+        if n is None:
+            log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
+            return False
+        log.info("batch.cancelled", batch_id=batch_id, google_job_id=job, chunks=n)
         return True
 
     def retry_failed(self) -> int:

@@ -7,12 +7,31 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 - intake.py      enqueue, hashing, copying known vectors, claiming a batch, its items
 - results.py     applying results, finishing / cancelling a batch, retry: every later chunk state change
 - reads.py       queue counts, batches, failure reasons, search
+- problems.py    what a failure of the file means: busy, disk full, damaged, read-only (one line each)
 """
 
 from __future__ import annotations
 
-from batchd.store.connection import Busy, StoreBase, StoreError, _sqlite_module, iso, parse_iso, quote_ident
+from batchd.store.connection import (
+    Busy,
+    StoreBase,
+    StoreError,
+    _sqlite_module,
+    iso,
+    lock_path,
+    parse_iso,
+    quote_ident,
+)
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
+from batchd.store.problems import (
+    Damaged,
+    DatabaseBusy,
+    DiskFull,
+    ReadOnly,
+    describe_problem,
+    explain,
+    is_sqlite_error,
+)
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
@@ -31,12 +50,20 @@ __all__ = [
     "ApplyCounts",
     "BatchRow",
     "Busy",
+    "Damaged",
+    "DatabaseBusy",
+    "DiskFull",
     "EnqueueCounts",
+    "ReadOnly",
     "Store",
     "StoreBase",
     "StoreError",
     "_sqlite_module",
+    "describe_problem",
+    "explain",
+    "is_sqlite_error",
     "iso",
+    "lock_path",
     "parse_iso",
     "quote_ident",
 ]

@@ -77,6 +77,36 @@ def _load_vec(conn: Any) -> None:
 
 
 
+def lock_path(db_path: str) -> str:
+    """The worker lock's file for a database: ``batchd-<inode>.lock`` in the folder the file really lives in.
+
+    Keyed on the file, not on the path string: every name that reaches the database — a symlink, a relative path,
+    a hard link in the same folder — gives the same lock file, so at most one batchd process works on a database
+    however it is named (issue 9, item 2). A hard link in another folder is not a supported way to share a
+    database at all: SQLite names the WAL and shared-memory files after the path, so two names corrupt it.
+    """
+    real = os.path.realpath(db_path)
+    return os.path.join(os.path.dirname(real), f"batchd-{os.stat(real).st_ino}.lock")
+
+
+def _parse_claimed(text: str) -> tuple[str, int] | None:
+    """(instance id, highest batch id claimed) from a lock file's second line, or None."""
+    lines = text.splitlines()
+    parts = lines[1].split() if len(lines) > 1 else []
+    if len(parts) == 2 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None
+
+
+def claimed_before(db_path: str) -> tuple[str, int] | None:
+    """What the lock file remembers of this database file's claims: (instance id, highest batch id), or None."""
+    try:
+        with open(lock_path(db_path)) as f:
+            return _parse_claimed(f.read())
+    except OSError:
+        return None
+
+
 class StoreBase:
     """One SQLite connection to the shared database file; the concerns built on it are mixins (batchd.store)."""
 
@@ -92,14 +122,18 @@ class StoreBase:
         self.instance_id = ""
         self._lock_file: Any = None
         self._lock_depth = 0
+        self._wrote = False  # a write transaction ran: close() may then run PRAGMA optimize
 
     @classmethod
     def open(cls, config: Config, *, create: bool = True) -> Store:
         """Connect (WAL, busy_timeout, foreign keys, sqlite-vec) and create or migrate the schema.
 
         Raises StoreError with a one-line reason (no extension support, unreadable file, a chunks_vec
-        of another dimension, an app table lacking the configured columns).
+        of another dimension, an app table lacking the configured columns); the subclasses of
+        batchd.store.problems for a busy, full, damaged or read-only database.
         """
+        from batchd.store.problems import explain
+
         sqlite = _sqlite_module()
         path = config.database.path
         if path != ":memory:":
@@ -114,7 +148,7 @@ class StoreBase:
         try:
             conn = sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         except sqlite.Error as e:
-            raise StoreError(f"cannot open database {path}: {e}") from None
+            raise explain(e, path) or StoreError(f"cannot open database {path}: {e}") from None
         try:
             _load_vec(conn)
             conn.execute("PRAGMA busy_timeout = 10000")
@@ -130,7 +164,7 @@ class StoreBase:
             store._migrate()  # type: ignore[attr-defined]
         except sqlite.DatabaseError as e:
             conn.close()
-            raise StoreError(f"cannot use database {path}: {e}") from None
+            raise explain(e, path) or StoreError(f"cannot use database {path}: {e}") from None
         except BaseException:
             conn.close()
             raise
@@ -141,8 +175,9 @@ class StoreBase:
         """Hold the database's worker lock: one batchd process at a time flushes, syncs or recovers.
 
         Two workers on one file (the daemon and a hand-run `batchd flush`) could otherwise both find a
-        batch left without a job and both submit it: paying twice. The lock is an flock on
-        ``<database>-batchd.lock`` (released by the kernel if the process dies), never waited for:
+        batch left without a job and both submit it: paying twice. The lock is an flock on the file
+        :func:`lock_path` names — keyed on the database file itself, so two configs reaching it through a
+        symlink or a hard link share it (released by the kernel if the process dies), never waited for:
         raises :class:`Busy` naming the holder's pid. Re-entrant within this Store.
         """
         path = self.config.database.path
@@ -152,20 +187,25 @@ class StoreBase:
         if self._lock_depth == 0:
             import fcntl
 
-            f = open(f"{path}-batchd.lock", "a+")  # kept open while the lock is held
+            f = open(lock_path(path), "a+")  # kept open while the lock is held
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                holder = f.read().strip() or "?"
+                holder = (f.read().split() or ["?"])[0]
                 f.close()
                 raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
                            "try again when it is done") from None
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
             self._lock_file = f
+            try:
+                f.seek(0)
+                self._write_lock_file(_parse_claimed(f.read()))
+            except BaseException:
+                # A full disk, say: let go of the lock, or this process would hold it against itself for good
+                # (every later step "busy" with its own leaked descriptor).
+                self._lock_file = None
+                f.close()
+                raise
         self._lock_depth += 1
         try:
             yield
@@ -175,22 +215,53 @@ class StoreBase:
                 self._lock_file.close()  # closing the descriptor releases the flock
                 self._lock_file = None
 
+    def _write_lock_file(self, claimed: tuple[str, int] | None) -> None:
+        """The lock file says who holds it and the highest batch id claimed for which instance: ``pid`` then
+        ``instance batch_id``. The second line outlives the database's content, so a file restored in place
+        from an older backup is recognised (schema.py, ``_check_copy``)."""
+        f = self._lock_file
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n" + (f"{claimed[0]} {claimed[1]}\n" if claimed else ""))
+        f.flush()
+
+    def note_claimed(self, batch_id: int) -> None:
+        """Record a committed claim in the lock file (under the worker lock only; a no-op without it)."""
+        if self._lock_file is None:
+            return
+        self._lock_file.seek(0)
+        seen = _parse_claimed(self._lock_file.read())
+        if seen is None or seen[0] != self.instance_id or seen[1] < batch_id:
+            self._write_lock_file((self.instance_id, batch_id))
+
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.execute("PRAGMA optimize")
+        """Close the connection. Never waits for the write lock: a reader (stats, jobs, search) must not be held
+        up by the application's long transaction, so PRAGMA optimize (which may write statistics) runs only
+        after this connection wrote, and gives up at once if the lock is taken."""
+        if self._wrote:
+            with contextlib.suppress(Exception):
+                self._conn.execute("PRAGMA busy_timeout = 0")
+                self._conn.execute("PRAGMA optimize")
         self._conn.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (also when COMMIT itself fails).
+
+        The exception that caused the rollback is the one raised: on a full disk SQLite may already have rolled
+        back by itself, and "no transaction is active" would hide the reason. The connection is left usable
+        (no transaction open) either way, so a daemon can try again once the problem is gone.
+        """
+        self._wrote = True
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        else:
             self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                with contextlib.suppress(Exception):
+                    self._conn.execute("ROLLBACK")
+            raise
 
     @property
     def sqlite_module(self) -> Any:

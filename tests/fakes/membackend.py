@@ -22,6 +22,7 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``submit_permanent`` (str): every submit raises PermanentError with this message.
 - ``lose_create`` (int N): the next N submits create the job, then raise (the lost-response case).
 - ``status_errors`` (int N): the next N status() calls raise a transient error.
+- ``cancel_errors`` (int N): the next N cancel() calls raise a transient error (the job keeps running).
 - ``block`` (str): "submit" | "status" | "results" — that call blocks forever (a wedged worker).
 - ``hang_submits`` (int N): the next N submits hang until the process dies (a worker the watchdog must
   kill; unlike ``block``, the restarted process is not wedged again).
@@ -56,6 +57,7 @@ from batchd.backends import (
     ResultLine,
 )
 from batchd.config import SettingError
+from batchd.faults import crash_point
 
 _lock = threading.Lock()
 
@@ -168,6 +170,11 @@ class ScriptedBackend:
             raise BackendError("503 simulated: service unavailable")
         rows = [[it.key, it.text] for it in items]
         progress()
+        # "Upload": stage the input, kept if an earlier attempt left it (like Vertex's ifGenerationMatch=0).
+        staged = self.dir / f"input-{self.instance_id}-{batch_id}.json"
+        if not staged.exists():
+            _write_json(staged, rows)
+        crash_point("submit.uploaded")
         n = len(list(self.dir.glob(f"job-{batch_id}-*.json")))
         name = f"memjobs/{self.instance_id}/{batch_id}/{n}"
         _write_json(self._path(name), {"name": name, "batch_id": batch_id, "instance": self.instance_id,
@@ -234,6 +241,8 @@ class ScriptedBackend:
                 progress()  # like a real download, report progress per block (may raise Stopped)
 
     def cancel(self, job_name: str) -> None:
+        if self._take("cancel_errors"):
+            raise BackendError("503 simulated: cancel failed")
         self._count("cancels")
         try:
             job = self._load(job_name)
