@@ -12,16 +12,19 @@ Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` wit
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from batchd import cost
 from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
+    Item,
     JobState,
     PermanentError,
     ResultLine,
@@ -29,7 +32,8 @@ from batchd.backends import (
     content_hash,
 )
 from batchd.config import Config
-from batchd.store import Store, parse_iso
+from batchd.pricing import billable_characters, price_for
+from batchd.store import Sent, Store, parse_iso
 
 log = structlog.get_logger("batchd.manager")
 
@@ -51,6 +55,11 @@ class SyncSummary:
                 "errored": self.errored, "failed": self.failed, "stopped": self.stopped,
                 "errors": list(self.errors)}
 
+    @property
+    def ok(self) -> bool:
+        """False when any batch's remote call failed this time (the sync as a whole did not succeed)."""
+        return not self.errors
+
 
 class BatchManager:
     """The core of batchd: ``BatchManager(store, backend, config)``, usable without the CLI or the daemon."""
@@ -65,6 +74,14 @@ class BatchManager:
         self.progress = progress or (lambda: None)
         emb = config.embedding
         self._model, self._task, self._dims = emb.model, emb.task_type, emb.dimensions
+        # Remote calls that failed, by call (submit, find_job, status, results, cancel): process-lifetime counts
+        # for the metrics (batchd_remote_errors_total{kind}).
+        self.remote_errors: Counter[str] = Counter()
+        # The budget as the last flush saw it (None: no cap, or no flush yet), for Status= and the metrics.
+        self.budget: cost.BudgetState | None = None
+        # The daemon sets this: warn about a declined flush once per budget period, not at every tick.
+        self.warn_budget_once = False
+        self._budget_warned = ""
 
     # ------------------------------------------------------------------ helpers
 
@@ -86,9 +103,16 @@ class BatchManager:
         purged = self.store.purge_tombstones()
         hashed, empty = self.store.prepare_pending(self.hash_text, now)
         copied = self.store.copy_known_vectors(now)
-        if purged or empty or copied:
+        too_long = 0
+        limit = cost.max_input_characters(self.config)
+        if limit and not self.config.embedding.auto_truncate:
+            tokens = cost.family_for(self.config).max_input_tokens
+            too_long = self.store.fail_too_long(
+                limit, f"text longer than {self._model}'s input limit ({tokens} tokens, about {limit} characters) "
+                       "and embedding.auto_truncate is false")
+        if purged or empty or copied or too_long:
             log.info("queue.prepared", vectors_removed=purged, hashed=hashed, failed_empty=empty,
-                     copied_locally=copied)
+                     copied_locally=copied, failed_too_long=too_long)
 
     # ------------------------------------------------------------------ flush
 
@@ -103,18 +127,22 @@ class BatchManager:
         oldest_ts = parse_iso(oldest)
         return oldest_ts is not None and self.clock() - oldest_ts >= q.max_wait
 
-    def flush_queue(self, min_size: int | None = None, force: bool = False) -> list[int]:
+    def flush_queue(self, min_size: int | None = None, force: bool = False, ignore_budget: bool = False) -> list[int]:
         """Claim pending chunks into batches and submit them; return the new local batch ids.
 
         Below the threshold (``min_size`` or ``queue.min_batch_size``, or ``max_wait``) and not ``force``:
-        returns []. Splits at ``max_batch_size``; never has more than ``max_running_jobs`` batches in flight.
+        returns []. Splits at ``max_batch_size``, ``queue.max_batch_characters`` and the model's input bytes;
+        never has more than ``max_running_jobs`` batches in flight. With a ``[budget]``, a batch is only
+        submitted if its estimated cost fits what is left today and this month (a smaller batch is claimed to
+        fit); otherwise the chunks stay pending, ``flush.over_budget`` is logged and [] returned (not an error).
+        ``force`` does not bypass the budget; ``ignore_budget`` does (and logs that it did).
         A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent failure
         marks the batch FAILED and counts an attempt on its chunks.
         """
         with self.store.worker_lock():
-            return self._flush_queue(min_size, force)
+            return self._flush_queue(min_size, force, ignore_budget)
 
-    def _flush_queue(self, min_size: int | None, force: bool) -> list[int]:
+    def _flush_queue(self, min_size: int | None, force: bool, ignore_budget: bool = False) -> list[int]:
         q = self.config.queue
         self.recover()
         self.prepare()
@@ -124,8 +152,14 @@ class BatchManager:
             log.debug("flush.below_threshold", pending=pending, min_batch_size=threshold)
             return []
         created: list[int] = []
+        if ignore_budget and self.config.budget.daily_usd + self.config.budget.monthly_usd > 0:
+            log.warning("flush.budget_ignored", daily_usd=self.config.budget.daily_usd,
+                        monthly_usd=self.config.budget.monthly_usd)
         while self.store.count_active_batches() < q.max_running_jobs:
-            claimed = self.store.claim_batch(q.max_batch_size, self._model, self.clock())
+            size = self._next_batch_size(ignore_budget, pending)
+            if size == 0:
+                break
+            claimed = self.store.claim_batch(size, self._model, self.clock())
             if claimed is None:
                 break
             batch_id, n = claimed
@@ -141,29 +175,110 @@ class BatchManager:
             log.info("flush.at_capacity", pending=pending, max_running_jobs=q.max_running_jobs)
         return created
 
+    # ------------------------------------------------------------------ budget and size limits
+
+    def _next_batch_size(self, ignore_budget: bool, pending: int) -> int:
+        """How many chunks the next batch may claim: the row limit, unless the character / byte limits or the
+        budget call for fewer (0: the budget allows nothing now)."""
+        q = self.config.queue
+        fam = cost.family_for(self.config)
+        budget = None
+        if self.config.budget.daily_usd > 0 or self.config.budget.monthly_usd > 0:
+            self.budget = cost.budget_state(self.store, self.config, self.clock())
+            budget = None if ignore_budget else self.budget.remaining
+        if budget is None and not q.max_batch_characters and not fam.max_input_bytes:
+            return q.max_batch_size
+        pack = cost.packer(self.config, budget)
+        if budget is None or budget > 0:
+            for key, text in self.store.claimable_texts(pack.max_rows):
+                if not pack.offer(key, text):
+                    break
+        if pack.rows == 0 and budget is not None:
+            self._over_budget(pending, pack)
+        return pack.rows
+
+    def _over_budget(self, pending: int, pack: cost.Packer) -> None:
+        st = self.budget
+        assert st is not None
+        period = (st.period or f"day {st.day}") if pack.cost is not None else f"unknown price, day {st.day}"
+        if self.warn_budget_once and self._budget_warned == period:
+            return  # the daemon says it once per period, not at every tick
+        self._budget_warned = period
+        reason = ("the price of the model is unknown: set [pricing]" if pack.cost is None
+                  else "the next batch's estimated cost is more than what is left" if not st.over
+                  else "spent")
+        log.warning("flush.over_budget", pending=pending, reason=reason, spent_today_usd=st.spent_today,
+                    spent_month_usd=st.spent_month, daily_usd=st.daily_usd, monthly_usd=st.monthly_usd,
+                    remaining_usd=st.remaining, until=st.describe() if st.over else None)
+
+    # ------------------------------------------------------------------ submit
+
+    def _close(self, batch_id: int, status: str, error: str | None = None) -> tuple[int, int]:
+        """Finish a batch (see Store.finish_batch) and price what it was answered at today's price."""
+        n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(),
+                                            status=status, error=error)
+        self._record_cost(batch_id)
+        return n, failed
+
+    def _record_cost(self, batch_id: int) -> None:
+        b = self.store.batch(batch_id)
+        self.store.record_cost(batch_id, price_for(self.config, (b.model if b else None) or self._model))
+
+    def _measured(self, batch_id: int, items: Iterable[Item], into: dict[str, Any]) -> Iterator[Item]:
+        """Pass ``items`` through, counting rows and characters into ``into`` (the cost ledger's "sent")."""
+        rows = chars = bill = 0
+        for it in items:
+            rows += 1
+            chars += len(it.text)
+            bill += billable_characters(it.text)
+            yield it
+        into.update(rows=rows, characters=chars, billable=bill)
+
+    def _record_sent(self, batch_id: int, counted: dict[str, Any]) -> None:
+        dup_rows = dup_chars = dup_bill = 0
+        for text, extra in self.store.batch_duplicates(batch_id):
+            dup_rows += extra
+            dup_chars += extra * len(text)
+            dup_bill += extra * billable_characters(text)
+        sent = Sent(counted.get("rows", 0), counted.get("characters", 0), counted.get("billable", 0),
+                    dup_rows, dup_chars, dup_bill)
+        price = price_for(self.config)
+        est = price.cost(sent.billable, cost.estimate_tokens(sent.characters))
+        self.store.record_sent(batch_id, sent, est, self.clock())
+        limit = cost.max_input_characters(self.config)
+        if limit:
+            over = self.store.count_too_long(batch_id, limit)
+            if over:
+                log.warning("batch.over_input_limit", batch_id=batch_id, chunks=over, max_characters=limit,
+                            note="sent with auto_truncate: the service embeds only the start of these texts")
+
     def _submit(self, batch_id: int) -> str | None:
         """Submit a claimed batch. The batch row was committed before this call (rule 1)."""
         if self.store.batch_chunk_count(batch_id) == 0:
-            self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status="COMPLETED")
+            self._close(batch_id, "COMPLETED")
             log.info("batch.empty", batch_id=batch_id, google_job_id=None, reason="every chunk changed or was deleted before submit")
             return None
         started = time.monotonic()
+        counted: dict[str, Any] = {}
         try:
-            job = self.backend.submit(batch_id, self.store.batch_items(batch_id), progress=self.progress)
+            job = self.backend.submit(batch_id, self._measured(batch_id, self.store.batch_items(batch_id), counted),
+                                      progress=self.progress)
         except PermanentError as e:
+            self.remote_errors["submit"] += 1
             reason = f"submit rejected: {e}"
-            n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(),
-                                                status="FAILED", error=reason)
+            n, failed = self._close(batch_id, "FAILED", reason)
             log.error("batch.submit_failed", batch_id=batch_id, google_job_id=None, error=str(e), chunks=n, chunks_failed=failed,
                       permanent=True)
             return None
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - transient: recorded, retried by recover()
+            self.remote_errors["submit"] += 1
             self.store.note_batch_error(batch_id, f"submit failed, will retry: {describe_error(e)}", self.clock())
             log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=describe_error(e))
             return None
         self.store.mark_submitted(batch_id, job, self.clock())
+        self._record_sent(batch_id, counted)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -188,12 +303,17 @@ class BatchManager:
             try:
                 found = self.backend.find_job(b.id)
             except Exception as e:  # noqa: BLE001 - try again at the next cycle
+                self.remote_errors["find_job"] += 1
                 self.store.note_batch_error(b.id, f"recovery lookup failed, will retry: {describe_error(e)}",
                                             self.clock())
                 log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=describe_error(e))
                 continue
             if found:
                 self.store.mark_submitted(b.id, found, self.clock())
+                counted: dict[str, Any] = {}
+                for _ in self._measured(b.id, self.store.batch_items(b.id), counted):
+                    pass  # the adopted job was sent before the crash: count what it holds
+                self._record_sent(b.id, counted)
                 log.info("batch.adopted", batch_id=b.id, google_job_id=found)
             else:
                 log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
@@ -232,14 +352,16 @@ class BatchManager:
         except PermanentError as e:
             # The job is gone (deleted remotely, or a name the service no longer knows): waiting until
             # job_timeout would only delay the retry of its chunks.
+            self.remote_errors["status"] += 1
             reason = f"remote job lost: {e}"
-            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
+            n, failed = self._close(b.id, "FAILED", reason)
             summary.errored += n
             summary.failed += failed
             summary.finished += 1
             log.error("job.lost", batch_id=b.id, google_job_id=job, error=str(e), chunks=n, chunks_failed=failed)
             return
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
+            self.remote_errors["status"] += 1
             summary.errors.append(f"batch {b.id}: {describe_error(e)}")
             self.store.note_batch_error(b.id, f"status check failed, will retry: {describe_error(e)}", self.clock())
             log.warning("job.status_failed", batch_id=b.id, google_job_id=job, error=describe_error(e))
@@ -259,7 +381,7 @@ class BatchManager:
         if info.state.has_results:
             if not self._apply_all(b.id, job, summary):
                 return  # stopped mid-way; the next sync re-reads and applies the rest
-            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="COMPLETED")
+            n, failed = self._close(b.id, "COMPLETED")
             summary.errored += n
             summary.failed += failed
             row = self.store.batch(b.id)
@@ -269,7 +391,7 @@ class BatchManager:
             self._cleanup(b.id, job)
         else:
             reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
-            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
+            n, failed = self._close(b.id, "FAILED", reason)
             summary.errored += n
             summary.failed += failed
             log.error("job.failed", batch_id=b.id, google_job_id=job, state=info.state.value, error=info.error,
@@ -292,6 +414,7 @@ class BatchManager:
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
+            self.remote_errors["results"] += 1
             summary.errors.append(f"batch {batch_id}: {describe_error(e)}")
             self.store.note_batch_error(batch_id, f"reading results failed, will retry: {describe_error(e)}",
                                         self.clock())
@@ -307,9 +430,10 @@ class BatchManager:
         try:
             self.backend.cancel(b.google_job_id)
         except Exception as e:  # noqa: BLE001 - cancel is best effort
+            self.remote_errors["cancel"] += 1
             log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
         reason = f"job timed out after {_human(q.job_timeout)} and was cancelled"
-        n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
+        n, failed = self._close(b.id, "FAILED", reason)
         summary.errored += n
         summary.failed += failed
         summary.finished += 1
@@ -339,6 +463,7 @@ class BatchManager:
             except Exception as e:  # noqa: BLE001
                 log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
+        self._record_cost(batch_id)
         log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
         return True
 

@@ -7,23 +7,26 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 - intake.py      enqueue, hashing, copying known vectors, claiming a batch, its items
 - results.py     applying results, finishing / cancelling a batch, retry: every later chunk state change
 - reads.py       queue counts, batches, failure reasons, search
+- ledger.py      the cost ledger: what each batch sent, answered and cost; spend for budgets; metric totals
 """
 
 from __future__ import annotations
 
 from batchd.store.connection import Busy, StoreBase, StoreError, _sqlite_module, iso, parse_iso, quote_ident
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
+from batchd.store.ledger import FAILURE_REASONS, LedgerMixin, ModelLedger, Sent
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
 
 
-class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, StoreBase):
+class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, LedgerMixin, StoreBase):
     """One SQLite connection to the shared database file, with batchd's schema in place."""
 
 
 __all__ = [
     "ENQUEUE_SLICE",
+    "FAILURE_REASONS",
     "HASH_SLICE",
     "IN_SLICE",
     "SCHEMA_VERSION",
@@ -32,6 +35,8 @@ __all__ = [
     "BatchRow",
     "Busy",
     "EnqueueCounts",
+    "ModelLedger",
+    "Sent",
     "Store",
     "StoreBase",
     "StoreError",

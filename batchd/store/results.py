@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchd.backends import ResultLine
+from batchd.pricing import billable_characters
 from batchd.store.connection import StoreBase, iso
 
 IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
@@ -57,7 +58,7 @@ class ResultsMixin(StoreBase):
         Only chunks still claimed by this batch are touched: a chunk whose text changed or that was deleted
         while in flight was released by the triggers, so its (stale) result is dropped here.
         """
-        t, i = self.q_table, self.q_id
+        t, i, x = self.q_table, self.q_id, self.q_text
         stamp = iso(now)
         vec_size = 4 * self.dimensions
         ok_keys: list[tuple[str, bytes]] = []
@@ -80,12 +81,18 @@ class ResultsMixin(StoreBase):
         with self.transaction() as c:
             # One IN query per IN_SLICE keys (through the batch index), not one SELECT per key.
             vecs: list[tuple[int, bytes]] = []
+            billed: set[str] = set()
+            billable = 0  # cost ledger: characters of the answered texts, white space excluded (pricing.py)
             for start in range(0, len(keys), IN_SLICE):
                 part = keys[start:start + IN_SLICE]
                 rows = c.execute(
-                    f"SELECT {i}, content_hash FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
+                    f"SELECT {i}, content_hash, {x} FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
                     f"AND content_hash IN ({', '.join('?' * len(part))})", (batch_id, *part))
-                vecs.extend((cid, blobs[key]) for cid, key in rows)
+                for cid, key, text in rows:
+                    vecs.append((cid, blobs[key]))
+                    if key not in billed:  # the service answered (and billed) each distinct text once
+                        billed.add(key)
+                        billable += billable_characters(text) if isinstance(text, str) else 0
             vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
             seen: set[str] = set(keys)
             if vecs:
@@ -101,8 +108,8 @@ class ResultsMixin(StoreBase):
                 failed += f
             c.execute(
                 "UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, failed_chunks = failed_chunks + ?, "
-                "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
-                (applied, errored, tokens, stamp, batch_id))
+                "token_count = coalesce(token_count, 0) + ?, billable_characters = billable_characters + ?, updated_at = ? "
+                "WHERE id = ?", (applied, errored, tokens, billable, stamp, batch_id))
         return ApplyCounts(applied, errored, failed, tokens)
 
     def _write_vectors(self, c: Any, vecs: list[tuple[int, bytes]], stamp: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from batchd.store.connection import StoreBase, StoreError, quote_ident
+from batchd.store.ledger import LEDGER_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
@@ -176,6 +177,19 @@ def m003_status_index(store: Store) -> None:
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_status')} ON {store.q_table}(embedding_status)")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index]
+def m004_cost_ledger(store: Store) -> None:
+    """The cost ledger: per-batch counts and prices on batch_jobs, local copies per day and model."""
+    have = {c.lower() for c in store.table_columns("batch_jobs")}
+    for name, decl in LEDGER_COLUMNS:
+        if name not in have:
+            store.execute_ddl(f"ALTER TABLE batch_jobs ADD COLUMN {name} {decl}")
+    store.execute_ddl("CREATE INDEX IF NOT EXISTS batch_jobs_created_at ON batch_jobs(created_at)")
+    store.execute_ddl(
+        "CREATE TABLE IF NOT EXISTS batchd_copies (day TEXT NOT NULL, model TEXT NOT NULL, "
+        "rows INTEGER NOT NULL DEFAULT 0, characters INTEGER NOT NULL DEFAULT 0, "
+        "billable_characters INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, model))")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_cost_ledger]
 
 SCHEMA_VERSION = len(STEPS)
