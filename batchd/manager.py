@@ -201,9 +201,10 @@ class BatchManager:
         st = self.budget
         assert st is not None
         period = (st.period or f"day {st.day}") if pack.cost is not None else f"unknown price, day {st.day}"
-        if self.warn_budget_once and self._budget_warned == period:
-            return  # the daemon says it once per period, not at every tick
-        self._budget_warned = period
+        if self.warn_budget_once:
+            if self._budget_warned == period:
+                return  # the daemon says it once per period, not at every tick
+            self._budget_warned = period
         reason = ("the price of the model is unknown: set [pricing]" if pack.cost is None
                   else "the next batch's estimated cost is more than what is left" if not st.over
                   else "spent")

@@ -1,0 +1,303 @@
+"""The cost ledger, `batchd cost`, `batchd estimate`, the budget and the size limits, on real SQLite with the
+file-backed test backend (which reports one token per word of each answered text) — and once through the REAL
+VertexBackend against the fake Vertex, whose output lines carry `statistics.token_count`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from batchd.cli import main
+from batchd.cost import budget_state, cost_report, estimate
+from batchd.pricing import BUILT_IN, billable_characters, price_for
+from tests.fakes.membackend import read_counters
+from tests.fakes.vertex_env import BUCKET, fake_vertex, gcs, vworld
+
+PRICED = {"model": "test-model", "unit": "1k_characters", "batch_usd": 0.5, "online_usd": 1.0}
+TOKEN_PRICED = {"model": "test-model", "unit": "1m_tokens", "batch_usd": 1000.0, "online_usd": 2000.0}
+
+
+def enqueue(w: Any, texts: list[str]) -> None:
+    w.manager.enqueue([(None, t) for t in texts])
+
+
+def bill(texts: list[str]) -> int:
+    return sum(len("".join(t.split())) for t in texts)
+
+
+def words(texts: list[str]) -> int:
+    return sum(len(t.split()) for t in texts)
+
+
+def write_toml(w: Any, tmp_path, extra: str = "") -> str:
+    from tests.conftest import MEMBACKEND
+
+    p = tmp_path / "cli.toml"
+    p.write_text(f"""
+[database]
+path = "{w.config.database.path}"
+[queue]
+min_batch_size = 1
+max_batch_size = {w.config.queue.max_batch_size}
+[embedding]
+backend = "{MEMBACKEND}"
+model = "test-model"
+dimensions = 16
+[pricing]
+model = "test-model"
+unit = "{w.config.pricing.unit}"
+batch_usd = {w.config.pricing.batch_usd}
+online_usd = {w.config.pricing.online_usd}
+{extra}
+""")
+    return str(p)
+
+
+def cli(config: str, *args: str) -> Any:
+    return CliRunner().invoke(main, ["--config", config, *args], catch_exceptions=False)
+
+
+def test_billable_rule_and_every_supported_model_has_a_dated_sourced_price():
+    # Google: code points, white space excluded (pricing.py cites the page).
+    assert billable_characters("a b\tc\n\u00e9\u3000d ") == 5
+    assert billable_characters("") == 0
+    for model in ("text-embedding-005", "text-embedding-004", "text-multilingual-embedding-002",
+                  "gemini-embedding-001"):
+        p = BUILT_IN[model]
+        assert p.batch_usd is not None and p.online_usd is not None and p.date and p.source.startswith(("http", "Google"))
+    assert BUILT_IN["gemini-embedding-001"].batch_usd == 0.075 and BUILT_IN["gemini-embedding-001"].online_usd == 0.15
+
+
+def test_ledger_counts_what_was_sent_and_answered_resends_included_and_prices_it_exactly(world, tmp_path):
+    w = world(pricing=PRICED)
+    first = ["alpha beta gamma", "alpha beta gamma", "one two", "will fail at first", "  spaced   out  text "]
+    w.knobs(fail_texts=["will fail"])
+    enqueue(w, first)
+    w.manager.flush_queue(force=True)
+    w.manager.sync_status()
+    # Second round: the failed line is sent again; a chunk whose text is READY is copied locally.
+    w.knobs()
+    enqueue(w, ["one two", "brand new words here"])
+    w.manager.flush_queue(force=True)
+    w.manager.sync_status()
+
+    distinct1 = ["alpha beta gamma", "one two", "will fail at first", "  spaced   out  text "]
+    answered1 = ["alpha beta gamma", "one two", "  spaced   out  text "]
+    round2 = ["will fail at first", "brand new words here"]
+    rows = [b for b in w.store.batches()]
+    assert [b.status for b in rows] == ["COMPLETED", "COMPLETED"]
+    assert read_counters(w.dir)["lines_sent"] == len(distinct1) + len(round2)
+
+    r = cost_report(w.store, w.config, None)
+    sent = distinct1 + round2
+    answered = answered1 + round2
+    assert r["batches"] == 2
+    assert r["rows"] == len(sent) == 6
+    assert r["characters"] == sum(len(t) for t in sent)
+    assert r["billable_characters"] == bill(answered)
+    assert r["tokens"] == words(answered)  # exactly what the backend reported per answered line
+    assert r["cost_usd"] == pytest.approx(bill(answered) / 1000 * 0.5, rel=1e-12)
+    assert r["online_cost_usd"] == pytest.approx(bill(answered) / 1000 * 1.0, rel=1e-12)
+    # One duplicate inside batch 1 and one local copy ("one two"): both spared at the online price.
+    assert r["rows_deduplicated"] == 2
+    spared = (bill(["alpha beta gamma"]) + bill(["one two"])) / 1000 * 1.0
+    assert r["saved_usd"] == pytest.approx(r["online_cost_usd"] - r["cost_usd"] + spared, rel=1e-12)
+    assert set(r["by_model"]) == {"test-model"} and r["by_model"]["test-model"]["rows"] == 6
+
+    # The CLI prints the same object, full precision, with exactly these keys.
+    out = cli(write_toml(w, tmp_path), "cost", "--json")
+    assert out.exit_code == 0, out.output
+    j = orjson.loads(out.output)
+    assert set(j) == {"batches", "rows", "characters", "billable_characters", "tokens", "cost_usd",
+                      "online_cost_usd", "saved_usd", "rows_deduplicated", "by_model"}
+    assert j["cost_usd"] == r["cost_usd"] and j["tokens"] == r["tokens"]
+    text = cli(write_toml(w, tmp_path), "cost", "--since", "1d")
+    assert text.exit_code == 0 and "saved" in text.output
+    assert cli(write_toml(w, tmp_path), "cost", "--since", "soon").exit_code == 2
+
+
+def test_token_priced_cost(world):
+    w = world(pricing=TOKEN_PRICED)
+    texts = ["a b c d", "e f", "g"]
+    enqueue(w, texts)
+    w.manager.flush_queue(force=True)
+    w.manager.sync_status()
+    r = cost_report(w.store, w.config, None)
+    assert r["tokens"] == 7 and r["cost_usd"] == pytest.approx(7 / 1e6 * 1000.0, rel=1e-12)
+    assert r["online_cost_usd"] == pytest.approx(7 / 1e6 * 2000.0, rel=1e-12)
+
+
+def test_a_model_without_a_known_price_has_cost_null(world):
+    u = world()
+    assert price_for(u.config).batch_usd is None
+    enqueue(u, ["x y"])
+    u.manager.flush_queue(force=True)
+    u.manager.sync_status()
+    r = cost_report(u.store, u.config, None)
+    assert r["cost_usd"] is None and r["online_cost_usd"] is None and r["saved_usd"] is None
+    assert r["rows"] == 1 and r["tokens"] == 2
+
+
+def test_estimate_is_exact_for_what_flush_then_sends_and_changes_nothing(world, tmp_path):
+    w = world(pricing=PRICED, queue={"max_batch_size": 3})
+    enqueue(w, ["already here", "x y"])
+    w.manager.flush_queue(force=True)
+    w.manager.sync_status()
+    pending = ["already here", "new one", "new one", "third text", "fourth", "fifth  text"]
+    enqueue(w, pending)
+    # Rows the application inserted itself are not hashed yet: estimate hashes them in memory only.
+    app = w.app_connect()
+    app.execute("INSERT INTO chunks(content) VALUES ('sixth from the app')")
+    app.commit()
+    app.close()
+    path = w.config.database.path
+
+    def dump() -> tuple:
+        conn = w.store.sqlite_module.connect(path)
+        try:
+            return (conn.execute("SELECT * FROM chunks ORDER BY id").fetchall(),
+                    conn.execute("SELECT * FROM batch_jobs ORDER BY id").fetchall(),
+                    conn.execute("SELECT count(*) FROM batchd_copies").fetchall())
+        finally:
+            conn.close()
+
+    before = dump()
+    e = estimate(w.store, w.config, w.manager.hash_text)
+    assert dump() == before  # read-only: not even the local copy happened
+    to_send = ["new one", "third text", "fourth", "fifth  text", "sixth from the app"]
+    assert e.chunks == 7 and e.copied_locally == 1 and e.to_send == 5
+    assert e.characters == sum(len(t) for t in to_send) and e.billable_characters == bill(to_send)
+    assert e.tokens_estimate == sum(math.ceil(len(t) / 4) for t in to_send)
+    assert e.cost_usd == pytest.approx(bill(to_send) / 1000 * 0.5, rel=1e-12)
+    assert e.jobs == 2  # 6 chunks to claim ("new one" twice), 3 per job
+
+    out = cli(write_toml(w, tmp_path, "[budget]\ndaily_usd = 5.0"), "estimate", "--json")
+    assert out.exit_code == 0, out.output
+    assert orjson.loads(out.output) == e.as_dict()
+    assert dump() == before
+    assert "budget   today" in cli(write_toml(w, tmp_path, "[budget]\ndaily_usd = 5.0"), "estimate").output
+
+    # What the estimate said is what flush then sends and the ledger records.
+    w.manager.flush_queue(force=True)
+    w.manager.sync_status()
+    r = cost_report(w.store, w.config, None)
+    assert r["batches"] == 3  # 1 before + the 2 jobs estimated
+    new = [b for b in w.store.batches() if b.id > 1]
+    conn = w.store.sqlite_module.connect(path)
+    sent = conn.execute("SELECT sum(rows_sent), sum(characters_sent), sum(billable_characters) FROM batch_jobs "
+                        "WHERE id > 1").fetchone()
+    conn.close()
+    assert len(new) == e.jobs and sent == (e.to_send, e.characters, e.billable_characters)
+
+
+def test_budget_blocks_flush_splits_to_fit_and_ignore_budget_overrides(world, tmp_path):
+    # 0.5 USD per 1,000 billable characters: a 100-character text costs 0.05.
+    w = world(pricing=PRICED, budget={"daily_usd": 0.12})
+    texts = [f"{i:02d}" + "x" * 98 for i in range(5)]
+    enqueue(w, texts)
+    ids = w.manager.flush_queue(force=True)  # --force does not bypass the budget
+    assert len(ids) == 1 and w.store.batch(ids[0]).total_chunks == 2  # split to fit: 2 x 0.05 <= 0.12
+    assert w.manager.get_queue_stats()["pending"] == 3
+    assert w.manager.flush_queue(force=True) == []  # 0.02 left: the next text does not fit
+    assert w.manager.get_queue_stats()["pending"] == 3
+
+    # The real cost replaces the estimate once applied: here it is higher (the service billed more).
+    w.manager.sync_status()
+    conn = w.store.sqlite_module.connect(w.config.database.path)
+    conn.execute("UPDATE batch_jobs SET cost_usd = 0.2 WHERE id = ?", (ids[0],))
+    conn.commit()
+    conn.close()
+    st = budget_state(w.store, w.config, w.clock())
+    assert st.spent_today == pytest.approx(0.2) and st.over and st.until == st.day + 86400
+
+    cfg = write_toml(w, tmp_path, "[budget]\ndaily_usd = 0.12")
+    out = cli(cfg, "flush", "--force")
+    assert out.exit_code == 0 and "over budget until" in out.output and "submitted 0" in out.output
+    stats = cli(cfg, "stats")
+    assert "spend    today $0.2000" in stats.output and "over budget until" in stats.output
+    out = cli(cfg, "flush", "--ignore-budget")
+    assert out.exit_code == 0 and "submitted 1 batch(es)" in out.output
+    assert w.manager.get_queue_stats()["pending"] == 0
+
+
+def test_over_budget_is_logged_each_time_by_hand_and_once_per_period_by_the_daemon(world):
+    import structlog
+
+    w = world(pricing=PRICED, budget={"daily_usd": 0.01})
+    enqueue(w, ["y" * 100])
+    with structlog.testing.capture_logs() as logs:
+        w.manager.flush_queue(force=True)
+        w.manager.flush_queue(force=True)
+    assert [e["event"] for e in logs].count("flush.over_budget") == 2
+    w.manager.warn_budget_once = True
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            w.manager.flush_queue(force=True)
+    assert [e["event"] for e in logs].count("flush.over_budget") == 1
+    w.clock.advance(86400)  # a new UTC day: said again, once
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            w.manager.flush_queue(force=True)
+    assert [e["event"] for e in logs].count("flush.over_budget") == 1
+    with structlog.testing.capture_logs() as logs:
+        assert w.manager.flush_queue(force=True, ignore_budget=True) != []
+    assert "flush.budget_ignored" in [e["event"] for e in logs]
+
+
+def test_jobs_split_at_max_batch_characters(world):
+    w = world(queue={"max_batch_characters": 250})
+    enqueue(w, ["a" * 100, "b" * 100, "c" * 100, "d" * 400, "e" * 10])
+    ids = w.manager.flush_queue(force=True)
+    totals = [w.store.batch(i).total_chunks for i in ids]
+    assert totals == [2, 1, 1, 1]  # a+b | c | d alone (over the limit by itself: a job of its own, never stuck) | e
+
+
+
+@pytest.mark.parametrize("auto_truncate", [True, False])
+def test_a_text_over_the_input_limit_is_flagged_and_sent_or_failed_before_sending(world, auto_truncate):
+    import structlog
+
+    limit = 2048 * 4  # the model's 2,048 tokens at ~4 characters per token
+    if auto_truncate:
+        t = world()
+        with structlog.testing.capture_logs() as logs:
+            enqueue(t, ["q" * (limit + 1), "short"])
+            assert t.manager.flush_queue(force=True) == [1]
+        assert any(e["event"] == "batch.over_input_limit" and e["chunks"] == 1 for e in logs)
+        assert t.store.batch(1).total_chunks == 2
+        return
+    v = world(embedding={"auto_truncate": False})
+    enqueue(v, ["short", "z" * (limit + 1)])
+    v.manager.flush_queue(force=True)
+    failed = [c for c in v.store.chunks() if c["embedding_status"] == "FAILED"]
+    assert len(failed) == 1 and "input limit" in failed[0]["error_message"] and "auto_truncate" in failed[0]["error_message"]
+    assert read_counters(v.dir)["lines_sent"] == 1  # only "short" went out
+
+
+def test_vertex_tokens_in_the_ledger_are_what_the_fake_service_reported(vworld):
+    w = vworld(vertex={"cleanup": False})
+    w.fake.shuffle, w.fake.split = True, 2
+    texts = [f"vertex text {i} with {'some ' * (i % 5)}words" for i in range(40)] + ["vertex text 0 with words"]
+    enqueue(w, texts)
+    assert w.manager.flush_queue(force=True) == [1]
+    w.fake.finish()
+    w.manager.sync_status()
+    assert w.store.batch(1).status == "COMPLETED"
+
+    reported = 0  # the token counts in the output files the fake service wrote
+    for name in w.objects(1):
+        if "/output/" in name and name.endswith(".jsonl"):
+            for raw in w.gcs.read(BUCKET, name).splitlines():
+                reported += orjson.loads(raw)["predictions"][0]["embeddings"]["statistics"]["token_count"]
+    r = cost_report(w.store, w.config, None)
+    distinct = sorted(set(texts))
+    assert r["rows"] == 40 and r["rows_deduplicated"] == 1
+    assert r["characters"] == sum(len(t) for t in distinct) and r["billable_characters"] == bill(distinct)
+    assert reported > 0 and r["tokens"] == reported
+    price = BUILT_IN["text-embedding-005"]
+    assert r["cost_usd"] == pytest.approx(bill(distinct) / 1000 * price.batch_usd, rel=1e-12)
+    assert r["online_cost_usd"] == pytest.approx(bill(distinct) / 1000 * price.online_usd, rel=1e-12)
