@@ -132,7 +132,8 @@ def spend_line(store: Any, config: Config, now: float) -> str:
 def status_text(store: Any, config: Config, now: float) -> str:
     """For Status=: ``spent today $0.0123``, plus ``; over budget until ...`` while flush holds chunks back."""
     st = budget_state(store, config, now)
-    return f"spent today {usd(st.spent_today)}" + (f"; {st.describe()}" if st.over else "")
+    text = f"spent today {usd(st.spent_today)}" + (" + batches of unknown price" if st.unknown else "")
+    return text + (f"; {st.describe()}" if st.over else "")
 
 
 def usd(x: float | None) -> str:

@@ -269,7 +269,7 @@ class Worker:
         from batchd.cost import status_text
 
         try:
-            return status_text(self.manager.store, self.manager.config, time.time())
+            return status_text(self.manager.store, self.manager.config, self.manager.clock())
         except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
             log.warning("daemon.stats_failed", error=describe_error(e))
             return ""

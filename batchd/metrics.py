@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -174,7 +173,7 @@ def _families(worker: Any) -> Iterator[Metric]:
                               labels=["period"])
     from batchd.cost import budget_state
 
-    st = budget_state(store, manager.config, time.time())
+    st = budget_state(store, manager.config, manager.clock())
     spend.add_metric(["day"], st.spent_today)
     spend.add_metric(["month"], st.spent_month)
     yield spend

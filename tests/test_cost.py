@@ -213,6 +213,9 @@ def test_budget_blocks_flush_splits_to_fit_and_ignore_budget_overrides(world, tm
     conn.close()
     st = budget_state(w.store, w.config, w.clock())
     assert st.spent_today == pytest.approx(0.2) and st.over and st.until == st.day + 86400
+    from batchd.daemon import Worker
+
+    assert "spent today $0.2000; over budget until " in Worker(w.manager).status_line()
 
     cfg = write_toml(w, tmp_path, "[budget]\ndaily_usd = 0.12")
     out = cli(cfg, "flush", "--force")
@@ -301,3 +304,50 @@ def test_vertex_tokens_in_the_ledger_are_what_the_fake_service_reported(vworld):
     price = BUILT_IN["text-embedding-005"]
     assert r["cost_usd"] == pytest.approx(bill(distinct) / 1000 * price.batch_usd, rel=1e-12)
     assert r["online_cost_usd"] == pytest.approx(bill(distinct) / 1000 * price.online_usd, rel=1e-12)
+
+
+def test_a_database_made_before_the_ledger_is_upgraded_and_its_old_batches_are_left_out(make_config):
+    from batchd.store import SCHEMA_VERSION, Store
+    from batchd.store.ledger import LEDGER_COLUMNS
+
+    cfg = make_config(pricing=PRICED)
+    store = Store.open(cfg)
+    conn = store._conn  # test-only: rewind to schema 3 (before m004) with a batch closed back then
+    conn.execute("DROP TABLE batchd_copies")
+    conn.execute("DROP INDEX batch_jobs_created_at")
+    for name, _ in LEDGER_COLUMNS:
+        conn.execute(f"ALTER TABLE batch_jobs DROP COLUMN {name}")
+    conn.execute("INSERT INTO batch_jobs(status, model, total_chunks, completed_chunks, token_count, created_at, "
+                 "updated_at) VALUES ('COMPLETED', 'test-model', 5, 5, 40, '2026-11-29T10:00:00Z', '2026-11-29T10:00:00Z')")
+    conn.execute("UPDATE batchd_meta SET value = '3' WHERE key = 'schema_version'")
+    store.close()
+
+    store = Store.open(cfg)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert {n for n, _ in LEDGER_COLUMNS} <= set(store.table_columns("batch_jobs"))
+        r = cost_report(store, cfg, None)
+        assert r["batches"] == 0 and r["cost_usd"] == 0.0  # nothing known about it: left out, not "unknown"
+        assert store.spend_since(0) == (0.0, False)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("body, key, reason", [
+    ("[budget]\ndaily_usd = -1", "budget.daily_usd", "0 (no limit) or more"),
+    ("[budget]\nmonthly_usd = \"5\"", "budget.monthly_usd", "expected a number"),
+    ("[pricing]\nmodel = \"m\"\nunit = \"per_row\"", "pricing.unit", "1k_characters"),
+    ("[pricing]\nmodel = \"m\"\nbatch_usd = -0.1", "pricing.batch_usd", "0 or more"),
+    ("[metrics]\nlisten = \"9464\"", "metrics.listen", "host:port"),
+    ("[metrics]\ntextfile = \"/tmp/batchd.txt\"", "metrics.textfile", ".prom"),
+    ("[queue]\nmax_batch_characters = -5", "queue.max_batch_characters", "0 (no limit)"),
+    ("[embedding]\nauto_truncate = \"no\"", "embedding.auto_truncate", "true or false"),
+])
+def test_money_and_metrics_settings_are_validated(tmp_path, body, key, reason):
+    from batchd.config import ConfigError, load
+
+    p = tmp_path / "batchd.toml"
+    p.write_text(body + "\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert e.value.key == key and reason in e.value.reason and str(p) in str(e.value)

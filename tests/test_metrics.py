@@ -143,6 +143,7 @@ def test_http_metrics_equal_the_textfile_and_healthz_turns_503_while_sync_fails_
         w.clock.advance(60)
         worker.sync()
         assert get(base + "/healthz") == (200, b'{"status":"ok"}\n')
+        assert "spent today $0.0000 + batches of unknown price" in worker.status_line()  # test-model has no price
         assert get(base + "/nothing")[0] == 404
     finally:
         server.stop()
