@@ -178,7 +178,7 @@ class Packer:
             self.rows += 1
             return True
         chars, bill = len(text), billable_characters(text)
-        size = (len(text) if text.isascii() else 6 * len(text)) + LINE_OVERHEAD_BYTES  # \uXXXX escapes at worst
+        size = len(text.encode("utf-8", "surrogatepass")) + LINE_OVERHEAD_BYTES  # input lines are UTF-8 JSON
         cost = text_cost(self.price, chars, bill)
         first = self.texts == 0  # a single text is always a job of its own, however big (never stuck)
         if not first and self.max_characters and self.characters + chars > self.max_characters:

@@ -156,12 +156,14 @@ class BatchManager:
             log.warning("flush.budget_ignored", daily_usd=self.config.budget.daily_usd,
                         monthly_usd=self.config.budget.monthly_usd)
         while self.store.count_active_batches() < q.max_running_jobs:
-            size = self._next_batch_size(ignore_budget, pending)
+            size, estimated = self._next_batch_size(ignore_budget, pending)
             if size == 0:
                 break
             claimed = self.store.claim_batch(size, self._model, self.clock())
             if claimed is None:
                 break
+            if estimated is not None:
+                self.store.set_estimate(claimed[0], estimated)  # spent from now on, for the next batch's budget
             batch_id, n = claimed
             created.append(batch_id)
             log.info("batch.claimed", batch_id=batch_id, google_job_id=None, chunks=n)
@@ -177,9 +179,9 @@ class BatchManager:
 
     # ------------------------------------------------------------------ budget and size limits
 
-    def _next_batch_size(self, ignore_budget: bool, pending: int) -> int:
-        """How many chunks the next batch may claim: the row limit, unless the character / byte limits or the
-        budget call for fewer (0: the budget allows nothing now)."""
+    def _next_batch_size(self, ignore_budget: bool, pending: int) -> tuple[int, float | None]:
+        """How many chunks the next batch may claim, and its estimated cost (None when not computed): the row
+        limit, unless the character / byte limits or the budget call for fewer (0: the budget allows nothing)."""
         q = self.config.queue
         fam = cost.family_for(self.config)
         budget = None
@@ -187,7 +189,7 @@ class BatchManager:
             self.budget = cost.budget_state(self.store, self.config, self.clock())
             budget = None if ignore_budget else self.budget.remaining
         if budget is None and not q.max_batch_characters and not fam.max_input_bytes:
-            return q.max_batch_size
+            return q.max_batch_size, None
         pack = cost.packer(self.config, budget)
         if budget is None or budget > 0:
             for key, text in self.store.claimable_texts(pack.max_rows):
@@ -195,7 +197,7 @@ class BatchManager:
                     break
         if pack.rows == 0 and budget is not None:
             self._over_budget(pending, pack)
-        return pack.rows
+        return pack.rows, pack.cost
 
     def _over_budget(self, pending: int, pack: cost.Packer) -> None:
         st = self.budget

@@ -351,3 +351,17 @@ def test_money_and_metrics_settings_are_validated(tmp_path, body, key, reason):
     with pytest.raises(ConfigError) as e:
         load(p)
     assert e.value.key == key and reason in e.value.reason and str(p) in str(e.value)
+
+
+def test_a_claimed_batch_whose_submit_failed_still_counts_against_the_budget(world):
+    w = world(pricing=PRICED, budget={"daily_usd": 0.06})
+    w.knobs(submit_errors=2)
+    enqueue(w, ["k" * 100])
+    assert w.manager.flush_queue(force=True) == [1]  # claimed, submit failed: it stays PENDING for recovery
+    assert w.store.batch(1).status == "PENDING" and not w.store.batch(1).google_job_id
+    enqueue(w, ["m" * 100])
+    # The recovery's resubmit fails too; 0.05 of the 0.06 is still committed to batch 1: the second text waits.
+    assert w.manager.flush_queue(force=True) == []
+    assert w.store.batch(1).status == "PENDING" and w.manager.get_queue_stats()["pending"] == 1
+    assert w.manager.flush_queue(force=True) == []  # batch 1 submitted by recovery; still no room for a second
+    assert w.store.batch(1).status == "RUNNING" and w.manager.get_queue_stats()["pending"] == 1

@@ -44,12 +44,13 @@ _SPEND = ("CASE WHEN status IN ('COMPLETED', 'FAILED') THEN cost_usd "
           "ELSE max(coalesce(estimated_cost_usd, 0), coalesce(cost_usd, 0)) END")
 
 _CLOSED = "status IN ('COMPLETED', 'FAILED')"
-# Batches the ledger knows: sent since migration m004, or closed with a price (a rejected submit costs 0).
-# Batches closed before the ledger existed have neither and are left out rather than counted as unknown.
-_IN_LEDGER = "(rows_sent > 0 OR price_unit IS NOT NULL)"
+# Batches the ledger knows: claimed with an estimate, sent since migration m004, or closed with a price (a
+# rejected submit costs 0). Batches closed before the ledger existed have none of these and are left out rather
+# than counted as unknown.
+_IN_LEDGER = "(rows_sent > 0 OR price_unit IS NOT NULL OR estimated_cost_usd IS NOT NULL)"
 
 # Reason classes of chunk failures (a fixed set: metric label values are never free text).
-FAILURE_REASONS = ("line", "job_failed", "job_timeout", "job_lost", "submit_rejected", "cancelled")
+FAILURE_REASONS = ("line", "job_failed", "job_timeout", "job_lost", "submit_rejected")
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,21 @@ class LedgerMixin(StoreBase):
             yield str(text), int(extra)
 
     def record_sent(self, batch_id: int, sent: Sent, estimated_cost: float | None, now: float) -> None:
-        """Add one submission's counts to the batch (resubmissions add up); set its duplicates and estimate."""
+        """Add one submission's counts to the batch (resubmissions add up); set its duplicates, and its estimate
+        unless flush set one when it claimed the batch."""
         with self.transaction() as c:
             c.execute(
                 "UPDATE batch_jobs SET rows_sent = rows_sent + ?, characters_sent = characters_sent + ?, "
                 "billable_sent = billable_sent + ?, rows_deduplicated = ?, characters_deduplicated = ?, "
-                "billable_deduplicated = ?, estimated_cost_usd = coalesce(estimated_cost_usd, 0) + ?, "
+                "billable_deduplicated = ?, estimated_cost_usd = coalesce(estimated_cost_usd, ?), "
                 "updated_at = ? WHERE id = ?",
                 (sent.rows, sent.characters, sent.billable, sent.duplicate_rows, sent.duplicate_characters,
                  sent.duplicate_billable, estimated_cost, iso(now), batch_id))
+
+    def set_estimate(self, batch_id: int, estimated_cost: float | None) -> None:
+        """The estimated cost of a batch just claimed: it counts against the budget before it is even submitted."""
+        with self.transaction() as c:
+            c.execute("UPDATE batch_jobs SET estimated_cost_usd = ? WHERE id = ?", (estimated_cost, batch_id))
 
     def record_cost(self, batch_id: int, price: Price) -> None:
         """Price a closing batch's answered lines at ``price`` (the figure in force now). Idempotent."""
@@ -181,7 +188,6 @@ class LedgerMixin(StoreBase):
                 "WHEN error_message LIKE 'job timed out%' THEN 'job_timeout' "
                 "WHEN error_message LIKE 'remote job lost%' THEN 'job_lost' "
                 "WHEN error_message LIKE 'submit rejected%' THEN 'submit_rejected' "
-                "WHEN error_message LIKE '%cancelled by operator%' THEN 'cancelled' "
                 "ELSE 'job_failed' END, coalesce(sum(failed_chunks), 0) FROM batch_jobs GROUP BY 1"):
             out[reason] = out.get(reason, 0) + int(n)
         return out
