@@ -156,7 +156,7 @@ def flush(app: App, force: bool, ignore_budget: bool) -> None:
         ids = app.manager.flush_queue(force=force, ignore_budget=ignore_budget)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
-    budget = app.manager.budget
+    budget = app.manager.accounting.budget
     if not ids and budget is not None and not ignore_budget and budget.limited:
         click.echo(f"budget: {budget.describe()}; pending chunks wait (flush --ignore-budget to send anyway)")
     failed = [b for b in (app.store.batch(i) for i in ids) if b is not None and b.status != "RUNNING"]

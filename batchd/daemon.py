@@ -330,7 +330,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
              sync_interval_s=float(q.sync_interval), notify=notifier.enabled,
              watchdog_s=watchdog.interval if watchdog else None)
 
-    worker.manager.warn_budget_once = True  # a declined flush is said once per budget period, not every tick
+    worker.manager.accounting.warn_once = True  # a declined flush is said once per budget period, not every tick
     worker.recover()
     server = None
     if listen is not None and worker.metrics is not None:

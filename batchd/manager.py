@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from batchd import cost
+from batchd.accounting import Accounting
 from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
-    Item,
     JobState,
     PermanentError,
     ResultLine,
@@ -32,8 +31,7 @@ from batchd.backends import (
     content_hash,
 )
 from batchd.config import Config
-from batchd.pricing import billable_characters, price_for
-from batchd.store import Sent, Store, parse_iso
+from batchd.store import Store, parse_iso
 
 log = structlog.get_logger("batchd.manager")
 
@@ -77,11 +75,8 @@ class BatchManager:
         # Remote calls that failed, by call (submit, find_job, status, results, cancel): process-lifetime counts
         # for the metrics (batchd_remote_errors_total{kind}).
         self.remote_errors: Counter[str] = Counter()
-        # The budget as the last flush saw it (None: no cap, or no flush yet), for Status= and the metrics.
-        self.budget: cost.BudgetState | None = None
-        # The daemon sets this: warn about a declined flush once per budget period, not at every tick.
-        self.warn_budget_once = False
-        self._budget_warned = ""
+        # Money and size: what each batch may hold and cost, what it sent and what it was billed.
+        self.accounting = Accounting(store, config, clock)
 
     # ------------------------------------------------------------------ helpers
 
@@ -103,13 +98,7 @@ class BatchManager:
         purged = self.store.purge_tombstones()
         hashed, empty = self.store.prepare_pending(self.hash_text, now)
         copied = self.store.copy_known_vectors(now)
-        too_long = 0
-        limit = cost.max_input_characters(self.config)
-        if limit and not self.config.embedding.auto_truncate:
-            tokens = cost.family_for(self.config).max_input_tokens
-            too_long = self.store.fail_too_long(
-                limit, f"text longer than {self._model}'s input limit ({tokens} tokens, about {limit} characters) "
-                       "and embedding.auto_truncate is false")
+        too_long = self.accounting.fail_too_long()
         if purged or empty or copied or too_long:
             log.info("queue.prepared", vectors_removed=purged, hashed=hashed, failed_empty=empty,
                      copied_locally=copied, failed_too_long=too_long)
@@ -156,7 +145,7 @@ class BatchManager:
             log.warning("flush.budget_ignored", daily_usd=self.config.budget.daily_usd,
                         monthly_usd=self.config.budget.monthly_usd)
         while self.store.count_active_batches() < q.max_running_jobs:
-            size, estimated = self._next_batch_size(ignore_budget, pending)
+            size, estimated = self.accounting.next_batch(ignore_budget, pending)
             if size == 0:
                 break
             claimed = self.store.claim_batch(size, self._model, self.clock())
@@ -177,83 +166,14 @@ class BatchManager:
             log.info("flush.at_capacity", pending=pending, max_running_jobs=q.max_running_jobs)
         return created
 
-    # ------------------------------------------------------------------ budget and size limits
-
-    def _next_batch_size(self, ignore_budget: bool, pending: int) -> tuple[int, float | None]:
-        """How many chunks the next batch may claim, and its estimated cost (None when not computed): the row
-        limit, unless the character / byte limits or the budget call for fewer (0: the budget allows nothing)."""
-        q = self.config.queue
-        fam = cost.family_for(self.config)
-        budget = None
-        if self.config.budget.daily_usd > 0 or self.config.budget.monthly_usd > 0:
-            self.budget = cost.budget_state(self.store, self.config, self.clock())
-            budget = None if ignore_budget else self.budget.remaining
-        if budget is None and not q.max_batch_characters and not fam.max_input_bytes:
-            return q.max_batch_size, None
-        pack = cost.packer(self.config, budget)
-        if budget is None or budget > 0:
-            for key, text in self.store.claimable_texts(pack.max_rows):
-                if not pack.offer(key, text):
-                    break
-        if pack.rows == 0 and budget is not None:
-            self._over_budget(pending, pack)
-        return pack.rows, pack.cost
-
-    def _over_budget(self, pending: int, pack: cost.Packer) -> None:
-        st = self.budget
-        assert st is not None
-        period = (st.period or f"day {st.day}") if pack.cost is not None else f"unknown price, day {st.day}"
-        if self.warn_budget_once:
-            if self._budget_warned == period:
-                return  # the daemon says it once per period, not at every tick
-            self._budget_warned = period
-        reason = ("the price of the model is unknown: set [pricing]" if pack.cost is None
-                  else "the next batch's estimated cost is more than what is left" if not st.over
-                  else "spent")
-        log.warning("flush.over_budget", pending=pending, reason=reason, spent_today_usd=st.spent_today,
-                    spent_month_usd=st.spent_month, daily_usd=st.daily_usd, monthly_usd=st.monthly_usd,
-                    remaining_usd=st.remaining, until=st.describe() if st.over else None)
-
     # ------------------------------------------------------------------ submit
 
     def _close(self, batch_id: int, status: str, error: str | None = None) -> tuple[int, int]:
         """Finish a batch (see Store.finish_batch) and price what it was answered at today's price."""
         n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(),
                                             status=status, error=error)
-        self._record_cost(batch_id)
+        self.accounting.closed(batch_id)
         return n, failed
-
-    def _record_cost(self, batch_id: int) -> None:
-        b = self.store.batch(batch_id)
-        self.store.record_cost(batch_id, price_for(self.config, (b.model if b else None) or self._model))
-
-    def _measured(self, batch_id: int, items: Iterable[Item], into: dict[str, Any]) -> Iterator[Item]:
-        """Pass ``items`` through, counting rows and characters into ``into`` (the cost ledger's "sent")."""
-        rows = chars = bill = 0
-        for it in items:
-            rows += 1
-            chars += len(it.text)
-            bill += billable_characters(it.text)
-            yield it
-        into.update(rows=rows, characters=chars, billable=bill)
-
-    def _record_sent(self, batch_id: int, counted: dict[str, Any]) -> None:
-        dup_rows = dup_chars = dup_bill = 0
-        for text, extra in self.store.batch_duplicates(batch_id):
-            dup_rows += extra
-            dup_chars += extra * len(text)
-            dup_bill += extra * billable_characters(text)
-        sent = Sent(counted.get("rows", 0), counted.get("characters", 0), counted.get("billable", 0),
-                    dup_rows, dup_chars, dup_bill)
-        price = price_for(self.config)
-        est = price.cost(sent.billable, cost.estimate_tokens(sent.characters))
-        self.store.record_sent(batch_id, sent, est, self.clock())
-        limit = cost.max_input_characters(self.config)
-        if limit:
-            over = self.store.count_too_long(batch_id, limit)
-            if over:
-                log.warning("batch.over_input_limit", batch_id=batch_id, chunks=over, max_characters=limit,
-                            note="sent with auto_truncate: the service embeds only the start of these texts")
 
     def _submit(self, batch_id: int) -> str | None:
         """Submit a claimed batch. The batch row was committed before this call (rule 1)."""
@@ -264,7 +184,7 @@ class BatchManager:
         started = time.monotonic()
         counted: dict[str, Any] = {}
         try:
-            job = self.backend.submit(batch_id, self._measured(batch_id, self.store.batch_items(batch_id), counted),
+            job = self.backend.submit(batch_id, self.accounting.counting(self.store.batch_items(batch_id), counted),
                                       progress=self.progress)
         except PermanentError as e:
             self.remote_errors["submit"] += 1
@@ -281,7 +201,7 @@ class BatchManager:
             log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=describe_error(e))
             return None
         self.store.mark_submitted(batch_id, job, self.clock())
-        self._record_sent(batch_id, counted)
+        self.accounting.sent(batch_id, counted)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -313,10 +233,7 @@ class BatchManager:
                 continue
             if found:
                 self.store.mark_submitted(b.id, found, self.clock())
-                counted: dict[str, Any] = {}
-                for _ in self._measured(b.id, self.store.batch_items(b.id), counted):
-                    pass  # the adopted job was sent before the crash: count what it holds
-                self._record_sent(b.id, counted)
+                self.accounting.adopted(b.id)  # sent before the crash: count what it holds
                 log.info("batch.adopted", batch_id=b.id, google_job_id=found)
             else:
                 log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
@@ -466,7 +383,7 @@ class BatchManager:
             except Exception as e:  # noqa: BLE001
                 log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
-        self._record_cost(batch_id)
+        self.accounting.closed(batch_id)
         log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
         return True
 

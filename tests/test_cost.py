@@ -236,7 +236,7 @@ def test_over_budget_is_logged_each_time_by_hand_and_once_per_period_by_the_daem
         w.manager.flush_queue(force=True)
         w.manager.flush_queue(force=True)
     assert [e["event"] for e in logs].count("flush.over_budget") == 2
-    w.manager.warn_budget_once = True
+    w.manager.accounting.warn_once = True
     with structlog.testing.capture_logs() as logs:
         for _ in range(3):
             w.manager.flush_queue(force=True)
