@@ -70,7 +70,7 @@ class ResultsMixin(StoreBase):
         Only chunks still claimed by this batch are touched: a chunk whose text changed or that was deleted
         while in flight was released by the triggers, so its (stale) result is dropped here.
         """
-        t, i, x = self.q_table, self.q_id, self.q_text
+        t, i = self.q_table, self.q_id
         stamp = iso(now)
         vec_size = 4 * self.dimensions
         ok_keys: list[tuple[str, bytes]] = []
@@ -93,18 +93,12 @@ class ResultsMixin(StoreBase):
         with self.transaction() as c:
             # One IN query per IN_SLICE keys (through the batch index), not one SELECT per key.
             vecs: list[tuple[int, bytes]] = []
-            billed: set[str] = set()
-            billable = 0  # cost ledger: characters of the answered texts, white space excluded (pricing.py)
             for start in range(0, len(keys), IN_SLICE):
                 part = keys[start:start + IN_SLICE]
                 rows = c.execute(
-                    f"SELECT {i}, content_hash, {x} FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
+                    f"SELECT {i}, content_hash FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
                     f"AND content_hash IN ({', '.join('?' * len(part))})", (batch_id, *part))
-                for cid, key, text in rows:
-                    vecs.append((cid, blobs[key]))
-                    if key not in billed:  # the service answered (and billed) each distinct text once
-                        billed.add(key)
-                        billable += billable_characters(text) if isinstance(text, str) else 0
+                vecs.extend((cid, blobs[key]) for cid, key in rows)
             vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
             seen: set[str] = set(keys)
             if vecs:
@@ -120,8 +114,8 @@ class ResultsMixin(StoreBase):
                 failed += f
             c.execute(
                 "UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, failed_chunks = failed_chunks + ?, "
-                "token_count = coalesce(token_count, 0) + ?, billable_characters = billable_characters + ?, updated_at = ? "
-                "WHERE id = ?", (applied, errored, tokens, billable, stamp, batch_id))
+                "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
+                (applied, errored, tokens, stamp, batch_id))
         return ApplyCounts(applied, errored, failed, tokens)
 
     def open_spool(self, batch_id: int) -> Spool:
