@@ -33,6 +33,7 @@ class Accounting:
         # The daemon sets this: say that a flush was declined once per budget period, not at every tick.
         self.warn_once = False
         self._warned = ""
+        self.declined = False  # the last flush left chunks pending because of the budget
 
     # ------------------------------------------------------------------ before claiming
 
@@ -52,6 +53,7 @@ class Accounting:
         q = self.config.queue
         fam = cost.family_for(self.config)
         budget = None
+        self.declined = False
         if self.config.budget.daily_usd > 0 or self.config.budget.monthly_usd > 0:
             self.budget = cost.budget_state(self.store, self.config, self.clock())
             budget = None if ignore_budget else self.budget.remaining
@@ -62,11 +64,12 @@ class Accounting:
             for key, text in self.store.claimable_texts(pack.max_rows):
                 if not pack.offer(key, text):
                     break
-        if pack.rows == 0 and budget is not None:
-            self._declined(pending, pack)
+        self.declined = pack.rows == 0 and budget is not None
+        if self.declined:
+            self._say_declined(pending, pack)
         return pack.rows, pack.cost
 
-    def _declined(self, pending: int, pack: cost.Packer) -> None:
+    def _say_declined(self, pending: int, pack: cost.Packer) -> None:
         st = self.budget
         assert st is not None
         period = (st.period or f"day {st.day}") if pack.cost is not None else f"unknown price, day {st.day}"

@@ -447,6 +447,10 @@ def run_until_idle(worker: Worker, poll: float,
                 if stats["pending"] == 0 and stats["running"] == 0:
                     log.info("daemon.idle", **stats)
                     return EXIT_OK
+                if stats["running"] == 0 and getattr(worker.manager, "accounting", None) is not None \
+                        and worker.manager.accounting.declined:
+                    log.warning("daemon.idle_over_budget", **stats)  # nothing more may be sent: waiting is useless
+                    return EXIT_OK
             broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]
             if broken:
                 log.error("daemon.gave_up", steps=[s.name for s in broken],

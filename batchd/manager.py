@@ -134,6 +134,7 @@ class BatchManager:
 
     def _flush_queue(self, min_size: int | None, force: bool, ignore_budget: bool = False) -> list[int]:
         q = self.config.queue
+        self.accounting.declined = False
         self.recover()
         self.prepare()
         pending, _ = self.store.pending_summary()

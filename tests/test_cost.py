@@ -365,3 +365,13 @@ def test_a_claimed_batch_whose_submit_failed_still_counts_against_the_budget(wor
     assert w.store.batch(1).status == "PENDING" and w.manager.get_queue_stats()["pending"] == 1
     assert w.manager.flush_queue(force=True) == []  # batch 1 submitted by recovery; still no room for a second
     assert w.store.batch(1).status == "RUNNING" and w.manager.get_queue_stats()["pending"] == 1
+
+
+def test_run_until_idle_stops_when_the_budget_holds_the_rest_back(world):
+    from batchd.daemon import EXIT_OK, Worker, run_until_idle
+
+    w = world(pricing=PRICED, budget={"daily_usd": 0.06})
+    enqueue(w, ["u" * 100, "v" * 100, "w" * 100])
+    assert run_until_idle(Worker(w.manager, clock=w.clock), 0.01) == EXIT_OK  # instead of polling forever
+    st = w.manager.get_queue_stats()
+    assert st["ready"] == 1 and st["pending"] == 2 and st["running"] == 0
