@@ -97,8 +97,13 @@ def price_from_record(model: str, unit: str | None, batch_usd: float | None, onl
     return Price(model, unit or "1k_characters", batch_usd, online_usd)
 
 
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+
+
 def billable_characters(text: str) -> int:
-    """Google's count for character-priced models: Unicode code points, white space excluded."""
+    """Google's count for character-priced models: Unicode code points, white space excluded (``str.isspace``)."""
+    if text.isascii():  # the common case, ~5x faster than splitting: one C pass deleting ASCII white space
+        return len(text.encode("ascii").translate(None, _ASCII_SPACE))
     return sum(map(len, text.split()))  # str.split() splits on exactly the characters str.isspace() accepts
 
 
