@@ -205,7 +205,7 @@ def test_budget_blocks_flush_splits_to_fit_and_ignore_budget_overrides(world, tm
     assert w.manager.flush_queue(force=True) == []  # 0.02 left: the next text does not fit
     assert w.manager.get_queue_stats()["pending"] == 3
 
-    # The real cost replaces the estimate once applied: here it is higher (the service billed more).
+    # Once applied, the billed cost counts instead of the estimate (set higher here by hand; a real case is below).
     w.manager.sync_status()
     conn = w.store.sqlite_module.connect(w.config.database.path)
     conn.execute("UPDATE batch_jobs SET cost_usd = 0.2 WHERE id = ?", (ids[0],))
@@ -375,3 +375,38 @@ def test_run_until_idle_stops_when_the_budget_holds_the_rest_back(world):
     assert run_until_idle(Worker(w.manager, clock=w.clock), 0.01) == EXIT_OK  # instead of polling forever
     st = w.manager.get_queue_stats()
     assert st["ready"] == 1 and st["pending"] == 2 and st["running"] == 0
+
+
+def test_a_batch_dearer_than_estimated_is_recorded_as_billed_and_the_next_flush_sees_it(world):
+    # Token-priced: the estimate takes 4 characters per token, the service bills what it counted (here one token
+    # per word: "a b c d e f g h" is 15 characters, estimated 4 tokens, billed 8).
+    w = world(pricing=TOKEN_PRICED, budget={"daily_usd": 0.014}, queue={"max_batch_size": 1})
+    text = "a b c d e f g h"
+    enqueue(w, [text, text.upper(), "i j k l m n o p"])
+    assert w.manager.flush_queue(force=True) == [1, 2, 3]  # 3 x 4 tokens x $1000/1M = $0.012 estimated
+    st = budget_state(w.store, w.config, w.clock())
+    assert st.spent_today == pytest.approx(0.012)
+    w.manager.sync_status()
+    b = w.store.batch(1)
+    assert b.token_count == 8
+    conn = w.store.sqlite_module.connect(w.config.database.path)
+    est, billed = conn.execute("SELECT estimated_cost_usd, cost_usd FROM batch_jobs WHERE id = 1").fetchone()
+    conn.close()
+    assert est == pytest.approx(0.004) and billed == pytest.approx(0.008)  # recorded as billed, not as estimated
+    st = budget_state(w.store, w.config, w.clock())
+    assert st.spent_today == pytest.approx(0.024) and st.over  # the real spend: over the 0.014 cap now
+    enqueue(w, ["q r"])
+    assert w.manager.flush_queue(force=True) == []
+
+
+def test_packer_splits_at_the_models_input_bytes(make_config):
+    from batchd.cost import packer
+
+    cfg = make_config(embedding={"model": "gemini-embedding-001", "dimensions": 16})
+    p = packer(cfg)
+    assert p.max_bytes == 1_000_000_000 and p.max_rows == 1000  # queue.max_batch_size caps the 1,000,000 rows
+    p.max_bytes = 1000  # the same rule at a size a test can reach: 256 bytes of JSON around each text
+    assert p.offer("k1", "é" * 200)  # 400 bytes of UTF-8 + 256
+    assert not p.offer("k2", "x" * 100) and p.declined_for == "size"  # 656 + 356 > 1000
+    assert p.offer("k1", "é" * 200)  # a duplicate rides free (sent once)
+    assert (p.rows, p.texts, p.bytes) == (2, 1, 656)
