@@ -312,14 +312,14 @@ def test_a_database_made_before_the_ledger_is_upgraded_and_its_old_batches_are_l
 
     cfg = make_config(pricing=PRICED)
     store = Store.open(cfg)
-    conn = store._conn  # test-only: rewind to schema 3 (before m004) with a batch closed back then
+    conn = store._conn  # test-only: rewind to schema 4 (before m005, the ledger) with a batch closed back then
     conn.execute("DROP TABLE batchd_copies")
     conn.execute("DROP INDEX batch_jobs_created_at")
     for name, _ in LEDGER_COLUMNS:
         conn.execute(f"ALTER TABLE batch_jobs DROP COLUMN {name}")
     conn.execute("INSERT INTO batch_jobs(status, model, total_chunks, completed_chunks, token_count, created_at, "
                  "updated_at) VALUES ('COMPLETED', 'test-model', 5, 5, 40, '2026-11-29T10:00:00Z', '2026-11-29T10:00:00Z')")
-    conn.execute("UPDATE batchd_meta SET value = '3' WHERE key = 'schema_version'")
+    conn.execute("UPDATE batchd_meta SET value = '4' WHERE key = 'schema_version'")
     store.close()
 
     store = Store.open(cfg)
