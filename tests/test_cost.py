@@ -199,10 +199,12 @@ def test_budget_blocks_flush_splits_to_fit_and_ignore_budget_overrides(world, tm
     w = world(pricing=PRICED, budget={"daily_usd": 0.12})
     texts = [f"{i:02d}" + "x" * 98 for i in range(5)]
     enqueue(w, texts)
-    ids = w.manager.flush_queue(force=True)  # --force does not bypass the budget
+    ids = w.manager.flush_queue(force=True).created  # --force does not bypass the budget
     assert len(ids) == 1 and w.store.batch(ids[0]).total_chunks == 2  # split to fit: 2 x 0.05 <= 0.12
     assert w.manager.get_queue_stats()["pending"] == 3
-    assert w.manager.flush_queue(force=True) == []  # 0.02 left: the next text does not fit
+    s = w.manager.flush_queue(force=True)
+    assert s.created == [] and s.over_budget and s.budget == "today $0.1000 of $0.1200"  # 0.02 left: no fit
+    assert s.as_dict()["over_budget"] is True
     assert w.manager.get_queue_stats()["pending"] == 3
 
     # Once applied, the billed cost counts instead of the estimate (set higher here by hand; a real case is below).
@@ -247,14 +249,14 @@ def test_over_budget_is_logged_each_time_by_hand_and_once_per_period_by_the_daem
             w.manager.flush_queue(force=True)
     assert [e["event"] for e in logs].count("flush.over_budget") == 1
     with structlog.testing.capture_logs() as logs:
-        assert w.manager.flush_queue(force=True, ignore_budget=True) != []
+        assert w.manager.flush_queue(force=True, ignore_budget=True).created != []
     assert "flush.budget_ignored" in [e["event"] for e in logs]
 
 
 def test_jobs_split_at_max_batch_characters(world):
     w = world(queue={"max_batch_characters": 250})
     enqueue(w, ["a" * 100, "b" * 100, "c" * 100, "d" * 400, "e" * 10])
-    ids = w.manager.flush_queue(force=True)
+    ids = w.manager.flush_queue(force=True).created
     totals = [w.store.batch(i).total_chunks for i in ids]
     assert totals == [2, 1, 1, 1]  # a+b | c | d alone (over the limit by itself: a job of its own, never stuck) | e
 
@@ -269,7 +271,7 @@ def test_a_text_over_the_input_limit_is_flagged_and_sent_or_failed_before_sendin
         t = world()
         with structlog.testing.capture_logs() as logs:
             enqueue(t, ["q" * (limit + 1), "short"])
-            assert t.manager.flush_queue(force=True) == [1]
+            assert t.manager.flush_queue(force=True).created == [1]
         assert any(e["event"] == "batch.over_input_limit" and e["chunks"] == 1 for e in logs)
         assert t.store.batch(1).total_chunks == 2
         return
@@ -286,7 +288,7 @@ def test_vertex_tokens_in_the_ledger_are_what_the_fake_service_reported(vworld):
     w.fake.shuffle, w.fake.split = True, 2
     texts = [f"vertex text {i} with {'some ' * (i % 5)}words" for i in range(40)] + ["vertex text 0 with words"]
     enqueue(w, texts)
-    assert w.manager.flush_queue(force=True) == [1]
+    assert w.manager.flush_queue(force=True).created == [1]
     w.fake.finish()
     w.manager.sync_status()
     assert w.store.batch(1).status == "COMPLETED"
@@ -357,13 +359,13 @@ def test_a_claimed_batch_whose_submit_failed_still_counts_against_the_budget(wor
     w = world(pricing=PRICED, budget={"daily_usd": 0.06})
     w.knobs(submit_errors=2)
     enqueue(w, ["k" * 100])
-    assert w.manager.flush_queue(force=True) == [1]  # claimed, submit failed: it stays PENDING for recovery
+    assert w.manager.flush_queue(force=True).created == [1]  # claimed, submit failed: it stays PENDING for recovery
     assert w.store.batch(1).status == "PENDING" and not w.store.batch(1).google_job_id
     enqueue(w, ["m" * 100])
     # The recovery's resubmit fails too; 0.05 of the 0.06 is still committed to batch 1: the second text waits.
-    assert w.manager.flush_queue(force=True) == []
+    assert w.manager.flush_queue(force=True).created == []
     assert w.store.batch(1).status == "PENDING" and w.manager.get_queue_stats()["pending"] == 1
-    assert w.manager.flush_queue(force=True) == []  # batch 1 submitted by recovery; still no room for a second
+    assert w.manager.flush_queue(force=True).created == []  # batch 1 submitted by recovery; still no room for a second
     assert w.store.batch(1).status == "RUNNING" and w.manager.get_queue_stats()["pending"] == 1
 
 
@@ -383,7 +385,7 @@ def test_a_batch_dearer_than_estimated_is_recorded_as_billed_and_the_next_flush_
     w = world(pricing=TOKEN_PRICED, budget={"daily_usd": 0.014}, queue={"max_batch_size": 1})
     text = "a b c d e f g h"
     enqueue(w, [text, text.upper(), "i j k l m n o p"])
-    assert w.manager.flush_queue(force=True) == [1, 2, 3]  # 3 x 4 tokens x $1000/1M = $0.012 estimated
+    assert w.manager.flush_queue(force=True).created == [1, 2, 3]  # 3 x 4 tokens x $1000/1M = $0.012 estimated
     st = budget_state(w.store, w.config, w.clock())
     assert st.spent_today == pytest.approx(0.012)
     w.manager.sync_status()
@@ -396,7 +398,7 @@ def test_a_batch_dearer_than_estimated_is_recorded_as_billed_and_the_next_flush_
     st = budget_state(w.store, w.config, w.clock())
     assert st.spent_today == pytest.approx(0.024) and st.over  # the real spend: over the 0.014 cap now
     enqueue(w, ["q r"])
-    assert w.manager.flush_queue(force=True) == []
+    assert w.manager.flush_queue(force=True).created == []
 
 
 def test_packer_splits_at_the_models_input_bytes(make_config):
