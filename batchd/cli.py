@@ -1,23 +1,26 @@
 """The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
 
-Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check);
-2 usage error; 75 (EX_TEMPFAIL) another batchd process is flushing or syncing this database; 78 (EX_CONFIG)
-configuration error.
+Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check,
+a damaged or read-only database); 2 usage error; 75 (EX_TEMPFAIL) try again later: another batchd process is
+flushing or syncing this database, the application held the database's write lock for more than 10 s, or the
+disk is full; 78 (EX_CONFIG) configuration error.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any, NoReturn
 
 import click
 import orjson
+import structlog
 
 from batchd.backends import Backend, Checkable, content_hash, make_backend
 from batchd.config import Config, ConfigError, format_duration, load, resolve_path, vertex_missing
 from batchd.errors import one_line
-from batchd.store import Busy, Store, StoreError
+from batchd.store import Busy, DiskFull, Store, StoreError, explain, is_sqlite_error
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -37,6 +40,7 @@ class App:
         self._store: Store | None = None
         self._backend: Backend | None = None
         self._manager: Any = None
+        self.stop = threading.Event()  # set by SIGTERM/SIGINT in the daemon
 
     @property
     def config(self) -> Config:
@@ -53,7 +57,7 @@ class App:
             try:
                 self._store = Store.open(self.config)
             except StoreError as e:
-                fail(f"database error: {self.config.database.path}: {e}")
+                fail_database(self.config.database.path, e)
         return self._store
 
     @property
@@ -75,6 +79,20 @@ class App:
             self._manager = BatchManager(self.store, self.backend, self.config)
         return self._manager
 
+    def wait_for_store(self, notifier: Any) -> None:
+        """The daemon's way to open the database: wait out a full disk or a busy database (daemon.py says how);
+        exit 0 if stopped while waiting."""
+        from batchd import daemon
+
+        if self._store is None:
+            try:
+                store = daemon.wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
+            except StoreError as e:
+                fail_database(self.config.database.path, e)
+            if store is None:
+                sys.exit(0)
+            self._store = store
+
     def setup_logging(self, stream: Any = None) -> None:
         from batchd import logs
 
@@ -88,10 +106,37 @@ class App:
             self._store.close()
 
 
+def fail_database(path: str, problem: StoreError, note: str = "") -> NoReturn:
+    """One line for a database that cannot be used; 75 when trying again later can help (busy, disk full)."""
+    fail(f"database error: {path}: {problem}{note}", EX_TEMPFAIL if isinstance(problem, (Busy, DiskFull)) else 1)
+
+
+class _Commands(click.Group):
+    """Every command's database failures (busy, disk full, damaged, read-only) become one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            app = ctx.obj
+            config = getattr(app, "_config", None)
+            if config is None:
+                raise
+            problem = explain(e, config.database.path)
+            if problem is None and is_sqlite_error(e):
+                # Not a known state of the file (sqlite-vec's own errors, say): still one line; the traceback
+                # is there for `log_level = "debug"`.
+                structlog.get_logger("batchd.cli").debug("cli.database_error", exc_info=True)
+                problem = StoreError(f"{one_line(e)} (run `batchd check` to test the file)")
+            if problem is None:
+                raise
+            fail_database(config.database.path, problem)
+
+
 pass_app = click.make_pass_decorator(App)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH",
               help="Configuration file (default: $BATCHD_CONFIG, else /etc/batchd/batchd.toml).")
 @click.version_option(package_name="batchd")
@@ -132,7 +177,17 @@ def enqueue(app: App, file: Any) -> None:
         if show:
             click.echo(f"\r  queued {done:,} chunks", nl=False)
 
-    counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    try:
+        counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    except Exception as e:
+        # Slices are transactions: say how far it got, so that lines without an id are not queued twice.
+        problem = explain(e, app.config.database.path)
+        if problem is None or not done:
+            raise
+        if show:
+            click.echo()
+        fail_database(app.config.database.path, problem, f" (the first {done:,} good lines were queued; "
+                      "the rest were not)")
     if show and done:
         click.echo()
     click.echo(f"inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged} "
@@ -323,6 +378,13 @@ def check(app: App) -> None:
     store = app.store  # exits 1 with a one-line reason when the database cannot be used
     click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
                f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
+    how, found = store.integrity()
+    if found:
+        click.echo(f"FAIL  database integrity ({how}): {len(found)}{'+' if len(found) >= 20 else ''} problem(s), "
+                   f"first: {found[0]}; restore a backup or rebuild it with the sqlite3 shell's .recover")
+        problems += 1
+    else:
+        click.echo(f"ok    database integrity ({how}): no problems found")
     if cfg.embedding.backend == "vertex":
         for line in vertex_missing(cfg):
             click.echo(f"FAIL  vertex: {line}")
@@ -356,7 +418,6 @@ def check(app: App) -> None:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
-    import structlog
 
     from batchd import daemon, logs
     from batchd.config import parse_duration
@@ -376,13 +437,16 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
     logs.configure(level, stream=sys.stdout)
+    notifier = Notifier()
+    if not once and not until_idle:
+        app.wait_for_store(notifier)
     metrics = None
     mc = app.config.metrics
     if mc.textfile or mc.listen:
         from batchd.metrics import Metrics
 
         metrics = Metrics(mc.textfile)
-    worker = daemon.Worker(app.manager, notifier=Notifier(), metrics=metrics)
+    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
         sys.exit(daemon.run_once(worker))
     if until_idle:

@@ -17,7 +17,9 @@ Exceptions become words in one place (:func:`batchd.errors.one_line`). Shutdown 
 BaseException that no ``except Exception`` here can swallow. Each step returns a summary (:class:`FlushSummary`,
 :class:`SyncSummary`) that the CLI and the daemon read instead of querying the database again.
 
-Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping.
+Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping. Ages are measured
+with :class:`~batchd.clock.Ages`: a wall-clock jump while the process runs neither times jobs out nor delays
+``max_wait`` (``monotonic`` is the clock that does not jump; an injected ``clock`` serves as both by default).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from batchd.backends import (
     Stopped,
     content_hash,
 )
+from batchd.clock import Ages
 from batchd.config import Config, format_duration
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
@@ -57,11 +60,13 @@ class BatchManager:
     """The core of batchd: ``BatchManager(store, backend, config)``, usable without the CLI or the daemon."""
 
     def __init__(self, store: Store, backend: Backend, config: Config, *,
-                 clock: Callable[[], float] = time.time, progress: Callable[[], None] | None = None):
+                 clock: Callable[[], float] = time.time, progress: Callable[[], None] | None = None,
+                 monotonic: Callable[[], float] | None = None):
         self.store = store
         self.backend = backend
         self.config = config
         self.clock = clock
+        self.ages = Ages(clock, monotonic or (time.monotonic if clock is time.time else clock))
         # Called at every slice boundary: feeds the watchdog, and raises Stopped when shutdown was asked.
         self.progress = progress or (lambda: None)
         emb = config.embedding
@@ -108,7 +113,7 @@ class BatchManager:
         if pending >= q.min_batch_size:
             return True
         oldest_ts = parse_iso(oldest)
-        return oldest_ts is not None and self.clock() - oldest_ts >= q.max_wait
+        return oldest_ts is not None and self.ages.age("oldest_pending", oldest_ts) >= q.max_wait
 
     def flush_queue(self, min_size: int | None = None, force: bool = False,
                     ignore_budget: bool = False) -> FlushSummary:
@@ -255,7 +260,9 @@ class BatchManager:
             self.store.wipe_spools()
             self.store.purge_tombstones()
             try:
-                for b in self.store.batches(["RUNNING"]):
+                running = self.store.batches(["RUNNING"])
+                self.ages.keep_only([("batch", b.id) for b in running], "batch")
+                for b in running:
                     self._sync_one(b, summary)
                     self.progress()
             except Stopped:
@@ -284,7 +291,7 @@ class BatchManager:
 
         if not info.state.terminal:
             created = parse_iso(b.created_at) or self.clock()
-            if self.clock() - created > self.config.queue.job_timeout:
+            if self.ages.age(("batch", b.id), created) > self.config.queue.job_timeout:
                 self._time_out(b, summary)
             return
 

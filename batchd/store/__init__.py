@@ -8,6 +8,7 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 - results.py     applying results, finishing / cancelling a batch, retry: every later chunk state change
 - reads.py       queue counts, batches, failure reasons, search
 - ledger.py      the cost ledger: what each batch sent, answered and cost; spend for budgets; metric totals
+- problems.py    what a failure of the file means: busy, disk full, damaged, read-only (one line each)
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from batchd.store.connection import (
 )
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
 from batchd.store.ledger import FAILURE_REASONS, LedgerMixin, ModelLedger, Sent
+from batchd.store.problems import (
+    Damaged,
+    DatabaseBusy,
+    DiskFull,
+    ReadOnly,
+    describe_problem,
+    explain,
+    is_sqlite_error,
+)
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
@@ -43,13 +53,20 @@ __all__ = [
     "ApplyCounts",
     "BatchRow",
     "Busy",
+    "Damaged",
+    "DatabaseBusy",
+    "DiskFull",
     "EnqueueCounts",
     "ModelLedger",
+    "ReadOnly",
     "Sent",
     "Store",
     "StoreBase",
     "StoreError",
     "_sqlite_module",
+    "describe_problem",
+    "explain",
+    "is_sqlite_error",
     "iso",
     "lock_path",
     "parse_iso",
