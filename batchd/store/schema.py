@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from batchd.store.connection import StoreBase, StoreError, claimed_before, iso, quote_ident
+from batchd.store.ledger import LEDGER_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
@@ -284,6 +285,20 @@ def m004_triggers_never_fail(store: Store) -> None:
         f"WHEN EXISTS (SELECT 1 FROM {t} WHERE {i} = NEW.{i}) BEGIN {tombstone('NEW')} END")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail]
+def m005_cost_ledger(store: Store) -> None:
+    """The cost ledger: per-batch counts and prices on batch_jobs, local copies per day and model."""
+    have = {c.lower() for c in store.table_columns("batch_jobs")}
+    for name, decl in LEDGER_COLUMNS:
+        if name not in have:
+            store.execute_ddl(f"ALTER TABLE batch_jobs ADD COLUMN {name} {decl}")
+    store.execute_ddl("CREATE INDEX IF NOT EXISTS batch_jobs_created_at ON batch_jobs(created_at)")
+    store.execute_ddl(
+        "CREATE TABLE IF NOT EXISTS batchd_copies (day TEXT NOT NULL, model TEXT NOT NULL, "
+        "rows INTEGER NOT NULL DEFAULT 0, characters INTEGER NOT NULL DEFAULT 0, "
+        "billable_characters INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, model))")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail,
+                                      m005_cost_ledger]
 
 SCHEMA_VERSION = len(STEPS)
