@@ -17,7 +17,7 @@ import click
 import orjson
 import structlog
 
-from batchd.backends import Backend, Checkable, make_backend
+from batchd.backends import Backend, Checkable, content_hash, make_backend
 from batchd.config import Config, ConfigError, format_duration, load, resolve_path, vertex_missing
 from batchd.errors import one_line
 from batchd.store import Busy, DiskFull, Store, StoreError, explain, is_sqlite_error
@@ -80,13 +80,13 @@ class App:
         return self._manager
 
     def wait_for_store(self, notifier: Any) -> None:
-        """The daemon's way to open the database: wait out a full disk or a busy database (daemon.py says how);
+        """The daemon's way to open the database: wait out a full disk or a busy database (startup.py says how);
         exit 0 if stopped while waiting."""
-        from batchd import daemon
+        from batchd.startup import wait_for_database
 
         if self._store is None:
             try:
-                store = daemon.wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
+                store = wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
             except StoreError as e:
                 fail_database(self.config.database.path, e)
             if store is None:
@@ -197,15 +197,18 @@ def enqueue(app: App, file: Any) -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size.")
+@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size (within the budget).")
+@click.option("--ignore-budget", is_flag=True, help="Submit even if [budget] says the money for today/this month is spent.")
 @pass_app
-def flush(app: App, force: bool) -> None:
+def flush(app: App, force: bool, ignore_budget: bool) -> None:
     """Claim pending chunks into batch jobs and submit them."""
     app.setup_logging()
     try:
-        s = app.manager.flush_queue(force=force)
+        s = app.manager.flush_queue(force=force, ignore_budget=ignore_budget)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
+    if s.over_budget:
+        click.echo(f"budget: {s.budget}; pending chunks wait (flush --ignore-budget to send anyway)")
     ids = s.created
     failed = [n for n in s.not_submitted if n.batch_id in ids]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
@@ -251,6 +254,67 @@ def stats(app: App, as_json: bool) -> None:
     for reason, n in app.store.failure_reasons() if st["failed"] else []:
         click.echo(f"  {n:>8,} x {reason}")
     click.echo("batches  " + "  ".join(f"{k.lower()}={v}" for k, v in st["batches"].items()))
+    from batchd.cost import spend_line
+
+    click.echo(spend_line(app.store, app.config, time.time()))
+
+
+@main.command()
+@click.option("--since", default="30d", show_default=True, metavar="PERIOD",
+              help="How far back: a duration (30d, 12h, 2w) or a UTC date (2026-11-01).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts at full precision).")
+@pass_app
+def cost(app: App, since: str, as_json: bool) -> None:
+    """What batchd cost and saved: batches, rows and characters sent, billed tokens/characters, USD by model."""
+    from batchd.cost import cost_report, parse_since, usd
+
+    app.setup_logging()
+    now = time.time()
+    try:
+        start = parse_since(since, now)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    r = cost_report(app.store, app.config, start)
+    if as_json:
+        click.echo(orjson.dumps(r).decode())
+        return
+    click.echo(f"since    {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(start))}")
+    click.echo(f"cost     {usd(r['cost_usd'])} (online would have been {usd(r['online_cost_usd'])}; "
+               f"saved {usd(r['saved_usd'])}, {r['rows_deduplicated']:,} rows deduplicated or copied locally)")
+    click.echo(f"sent     {r['batches']:,} batches, {r['rows']:,} rows, {r['characters']:,} characters; billed "
+               f"{r['billable_characters']:,} characters, {r['tokens']:,} tokens")
+    for model, m in r["by_model"].items():
+        click.echo(f"  {model or '(no model)'}: {usd(m['cost_usd'])}, {m['batches']:,} batches, {m['rows']:,} rows, "
+                   f"{m['tokens']:,} tokens, {m['billable_characters']:,} billable characters")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_app
+def estimate(app: App, as_json: bool) -> None:
+    """What flushing the pending chunks now would send and cost. Changes nothing."""
+    from batchd.cost import budget_state, usd
+    from batchd.cost import estimate as estimate_queue
+    from batchd.pricing import CHARS_PER_TOKEN, price_for
+
+    app.setup_logging()
+    emb = app.config.embedding
+    # Hashes as the manager makes them, without constructing a backend (no credentials needed, nothing sent).
+    e = estimate_queue(app.store, app.config, lambda t: content_hash(t, emb.model, emb.task_type, emb.dimensions))
+    if as_json:
+        click.echo(orjson.dumps(e.as_dict()).decode())
+        return
+    price = price_for(app.config)
+    click.echo(f"pending  {e.chunks:,} chunks: {e.to_send:,} distinct texts to send, {e.copied_locally:,} copied locally")
+    click.echo(f"size     {e.characters:,} characters ({e.billable_characters:,} billable), "
+               f"~{e.tokens_estimate:,} tokens, {e.jobs:,} job(s)")
+    how = {"1m_tokens": f"tokens estimated at {CHARS_PER_TOKEN} characters each; the service reports the real count",
+           "1k_characters": "billable characters: code points, white space excluded",
+           "none": "runs on this machine"}[price.unit]
+    click.echo(f"cost     {usd(e.cost_usd)} at the batch price of {app.config.embedding.model} ({how})")
+    st = budget_state(app.store, app.config, time.time())
+    if st.limited:
+        click.echo(f"budget   {st.describe()}")
 
 
 @main.command()
@@ -410,7 +474,6 @@ def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
-
     from batchd import daemon, logs
     from batchd.config import parse_duration
     from batchd.systemd import Notifier
@@ -432,7 +495,13 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     notifier = Notifier()
     if not once and not until_idle:
         app.wait_for_store(notifier)
-    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop)
+    metrics = None
+    mc = app.config.metrics
+    if mc.textfile or mc.listen:
+        from batchd.metrics import Metrics
+
+        metrics = Metrics(mc.textfile)
+    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
         sys.exit(daemon.run_once(worker))
     if until_idle:
@@ -444,7 +513,7 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
                            f"failed={st['failed']:,}", err=True)
 
         sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
-    sys.exit(daemon.serve(worker))
+    sys.exit(daemon.serve(worker, listen=mc.address))
 
 
 @main.command("search")

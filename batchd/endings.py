@@ -164,6 +164,7 @@ class JobEndings(_Base):
             try:
                 info = self.backend.status(job)
             except Exception as e:
+                self.remote_errors["status"] += 1
                 log.warning("job.status_failed", batch_id=b.id, google_job_id=job, error=one_line(e),
                             exc_info=not is_expected(e))
         if info.state.terminal:
@@ -186,6 +187,7 @@ class JobEndings(_Base):
             try:
                 info = self.backend.status(job)
             except Exception as e:
+                self.remote_errors["status"] += 1
                 log.warning("job.status_failed", batch_id=batch_id, google_job_id=job, error=one_line(e),
                             exc_info=not is_expected(e))
                 return

@@ -28,11 +28,13 @@ with :class:`~batchd.clock.Ages`: a wall-clock jump while the process runs neith
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from batchd.accounting import Accounting
 from batchd.backends import (
     Backend,
     BackendError,
@@ -69,6 +71,11 @@ class BatchManager(JobEndings):
         self.progress = progress or (lambda: None)
         emb = config.embedding
         self._model, self._task, self._dims = emb.model, emb.task_type, emb.dimensions
+        # Remote calls that failed, by call (submit, find_job, status, results, cancel): process-lifetime counts
+        # for the metrics (batchd_remote_errors_total{kind}).
+        self.remote_errors: Counter[str] = Counter()
+        # Money and size: what each batch may hold and cost, what it sent and what it was billed.
+        self.accounting = Accounting(store, config, clock)
 
     # ------------------------------------------------------------------ helpers
 
@@ -90,9 +97,10 @@ class BatchManager(JobEndings):
         purged = self.store.purge_tombstones()
         hashed, empty = self.store.prepare_pending(self.hash_text, now)
         copied = self.store.copy_known_vectors(now)
-        if purged or empty or copied:
+        too_long = self.accounting.fail_too_long()
+        if purged or empty or copied or too_long:
             log.info("queue.prepared", vectors_removed=purged, hashed=hashed, failed_empty=empty,
-                     copied_locally=copied)
+                     copied_locally=copied, failed_too_long=too_long)
 
     # ------------------------------------------------------------------ flush
 
@@ -107,26 +115,33 @@ class BatchManager(JobEndings):
         oldest_ts = parse_iso(oldest)
         return oldest_ts is not None and self.ages.age("oldest_pending", oldest_ts) >= q.max_wait
 
-    def flush_queue(self, min_size: int | None = None, force: bool = False) -> FlushSummary:
+    def flush_queue(self, min_size: int | None = None, force: bool = False,
+                    ignore_budget: bool = False) -> FlushSummary:
         """Recover earlier batches, then claim pending chunks into batches and submit them.
 
         Below the threshold (``min_size`` or ``queue.min_batch_size``, or ``max_wait``) and not ``force``:
-        claims nothing. Splits at ``max_batch_size``; never has more than ``max_running_jobs`` batches in
-        flight. A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent
+        claims nothing. Splits at ``max_batch_size``, ``queue.max_batch_characters`` and the model's input
+        bytes; never has more than ``max_running_jobs`` batches in flight. With a ``[budget]``, a batch is only
+        submitted if its estimated cost fits what is left today and this month (fewer chunks are claimed to
+        fit); otherwise the chunks stay pending, ``flush.over_budget`` is logged and the summary says so
+        (``over_budget``; not an error). ``force`` does not bypass the budget; ``ignore_budget`` does, and logs
+        that it did. A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent
         failure closes the batch FAILED and counts an attempt on its chunks. Shutdown (``progress`` raising
         Stopped) ends the flush with ``stopped`` set. Raises Busy when another process holds the worker lock.
         """
         summary = FlushSummary()
         with self.store.worker_lock():
             try:
-                self._flush_queue(min_size, force, summary)
+                self._flush_queue(min_size, force, summary, ignore_budget)
             except Stopped:
                 summary.stopped = True
                 log.info("flush.stopped", created=len(summary.created), submitted=len(summary.submitted))
         return summary
 
-    def _flush_queue(self, min_size: int | None, force: bool, summary: FlushSummary) -> None:
+    def _flush_queue(self, min_size: int | None, force: bool, summary: FlushSummary,
+                     ignore_budget: bool = False) -> None:
         q = self.config.queue
+        self.accounting.declined = False
         self._recover(summary)
         self.prepare()
         pending, _ = self.store.pending_summary()
@@ -134,10 +149,18 @@ class BatchManager(JobEndings):
         if not force and pending < threshold and not self.should_flush():
             log.debug("flush.below_threshold", pending=pending, min_batch_size=threshold)
             return
+        if ignore_budget and self.config.budget.daily_usd + self.config.budget.monthly_usd > 0:
+            log.warning("flush.budget_ignored", daily_usd=self.config.budget.daily_usd,
+                        monthly_usd=self.config.budget.monthly_usd)
         while self.store.count_active_batches() < q.max_running_jobs:
-            claimed = self.store.claim_batch(q.max_batch_size, self._model, self.clock())
+            size, estimated = self.accounting.next_batch(ignore_budget, pending)
+            if size == 0:
+                break
+            claimed = self.store.claim_batch(size, self._model, self.clock())
             if claimed is None:
                 break
+            if estimated is not None:
+                self.store.set_estimate(claimed[0], estimated)  # spent from now on, for the next batch's budget
             batch_id, n = claimed
             crash_point("claim.committed")
             summary.created.append(batch_id)
@@ -150,6 +173,10 @@ class BatchManager(JobEndings):
                 break
         if not summary.created and pending and self.store.count_active_batches() >= q.max_running_jobs:
             log.info("flush.at_capacity", pending=pending, max_running_jobs=q.max_running_jobs)
+        budget = self.accounting.budget
+        if budget is not None and budget.limited:
+            summary.over_budget = self.accounting.declined
+            summary.budget = budget.describe()
 
     def _submit(self, batch_id: int, summary: FlushSummary) -> str | None:
         """Submit a claimed batch. The batch row was committed before this call (rule 1)."""
@@ -157,9 +184,12 @@ class BatchManager(JobEndings):
             self._close(summary, batch_id, None, "COMPLETED", "batch.empty", reason=_EMPTY)
             return None
         started = time.monotonic()
+        counted: dict[str, Any] = {}
         try:
-            job = self.backend.submit(batch_id, self.store.batch_items(batch_id), progress=self.progress)
+            job = self.backend.submit(batch_id, self.accounting.counting(self.store.batch_items(batch_id), counted),
+                                      progress=self.progress)
         except PermanentError as e:
+            self.remote_errors["submit"] += 1
             self._close(summary, batch_id, None, "FAILED", "batch.submit_failed", reason=f"submit rejected: {e}",
                         error=str(e), permanent=True)
             return None
@@ -173,6 +203,7 @@ class BatchManager(JobEndings):
             self._cancel_remote(batch_id, job)
             log.warning("batch.closed_during_submit", batch_id=batch_id, google_job_id=job)
             return None
+        self.accounting.sent(batch_id, counted)
         summary.note_submitted(batch_id)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
@@ -204,6 +235,7 @@ class BatchManager(JobEndings):
             crash_point("recover.found")
             if found:
                 if self.store.mark_submitted(b.id, found, self.clock()):
+                    self.accounting.adopted(b.id)  # sent before the crash: count what it holds
                     summary.note_submitted(b.id)
                     log.info("batch.adopted", batch_id=b.id, google_job_id=found)
                 else:
@@ -245,6 +277,7 @@ class BatchManager(JobEndings):
         except PermanentError as e:
             # The job is gone (deleted remotely, or a name the service no longer knows): waiting until
             # job_timeout would only delay the retry of its chunks.
+            self.remote_errors["status"] += 1
             self._close(summary, b.id, job, "FAILED", "job.lost", reason=f"remote job lost: {e}", error=str(e))
             return
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
@@ -275,6 +308,7 @@ class BatchManager(JobEndings):
         try:
             self.backend.cancel(job)
         except Exception as e:  # cancel is best effort
+            self.remote_errors["cancel"] += 1
             log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=one_line(e),
                         exc_info=not is_expected(e))
 
@@ -287,6 +321,7 @@ class BatchManager(JobEndings):
         (``event``: info when COMPLETED, error when FAILED)."""
         n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status=status,
                                             error=reason)
+        self.accounting.closed(batch_id)  # priced at the figure in force now (the cost ledger)
         summary.note_closed(batch_id, status, reason, n, failed)
         emit = log.info if status == "COMPLETED" else log.error
         if reason is not None:
@@ -299,6 +334,7 @@ class BatchManager(JobEndings):
         traceback goes to the log when ``e`` is not an operational error: a bug in a backend must not hide
         behind an endless "will retry"."""
         error = one_line(e)
+        self.remote_errors[_REMOTE_CALL.get(event, "other")] += 1
         reason = f"{what}, will retry: {error}"
         self.store.note_batch_error(batch_id, reason, self.clock())
         summary.note_deferred(batch_id, reason, error)
@@ -330,6 +366,8 @@ class BatchManager(JobEndings):
                     on_round(stats)
                 if stats["pending"] == 0 and stats["running"] == 0:
                     return Drained("idle", rounds, stats)
+                if stats["running"] == 0 and self.accounting.declined:
+                    return Drained("over_budget", rounds, stats)  # nothing more may be sent: waiting is useless
                 counts = tuple(stats.get(k) for k in ("pending", "running", "ready", "failed"))
                 stalled = stalled + 1 if counts == before else 0
                 before = counts
@@ -402,6 +440,7 @@ class BatchManager(JobEndings):
         if n is None:
             log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
             return False
+        self.accounting.closed(batch_id)
         log.info("batch.cancelled", batch_id=batch_id, google_job_id=job, chunks=n)
         return True
 
@@ -413,6 +452,9 @@ class BatchManager(JobEndings):
 
 
 _EMPTY = "every chunk changed or was deleted before submit"
+# The remote call behind each deferral event (batchd_remote_errors_total{kind}).
+_REMOTE_CALL = {"batch.submit_retry": "submit", "batch.recover_failed": "find_job", "job.status_failed": "status",
+                "job.results_failed": "results"}
 
 
 __all__ = ["BackendError", "BatchManager", "Drained", "FlushSummary", "JobState", "NotSubmitted", "SyncSummary"]

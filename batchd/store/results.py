@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchd.backends import ResultLine
+from batchd.pricing import billable_characters
 from batchd.store.connection import StoreBase, iso
 from batchd.store.spool import Spool, spool_path, wipe_spools
 
@@ -218,6 +219,11 @@ class ResultsMixin(StoreBase):
             errors = c.execute("SELECT key, error FROM batchd_spool.lines WHERE vector IS NULL").fetchall()
             tokens = c.execute(
                 "SELECT coalesce(sum(tokens), 0) FROM batchd_spool.lines WHERE vector IS NOT NULL").fetchone()[0]
+            # Cost ledger: the billable characters of every answered text (counted once per complete apply, like
+            # the tokens; a text no chunk holds any more cannot be counted).
+            billable = sum(billable_characters(text) for (text,) in c.execute(
+                f"SELECT (SELECT c.{self.q_text} FROM {t} c WHERE c.content_hash = s.key LIMIT 1) "
+                "FROM batchd_spool.lines s WHERE s.vector IS NOT NULL") if isinstance(text, str))
             for start in range(0, max(len(errors), 1), IN_SLICE):
                 with self.transaction() as w:
                     part_errored = 0
@@ -230,8 +236,9 @@ class ResultsMixin(StoreBase):
                     errored += part_errored
                     w.execute(
                         "UPDATE batch_jobs SET failed_chunks = failed_chunks + ?, "
-                        "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
-                        (part_errored, tokens if start == 0 else 0, stamp, batch_id))
+                        "token_count = coalesce(token_count, 0) + ?, billable_characters = billable_characters + ?, "
+                        "updated_at = ? WHERE id = ?",
+                        (part_errored, tokens if start == 0 else 0, billable if start == 0 else 0, stamp, batch_id))
             # Lines whose text no chunk of the table has (through the hash index; normally none): a mismatch
             # between what was sent and what came back, or a row rewritten or deleted while in flight.
             unmatched = c.execute(
