@@ -248,6 +248,8 @@ def stats(app: App, as_json: bool) -> None:
     click.echo(f"pending  {st['pending']:>10,}")
     click.echo(f"running  {st['running']:>10,}")
     click.echo(f"ready    {st['ready']:>10,}")
+    if st.get("truncated"):
+        click.echo(f"  {st['truncated']:>8,} x input truncated by the service (vector of the first tokens only)")
     click.echo(f"failed   {st['failed']:>10,}")
     for reason, n in app.store.failure_reasons() if st["failed"] else []:
         click.echo(f"  {n:>8,} x {reason}")
@@ -330,11 +332,13 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
         for b in rows:
             click.echo(orjson.dumps(b.__dict__).decode())
         return
-    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  {'age':>6}  error")
+    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  "
+               f"{'unmatched':>9}  {'age':>6}  error")
     for b in rows:
         created = parse_iso(b.created_at) or now
         click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
-                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {b.unmatched_lines:>9}  "
+                   f"{format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
 
 
 @main.command()
@@ -368,9 +372,25 @@ def cancel(app: App, batch_id: int) -> None:
 
 
 @main.command()
+@click.option("--live", is_flag=True,
+              help="Also run a tiny real job (3 fixed texts, never your chunks) and verify what comes back.")
+@click.option("--timeout", "timeout", default="30m", show_default=True, metavar="DURATION",
+              help="With --live: how long to wait for the job (then it is cancelled).")
+@click.option("--keep", is_flag=True, help="With --live: leave the job's staged files for inspection.")
+@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
+              help="With --live: the pause between status checks.")
 @pass_app
-def check(app: App) -> None:
-    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
+def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
+    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well.
+
+    With --live, a 3-text job runs end to end through the same code path as real batches; Ctrl-C cancels it
+    and deletes its files (exit 130)."""
+    from batchd.config import parse_duration
+
+    try:
+        timeout_s, poll_s = parse_duration(timeout), parse_duration(poll)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timeout/--poll") from None
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
@@ -401,13 +421,49 @@ def check(app: App) -> None:
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
         for r in backend.check():
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
+            mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
+            click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
             problems += 0 if r.ok else 1
-    closer = getattr(backend, "close", None)
-    if callable(closer):
-        closer()
-    if problems:
-        sys.exit(1)
+    status = 1 if problems else 0
+    try:
+        if live and not problems:
+            status = _live_check(backend, cfg, timeout_s, keep, poll_s)
+        elif live:
+            click.echo("FAIL  live check: not run while the checks above fail")
+    finally:
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            closer()
+    if status:
+        sys.exit(status)
+
+
+def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:
+    from batchd.livecheck import run_live_check
+
+    show = sys.stderr.isatty()
+    last: list[str] = []
+
+    def waiting(state: str, elapsed: float) -> None:
+        if show:
+            click.echo(f"\r      waiting for the job: {state:<20} {format_duration(elapsed, exact=False):>6}",
+                       nl=False, err=True)
+        elif last != [state]:
+            click.echo(f"      waiting for the job: {state} after {format_duration(elapsed, exact=False)}", err=True)
+        last[:] = [state]
+
+    def echo(line: Any) -> None:
+        if show and last:
+            click.echo(err=True)
+            last.clear()
+        click.echo(str(line))
+
+    emb = cfg.embedding
+    res = run_live_check(backend, emb.model, emb.task_type, emb.dimensions, timeout=timeout, keep=keep, poll=poll,
+                         echo=echo, waiting=waiting)
+    if res.interrupted:
+        return 130
+    return 0 if res.ok else 1
 
 
 @main.command()

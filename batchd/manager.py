@@ -6,6 +6,9 @@ It knows no SQL text and no HTTP. Every method is safe to call again after a cra
 - recover adopts a job created before a crash (found by its labels) or submits the batch again;
 - sync_status applies results in slices, each its own transaction, and finishing a batch twice changes nothing.
 
+How a finished (or failed, cancelled, expired, timed-out) job's output becomes chunk states is in
+:mod:`batchd.endings`, a mixin of this class.
+
 The failure policy is written once, as two moves every path uses:
 
 - :meth:`BatchManager._close` ends a batch for good with a status and a reason (its remaining chunks count an
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -36,15 +39,14 @@ from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
-    JobInfo,
     JobState,
     PermanentError,
-    ResultLine,
     Stopped,
     content_hash,
 )
 from batchd.clock import Ages
-from batchd.config import Config, format_duration
+from batchd.config import Config
+from batchd.endings import JobEndings
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
 from batchd.store import Store, parse_iso
@@ -52,11 +54,9 @@ from batchd.summary import Drained, FlushSummary, NotSubmitted, SyncSummary
 
 log = structlog.get_logger("batchd.manager")
 
-RESULT_SLICE = 2_000  # lines parsed per spool transaction
-SPOOL_MAX_BYTES = 1 << 30  # a bigger job (1M rows x 3,072 dims is ~12 GB) is spooled and applied in rounds
 
 
-class BatchManager:
+class BatchManager(JobEndings):
     """The core of batchd: ``BatchManager(store, backend, config)``, usable without the CLI or the daemon."""
 
     def __init__(self, store: Store, backend: Backend, config: Config, *,
@@ -289,83 +289,11 @@ class BatchManager:
             if info.state.value != b.remote_state:
                 log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)
 
-        if not info.state.terminal:
-            created = parse_iso(b.created_at) or self.clock()
-            if self.ages.age(("batch", b.id), created) > self.config.queue.job_timeout:
-                self._time_out(b, summary)
+        if not info.state.terminal:  # PAUSED and UPDATING too: keep polling, bounded by job_timeout
+            if self._timed_out(b):
+                self._time_out(b, info, summary)
             return
-
-        if not info.state.has_results:
-            reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
-            self._close(summary, b.id, job, "FAILED", "job.failed", reason=reason, state=info.state.value,
-                        error=info.error)
-            return
-        lines = self._apply_all(b.id, job, summary)
-        if lines is None:
-            return  # deferred; the next sync re-reads and applies the rest
-        self._compare_counts(b.id, job, info, lines)
-        row = self.store.batch(b.id)
-        self._close(summary, b.id, job, "COMPLETED", "batch.synced", state=info.state.value,
-                    applied=row.completed_chunks if row else None, chunks_key="missing",
-                    failed=row.failed_chunks if row else None, lines=lines,
-                    service_succeeded=info.succeeded, service_failed=info.failed)
-        self._cleanup(b.id, job)
-
-    def _compare_counts(self, batch_id: int, job: str, info: JobInfo, lines: int) -> None:
-        """The service's own count of the rows it answered against the lines read: fewer lines means output
-        files batchd did not find (a changed output layout, a listing cut short) — their chunks come back as
-        missing and are retried, and the operator should know why."""
-        if info.succeeded is None or info.failed is None:
-            return
-        if lines < info.succeeded + info.failed:
-            log.warning("job.output_short", batch_id=batch_id, google_job_id=job, lines=lines,
-                        service_succeeded=info.succeeded, service_failed=info.failed)
-
-    def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> int | None:
-        """Read every result line into a spool, then apply the spool in chunk-id order. Returns the lines read,
-        None when reading failed (the batch is deferred).
-
-        Two phases (store/spool.py): parsing holds no lock on the shared database; applying in id order
-        writes neighbouring pages in each short transaction instead of ~40% of the table per slice. A job
-        whose spool would pass SPOOL_MAX_BYTES is applied in rounds of that size. Stopped while spooling
-        leaves nothing applied; while applying, whole slices (the next sync re-reads and applies the rest).
-        """
-        q = self.config.queue
-        started = time.monotonic()
-        lines = 0
-        with self.store.open_spool(batch_id) as spool:
-            try:
-                for chunk in _slices(self.backend.results(job, progress=self.progress), RESULT_SLICE):
-                    spool.add(chunk)
-                    lines += len(chunk)
-                    self.progress()
-                    if spool.size_bytes() >= SPOOL_MAX_BYTES:
-                        self._apply_spool(batch_id, spool, summary)
-                        spool.clear()
-            except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
-                self._defer(summary, batch_id, job, "reading results failed", e, "job.results_failed", lines=lines)
-                return None
-            read_ms = round((time.monotonic() - started) * 1000)
-            self._apply_spool(batch_id, spool, summary)
-        log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines, read_ms=read_ms,
-                  duration_ms=round((time.monotonic() - started) * 1000), max_attempts=q.max_attempts)
-        return lines
-
-    def _apply_spool(self, batch_id: int, spool: Any, summary: SyncSummary) -> None:
-        def on_slice(applied: int) -> None:
-            summary.applied += applied
-            crash_point("results.slice_applied")
-            self.progress()
-
-        counts = self.store.apply_spool(batch_id, spool, self.config.queue.max_attempts, self.clock(),
-                                        on_slice=on_slice)
-        summary.errored += counts.errored
-        summary.failed += counts.failed
-
-    def _time_out(self, b: Any, summary: SyncSummary) -> None:
-        self._cancel_remote(b.id, b.google_job_id)
-        self._close(summary, b.id, b.google_job_id, "FAILED", "job.timed_out",
-                    reason=f"job timed out after {format_duration(self.config.queue.job_timeout)} and was cancelled")
+        self._finish_job(b, info, summary)
 
     def _cleanup(self, batch_id: int, job: str) -> None:
         if not isinstance(self.backend, Cleanable):
@@ -503,6 +431,11 @@ class BatchManager:
                 raise
             except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
                 raise BackendError(one_line(e)) from None
+            else:
+                # Under the worker lock (Busy while a step runs: the operator tries again, and a sync that
+                # gets there first applies the export itself); the spool is one per batch.
+                with self.store.worker_lock():
+                    self._apply_cancelled_export(batch_id, job)
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
         if n is None:
             log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
@@ -522,17 +455,6 @@ _EMPTY = "every chunk changed or was deleted before submit"
 # The remote call behind each deferral event (batchd_remote_errors_total{kind}).
 _REMOTE_CALL = {"batch.submit_retry": "submit", "batch.recover_failed": "find_job", "job.status_failed": "status",
                 "job.results_failed": "results"}
-
-
-def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]]:
-    buf: list[ResultLine] = []
-    for line in lines:
-        buf.append(line)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 __all__ = ["BackendError", "BatchManager", "Drained", "FlushSummary", "JobState", "NotSubmitted", "SyncSummary"]

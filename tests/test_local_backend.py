@@ -283,3 +283,37 @@ def test_sigkill_during_a_local_job_then_restart_finishes_every_chunk_once(
     assert read[0]["replayed"] == 30 and read[0]["computed"] == 90  # resumed, not redone
     all_ready_once(store, 120)
     assert BatchManager(store, backend, cfg).sync_status().applied == 0  # a second sync changes nothing
+
+
+def test_odd_vectors_in_the_output_never_reach_chunks_vec(local: Callable[..., Any]) -> None:
+    """Issue 9 item 8, local backend: vectors replayed from a job's output file (or computed) go through
+    fit_vector: +inf, NaN and all-zero vectors become error lines for their chunks, never rows of chunks_vec.
+    Every line is replayed here, so the model is never loaded."""
+    import base64
+
+    cfg, store, backend = local()
+    manager = BatchManager(store, backend, cfg)
+    texts = ["fine", "infinite", "not a number", "all zeros"]
+    manager.enqueue([(None, t) for t in texts])
+    [batch_id] = manager.flush_queue().created
+    job = store.batch(batch_id).google_job_id
+    inp = cfg.state_dir / (job + ".in.jsonl")
+    good = np.full(384, 0.05, dtype="<f4")
+    odd = {"fine": good, "infinite": np.where(np.arange(384) == 3, np.inf, 0.05).astype("<f4"),
+           "not a number": np.where(np.arange(384) == 9, np.nan, 0.05).astype("<f4"),
+           "all zeros": np.zeros(384, dtype="<f4")}
+    with open(cfg.state_dir / (job + ".out.jsonl"), "wb") as out:
+        for raw in inp.read_text().splitlines():
+            line = json.loads(raw)
+            vec = base64.b64encode(odd[line["text"]].tobytes()).decode()
+            out.write((json.dumps({"key": line["key"], "vector": vec}) + "\n").encode())
+    manager.sync_status()
+    rows = {c["text"]: c for c in store.chunks()}
+    assert rows["fine"]["embedding_status"] == "READY"
+    assert store.vector(rows["fine"]["id"]) == good.tobytes()
+    assert store.vector_count() == 1
+    for text, reason in (("infinite", "embedding values are not finite"),
+                         ("not a number", "embedding values are not finite"),
+                         ("all zeros", "vector has zero length (norm 0)")):
+        assert (rows[text]["embedding_status"], rows[text]["attempts"], rows[text]["error_message"]) == \
+            ("PENDING", 1, reason), rows[text]

@@ -152,17 +152,20 @@ class IntakeMixin(StoreBase):
                 pairs = c.execute(find).fetchall()
                 if not pairs:
                     break
-                vecs = []
+                vecs, sources = [], []
                 chars = billable = 0
                 for dst, src, text in pairs:
                     row = c.execute("SELECT embedding FROM chunks_vec WHERE chunk_id = ?", (src,)).fetchone()
                     if row is not None:
                         vecs.append((dst, row[0]))
+                        sources.append((src, dst))
                         chars += len(text)
                         billable += billable_characters(text)
                 if not vecs:
                     break
                 self._write_vectors(c, vecs, stamp)
+                c.executemany(f"UPDATE {t} SET truncated = (SELECT truncated FROM {t} WHERE {i} = ?) WHERE {i} = ?",
+                              sources)  # a copy of a vector made from a truncated input is one too
                 self._add_copies(c, now, len(vecs), chars, billable)  # type: ignore[attr-defined]
                 copied += len(vecs)
             if len(pairs) < 2000:
