@@ -19,7 +19,7 @@ import click
 import orjson
 import structlog
 
-from batchd.backends import Backend, Checkable, make_backend
+from batchd.backends import Backend, Checkable, content_hash, make_backend
 from batchd.config import Config, ConfigError, format_duration, load, resolve_path, vertex_missing
 from batchd.errors import one_line
 from batchd.store import Busy, DiskFull, Store, StoreError, explain, is_sqlite_error
@@ -206,15 +206,18 @@ def enqueue(app: App, file: Any) -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size.")
+@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size (within the budget).")
+@click.option("--ignore-budget", is_flag=True, help="Submit even if [budget] says the money for today/this month is spent.")
 @pass_app
-def flush(app: App, force: bool) -> None:
+def flush(app: App, force: bool, ignore_budget: bool) -> None:
     """Claim pending chunks into batch jobs and submit them."""
     app.setup_logging()
     try:
-        s = app.manager.flush_queue(force=force)
+        s = app.manager.flush_queue(force=force, ignore_budget=ignore_budget)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
+    if s.over_budget:
+        click.echo(f"budget: {s.budget}; pending chunks wait (flush --ignore-budget to send anyway)")
     ids = s.created
     failed = [n for n in s.not_submitted if n.batch_id in ids]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
@@ -254,10 +257,73 @@ def stats(app: App, as_json: bool) -> None:
     click.echo(f"pending  {st['pending']:>10,}")
     click.echo(f"running  {st['running']:>10,}")
     click.echo(f"ready    {st['ready']:>10,}")
+    if st.get("truncated"):
+        click.echo(f"  {st['truncated']:>8,} x input truncated by the service (vector of the first tokens only)")
     click.echo(f"failed   {st['failed']:>10,}")
     for reason, n in app.store.failure_reasons() if st["failed"] else []:
         click.echo(f"  {n:>8,} x {reason}")
     click.echo("batches  " + "  ".join(f"{k.lower()}={v}" for k, v in st["batches"].items()))
+    from batchd.cost import spend_line
+
+    click.echo(spend_line(app.store, app.config, time.time()))
+
+
+@main.command()
+@click.option("--since", default="30d", show_default=True, metavar="PERIOD",
+              help="How far back: a duration (30d, 12h, 2w) or a UTC date (2026-11-01).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts at full precision).")
+@pass_app
+def cost(app: App, since: str, as_json: bool) -> None:
+    """What batchd cost and saved: batches, rows and characters sent, billed tokens/characters, USD by model."""
+    from batchd.cost import cost_report, parse_since, usd
+
+    app.setup_logging()
+    now = time.time()
+    try:
+        start = parse_since(since, now)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    r = cost_report(app.store, app.config, start)
+    if as_json:
+        click.echo(orjson.dumps(r).decode())
+        return
+    click.echo(f"since    {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(start))}")
+    click.echo(f"cost     {usd(r['cost_usd'])} (online would have been {usd(r['online_cost_usd'])}; "
+               f"saved {usd(r['saved_usd'])}, {r['rows_deduplicated']:,} rows deduplicated or copied locally)")
+    click.echo(f"sent     {r['batches']:,} batches, {r['rows']:,} rows, {r['characters']:,} characters; billed "
+               f"{r['billable_characters']:,} characters, {r['tokens']:,} tokens")
+    for model, m in r["by_model"].items():
+        click.echo(f"  {model or '(no model)'}: {usd(m['cost_usd'])}, {m['batches']:,} batches, {m['rows']:,} rows, "
+                   f"{m['tokens']:,} tokens, {m['billable_characters']:,} billable characters")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_app
+def estimate(app: App, as_json: bool) -> None:
+    """What flushing the pending chunks now would send and cost. Changes nothing."""
+    from batchd.cost import budget_state, usd
+    from batchd.cost import estimate as estimate_queue
+    from batchd.pricing import CHARS_PER_TOKEN, price_for
+
+    app.setup_logging()
+    emb = app.config.embedding
+    # Hashes as the manager makes them, without constructing a backend (no credentials needed, nothing sent).
+    e = estimate_queue(app.store, app.config, lambda t: content_hash(t, emb.model, emb.task_type, emb.dimensions))
+    if as_json:
+        click.echo(orjson.dumps(e.as_dict()).decode())
+        return
+    price = price_for(app.config)
+    click.echo(f"pending  {e.chunks:,} chunks: {e.to_send:,} distinct texts to send, {e.copied_locally:,} copied locally")
+    click.echo(f"size     {e.characters:,} characters ({e.billable_characters:,} billable), "
+               f"~{e.tokens_estimate:,} tokens, {e.jobs:,} job(s)")
+    how = {"1m_tokens": f"tokens estimated at {CHARS_PER_TOKEN} characters each; the service reports the real count",
+           "1k_characters": "billable characters: code points, white space excluded",
+           "none": "runs on this machine"}[price.unit]
+    click.echo(f"cost     {usd(e.cost_usd)} at the batch price of {app.config.embedding.model} ({how})")
+    st = budget_state(app.store, app.config, time.time())
+    if st.limited:
+        click.echo(f"budget   {st.describe()}")
 
 
 @main.command()
@@ -275,11 +341,13 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
         for b in rows:
             click.echo(orjson.dumps(b.__dict__).decode())
         return
-    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  {'age':>6}  error")
+    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  "
+               f"{'unmatched':>9}  {'age':>6}  error")
     for b in rows:
         created = parse_iso(b.created_at) or now
         click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
-                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {b.unmatched_lines:>9}  "
+                   f"{format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
 
 
 @main.command()
@@ -313,9 +381,25 @@ def cancel(app: App, batch_id: int) -> None:
 
 
 @main.command()
+@click.option("--live", is_flag=True,
+              help="Also run a tiny real job (3 fixed texts, never your chunks) and verify what comes back.")
+@click.option("--timeout", "timeout", default="30m", show_default=True, metavar="DURATION",
+              help="With --live: how long to wait for the job (then it is cancelled).")
+@click.option("--keep", is_flag=True, help="With --live: leave the job's staged files for inspection.")
+@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
+              help="With --live: the pause between status checks.")
 @pass_app
-def check(app: App) -> None:
-    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
+def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
+    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well.
+
+    With --live, a 3-text job runs end to end through the same code path as real batches; Ctrl-C cancels it
+    and deletes its files (exit 130)."""
+    from batchd.config import parse_duration
+
+    try:
+        timeout_s, poll_s = parse_duration(timeout), parse_duration(poll)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timeout/--poll") from None
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
@@ -347,13 +431,49 @@ def check(app: App) -> None:
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
         for r in backend.check():
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
+            mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
+            click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
             problems += 0 if r.ok else 1
-    closer = getattr(backend, "close", None)
-    if callable(closer):
-        closer()
-    if problems or file_problems:
-        sys.exit(1)
+    status = 1 if problems or file_problems else 0
+    try:
+        if live and not problems:
+            status = _live_check(backend, cfg, timeout_s, keep, poll_s)
+        elif live:
+            click.echo("FAIL  live check: not run while the checks above fail")
+    finally:
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            closer()
+    if status:
+        sys.exit(status)
+
+
+def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:
+    from batchd.livecheck import run_live_check
+
+    show = sys.stderr.isatty()
+    last: list[str] = []
+
+    def waiting(state: str, elapsed: float) -> None:
+        if show:
+            click.echo(f"\r      waiting for the job: {state:<20} {format_duration(elapsed, exact=False):>6}",
+                       nl=False, err=True)
+        elif last != [state]:
+            click.echo(f"      waiting for the job: {state} after {format_duration(elapsed, exact=False)}", err=True)
+        last[:] = [state]
+
+    def echo(line: Any) -> None:
+        if show and last:
+            click.echo(err=True)
+            last.clear()
+        click.echo(str(line))
+
+    emb = cfg.embedding
+    res = run_live_check(backend, emb.model, emb.task_type, emb.dimensions, timeout=timeout, keep=keep, poll=poll,
+                         echo=echo, waiting=waiting)
+    if res.interrupted:
+        return 130
+    return 0 if res.ok else 1
 
 
 def _check_service_files(cfg: Config) -> int:
@@ -443,7 +563,13 @@ def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
         log.error("daemon.start_failed", error=f"backend {app.config.embedding.backend}: {one_line(e)}",
                   exit_status=1)
         return 1
-    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop)
+    metrics = None
+    mc = app.config.metrics
+    if mc.textfile or mc.listen:
+        from batchd.metrics import Metrics
+
+        metrics = Metrics(mc.textfile)
+    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
         return daemon.run_once(worker)
     if until_idle:
@@ -457,7 +583,7 @@ def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    return daemon.serve(worker, config_path=app.config_path)
+    return daemon.serve(worker, listen=mc.address, config_path=app.config_path)
 
 
 @main.command("search")

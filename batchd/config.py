@@ -128,6 +128,7 @@ class QueueConfig:
     max_attempts: int = 3
     job_timeout: Duration = Duration(48 * 3600)
     max_running_jobs: int = 4
+    max_batch_characters: int = 0  # 0 = only the model's own limits
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class EmbeddingConfig:
     model: str = "text-embedding-005"
     dimensions: int = 768
     task_type: str = "RETRIEVAL_DOCUMENT"
+    auto_truncate: bool = True  # False: a text over the model's input limit is FAILED instead of sent
 
     @property
     def family(self) -> str:
@@ -160,6 +162,33 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: str = ""  # a .prom file rewritten after every step (node_exporter's textfile collector)
+    listen: str = ""  # "127.0.0.1:9464": serve /metrics and /healthz over HTTP (daemon only)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    daily_usd: float = 0.0  # 0 = no limit; UTC days
+    monthly_usd: float = 0.0  # 0 = no limit; UTC calendar months
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    model: str = ""  # empty: the built-in prices (batchd/pricing.py) for every model
+    unit: str = "1m_tokens"  # "1k_characters" | "1m_tokens"
+    batch_usd: float = 0.0
+    online_usd: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -167,6 +196,9 @@ class Config:
     vertex: VertexSettings = field(default_factory=VertexSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     # [plugin.<name>] tables, as written: each belongs to the plugin backend that declares that section, and is
     # built and validated by the plugin's own settings class when the backend is made (make_backend).
     plugin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -273,6 +305,12 @@ def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(source, key, f"expected true or false, got {_tname(value)}")
         return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, f"expected a number, got {_tname(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(source, key, "must be a finite number")
+        return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(source, key, f"expected an integer, got {_tname(value)}")
@@ -340,6 +378,30 @@ def _validate(cfg: Config) -> None:
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+    if q.max_batch_characters < 0:
+        raise ConfigError(src, "queue.max_batch_characters", "must be 0 (no limit) or more")
+    _validate_money(cfg)
+
+
+def _validate_money(cfg: Config) -> None:
+    src, m, b, p = cfg.source, cfg.metrics, cfg.budget, cfg.pricing
+    if m.listen:
+        host, sep, port = m.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(src, "metrics.listen", f"{m.listen!r} is not host:port, like \"127.0.0.1:9464\"")
+    if m.textfile and not m.textfile.endswith(".prom"):
+        raise ConfigError(src, "metrics.textfile",
+                          f"{m.textfile!r} must end in .prom (node_exporter's textfile collector reads only those)")
+    for key in ("daily_usd", "monthly_usd"):
+        if getattr(b, key) < 0:
+            raise ConfigError(src, f"budget.{key}", "must be 0 (no limit) or more")
+    if p.model:
+        if p.unit not in ("1k_characters", "1m_tokens"):
+            raise ConfigError(src, "pricing.unit", f"must be \"1k_characters\" or \"1m_tokens\", got {p.unit!r}")
+        for key in ("batch_usd", "online_usd"):
+            if getattr(p, key) < 0:
+                raise ConfigError(src, f"pricing.{key}", "must be 0 or more")
 
 
 def vertex_missing(cfg: Config) -> list[str]:

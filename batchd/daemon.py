@@ -65,6 +65,9 @@ class StepState:
     last_error: str = ""
     troubled_in_row: int = 0
     last_trouble: str = ""
+    last_ok: float | None = None  # worker clock: the last success (or skip because another process was busy)
+    last_ok_at: float | None = None  # the same, Unix time (for batchd_last_success_timestamp_seconds)
+    problem: str = ""  # why the last run was not a success though it did not raise (a sync's remote errors)
 
     def failed(self, now: float, error: str) -> float:
         """Record a failure; return the backoff (seconds) before the step runs again."""
@@ -80,6 +83,9 @@ class StepState:
 
     def succeeded(self) -> None:
         self.consecutive, self.first_failure, self.retry_at, self.last_error = 0, None, 0.0, ""
+
+    def ok_now(self, now: float) -> None:
+        self.last_ok, self.last_ok_at, self.problem = now, time.time(), ""
 
     def troubled(self, errors: list[str]) -> None:
         """The step ran, but some of its work failed (a batch whose results could not be read)."""
@@ -120,8 +126,10 @@ class Worker:
     """
 
     def __init__(self, manager: Any, *, notifier: Notifier | None = None, health: Health | None = None,
-                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic):
+                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 metrics: Any = None):
         self.manager = manager
+        self.metrics = metrics  # batchd.metrics.Metrics, refreshed after every step (None: no metrics)
         self.notifier = notifier or Notifier({})
         self.health = health or Health()
         self.stop = stop or threading.Event()
@@ -139,6 +147,7 @@ class Worker:
         self.on_activity: Callable[[Activity], None] | None = None  # e.g. a terminal's progress bar
         self._status_sent = 0.0
         self.last_stats: dict[str, Any] | None = None  # the counts of the last report()
+        self.started = clock()
         manager.progress = self.progress
         manager.on_activity = self._activity
 
@@ -186,7 +195,9 @@ class Worker:
         return out
 
     def sync(self) -> Outcome:
-        out = self._step("sync", self.manager.sync_status)
+        # A sync in which a batch's remote call failed returned normally but did not succeed (health, metrics).
+        out = self._step("sync", self.manager.sync_status,
+                         judge=lambda s: "; ".join(s.errors)[:300] if not s.ok else "")
         if out.ok and not out.skipped and out.value is not None:
             summary = out.value
             self.last.sync_at, self.last.applied = time.time(), summary.applied
@@ -201,7 +212,24 @@ class Worker:
                 self.steps["sync"].untroubled()
         return out
 
-    def _step(self, name: str, fn: Callable[[], Any]) -> Outcome:
+    def _step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None = None) -> Outcome:
+        started = time.monotonic()
+        out = self._run_step(name, fn, judge)
+        if self.metrics is not None and not out.skipped:
+            self.metrics.observe(name, time.monotonic() - started)
+        self.refresh_metrics()
+        return out
+
+    def refresh_metrics(self) -> None:
+        """Recompute the metrics (textfile, /metrics) on this thread. A failure here never fails a step."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.refresh(self)
+        except Exception as e:  # metrics are not worth failing the worker for
+            log.warning("metrics.refresh_failed", error=one_line(e), exc_info=True)
+
+    def _run_step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None) -> Outcome:
         state = self.steps[name]
         if self.stop.is_set():
             return Outcome(skipped=True, stopped=True)
@@ -221,6 +249,7 @@ class Worker:
                 # Another batchd process (a hand-run `batchd sync`, a timer) holds the worker lock: not a
                 # failure of this one, so no backoff; the next tick tries again.
                 log.warning("daemon.step_busy", step=name, reason=str(e))
+                state.ok_now(self.clock())  # not this worker's failure: healthy (see batchd.metrics)
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
                 database = self.manager.config.database.path
@@ -229,6 +258,7 @@ class Worker:
                     # The application held the database's write lock past the busy timeout: not a failure of
                     # batchd either; the next tick tries again.
                     log.warning("daemon.step_busy", step=name, reason=str(problem))
+                    state.ok_now(self.clock())  # skipped because busy: healthy
                     return Outcome(ok=False, skipped=True)
                 # A known state of the database file (disk full, damaged) is said as such, in one line and without
                 # a traceback; everything else keeps its traceback (a bug must be diagnosable).
@@ -248,8 +278,19 @@ class Worker:
             log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
                      down_s=round(self.clock() - since, 1))
         state.succeeded()
+        problem = judge(value) if judge is not None else ""
+        if problem:
+            state.problem = problem
+        else:
+            state.ok_now(self.clock())
         log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
         return Outcome(value=value, duration_ms=duration_ms)
+
+    def healthy(self) -> tuple[bool, str]:
+        """(True, "") while flush and sync last succeeded recently enough; else (False, why). See batchd.metrics."""
+        from batchd.metrics import health
+
+        return health(self)
 
     def cycle(self) -> dict[str, Any] | None:
         """One round of ``--until-idle``: flush (forced if anything is pending) + sync, then STATUS=; the
@@ -295,7 +336,19 @@ class Worker:
                 parts.append(f"{st.name} failing ({st.consecutive}x): {st.last_error}"[:160])
             elif st.troubled_in_row:
                 parts.append(f"{st.name} failing ({st.troubled_in_row}x): {st.last_trouble}"[:160])
+        spend = self._spend()
+        if spend:
+            parts.append(spend)
         return "; ".join(parts) or "starting"
+
+    def _spend(self) -> str:
+        from batchd.cost import status_text
+
+        try:
+            return status_text(self.manager.store, self.manager.config, self.manager.clock())
+        except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
+            log.warning("daemon.stats_failed", error=one_line(e))
+            return ""
 
     def report(self) -> dict[str, Any] | None:
         """Send STATUS= with the counts and last results; return the counts."""
@@ -344,10 +397,12 @@ class Signals:
 # ---------------------------------------------------------------------------------------------- modes
 
 
-def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, config_path: str | None = None) -> int:
+def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[str, int] | None = None,
+          config_path: str | None = None) -> int:
     """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status.
 
-    With ``config_path``, SIGHUP re-reads that file and applies its live keys (:mod:`batchd.reload`).
+    ``listen``: serve ``/metrics`` and ``/healthz`` there (needs ``worker.metrics``). With ``config_path``,
+    SIGHUP re-reads that file and applies its live keys (:mod:`batchd.reload`).
     """
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers import SchedulerNotRunningError
@@ -361,7 +416,20 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, config_path: st
              sync_interval_s=float(q.sync_interval), notify=notifier.enabled,
              watchdog_s=watchdog.interval if watchdog else None)
 
+    worker.manager.accounting.warn_once = True  # a declined flush is said once per budget period, not every tick
     worker.recover()
+    server = None
+    if listen is not None and worker.metrics is not None:
+        from batchd.metrics import MetricsServer
+
+        try:
+            server = MetricsServer(worker.metrics, worker, *listen).start()
+        except OSError as e:
+            log.error("metrics.listen_failed", host=listen[0], port=listen[1], error=one_line(e))
+            signals.restore()
+            if watchdog:
+                watchdog.stop()
+            return EXIT_FAILED
     scheduler = BlockingScheduler(
         executors={"default": ThreadPoolExecutor(max_workers=1)},  # one thread: one SQLite connection user
         job_defaults={
@@ -412,6 +480,8 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, config_path: st
     worker.busy.release()
     if watchdog:
         watchdog.stop()
+    if server is not None:
+        server.stop()
     log.info("daemon.stopped", signal=_signame(signals.received))
     notifier.close()
     signals.restore()
@@ -475,6 +545,9 @@ def run_until_idle(worker: Worker, poll: float,
                                     on_round=on_cycle, give_up=worker.broken)
         if done.idle:
             log.info("daemon.idle", **(done.stats or {}))
+            return EXIT_OK
+        if done.why == "over_budget":
+            log.warning("daemon.idle_over_budget", **(done.stats or {}))  # nothing more may be sent now
             return EXIT_OK
         if done.why == "gave_up":
             broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]

@@ -52,6 +52,12 @@ class Activity:
 
 
 
+def computes_results(backend: Any) -> bool:
+    """True for a backend whose ``results()`` does the embedding (the local backend: no remote service works
+    between two polls), so SUCCEEDED from ``status()`` means "ready to compute", not "done"."""
+    return bool(getattr(backend, "computes_results", False))
+
+
 class ReadProgress:
     """Follows one batch's read of results for the manager: counts the lines as the backend produces them
     (:meth:`tick`, its ``progress`` callback) and as they are consumed (:meth:`count`), reports the
@@ -139,4 +145,4 @@ class TerminalProgress:
         self._bar, self._batch = None, None
 
 
-__all__ = ["Activity", "ReadProgress", "TerminalProgress"]
+__all__ = ["Activity", "ReadProgress", "TerminalProgress", "computes_results"]

@@ -31,11 +31,12 @@ class BatchRow:
     created_at: str
     updated_at: str
     finished_at: str | None
+    unmatched_lines: int = 0  # output lines of the job that named no row
 
 
 _BATCH_COLS = ("id", "google_job_id", "status", "total_chunks", "completed_chunks", "failed_chunks", "error_message",
                "model", "input_uri", "output_uri", "remote_state", "token_count", "created_at", "updated_at",
-               "finished_at")
+               "finished_at", "unmatched_lines")
 
 
 class ReadsMixin(StoreBase):
@@ -70,13 +71,14 @@ class ReadsMixin(StoreBase):
             f"(SELECT count(*) FROM {t} WHERE embedding_status = 'PENDING'), "
             f"(SELECT count(*) FROM {t} WHERE embedding_status = 'PENDING' AND batch_job_id IS NOT NULL), "
             f"(SELECT count(*) FROM {t} WHERE embedding_status = 'FAILED'), "
-            f"(SELECT count(*) FROM {t})").fetchone()
+            f"(SELECT count(*) FROM {t}), "
+            f"(SELECT count(*) FROM {t} WHERE truncated = 1 AND embedding_status = 'READY')").fetchone()
         batches = {"PENDING": 0, "RUNNING": 0, "COMPLETED": 0, "FAILED": 0}
         for status, n in self._conn.execute("SELECT status, count(*) FROM batch_jobs GROUP BY status"):
             batches[status] = n
-        all_pending, running, failed, total = row
+        all_pending, running, failed, total, truncated = row
         return {"pending": all_pending - running, "running": running, "ready": total - all_pending - failed,
-                "failed": failed, "batches": batches}
+                "failed": failed, "truncated": truncated, "batches": batches}
 
     def chunk(self, chunk_id: int) -> dict[str, Any] | None:
         cur = self._conn.execute(
