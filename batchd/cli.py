@@ -80,13 +80,13 @@ class App:
         return self._manager
 
     def wait_for_store(self, notifier: Any) -> None:
-        """The daemon's way to open the database: wait out a full disk or a busy database (daemon.py says how);
+        """The daemon's way to open the database: wait out a full disk or a busy database (startup.py says how);
         exit 0 if stopped while waiting."""
-        from batchd import daemon
+        from batchd.startup import wait_for_database
 
         if self._store is None:
             try:
-                store = daemon.wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
+                store = wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
             except StoreError as e:
                 fail_database(self.config.database.path, e)
             if store is None:
@@ -360,7 +360,6 @@ def check(app: App) -> None:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
-
     from batchd import daemon, logs
     from batchd.config import parse_duration
     from batchd.systemd import Notifier

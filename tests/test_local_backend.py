@@ -30,17 +30,19 @@ from batchd.manager import BatchManager
 from batchd.search import search
 from batchd.store import Store
 
+FROZEN = Path(__file__).parent / "data" / "frozen_docs"
 LOCAL = {"embedding": {"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 384},
          "local": {"slice_size": 16}}
 
 
 def sentences() -> list[str]:
-    """~200 real sentences: batchd's design notes, style guide, Vertex notes and config comments (frozen copies
-    shipped in batchd/demo_corpus)."""
+    """~200 real sentences: batchd's design notes, style guide, Vertex notes and config comments as they were on
+    2026-11-30 (tests/data/frozen_docs: frozen on purpose, so the paraphrase targets below stay put while the
+    living docs change)."""
     out: list[str] = []
     seen: set[str] = set()
     for name in ("design.md", "vertex.md", "style.md", "batchd.toml"):
-        text = resources.files("batchd.demo_corpus").joinpath(name).read_text(encoding="utf-8")
+        text = (FROZEN / name).read_text(encoding="utf-8")
         for chunk in (split_toml_comments(text) if name.endswith(".toml") else split_markdown(text)):
             for s in re.split(r"(?<=[.!?;])\s+", chunk):
                 if len(s.split()) >= 5 and s not in seen:

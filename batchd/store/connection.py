@@ -197,8 +197,15 @@ class StoreBase:
                 raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
                            "try again when it is done") from None
             self._lock_file = f
-            f.seek(0)
-            self._write_lock_file(_parse_claimed(f.read()))
+            try:
+                f.seek(0)
+                self._write_lock_file(_parse_claimed(f.read()))
+            except BaseException:
+                # A full disk, say: let go of the lock, or this process would hold it against itself for good
+                # (every later step "busy" with its own leaked descriptor).
+                self._lock_file = None
+                f.close()
+                raise
         self._lock_depth += 1
         try:
             yield

@@ -82,8 +82,11 @@ class SchemaMixin(StoreBase):
             return
         claimed = claimed_before(path)
         if claimed and claimed[0] == self.instance_id:
+            top_sql = "SELECT coalesce(max(id), 0) FROM batch_jobs"
+            if self._conn.execute(top_sql).fetchone()[0] >= claimed[1]:
+                return  # the usual case, decided by a read: opening for stats or jobs never waits for the write lock
             with self.transaction() as c:
-                top = c.execute("SELECT coalesce(max(id), 0) FROM batch_jobs").fetchone()[0]
+                top = c.execute(top_sql).fetchone()[0]  # again, under the write lock
                 if top < claimed[1] and self._instance_in(c) == self.instance_id:
                     self._become_new_instance(
                         c, f"database restored to an earlier state (batch {claimed[1]} was claimed before, the "

@@ -65,7 +65,7 @@ def test_forward_jump_of_a_day_does_not_time_out_running_jobs(jworld: Any) -> No
     w = jworld(job_timeout="2h")
     w.knobs(never_finish=True)
     w.manager.enqueue(iter([(None, "alpha"), (None, "beta")]))
-    (batch,) = w.manager.flush_queue(force=True)
+    (batch,) = w.manager.flush_queue(force=True).submitted
     w.manager.sync_status()
     w.clocks.advance(60)
     w.clocks.jump(DAY)
@@ -89,7 +89,7 @@ def test_backward_jump_of_a_day_does_not_delay_max_wait(jworld: Any) -> None:
     assert not w.manager.should_flush()
     w.clocks.advance(60)
     assert w.manager.should_flush()
-    assert len(w.manager.flush_queue()) == 1
+    assert len(w.manager.flush_queue().submitted) == 1
 
 
 def test_a_stamp_from_another_process_in_the_future_counts_from_first_sight() -> None:

@@ -139,7 +139,7 @@ def test_writes_under_the_applications_lock_exit_75_with_one_line(tmp_path: Path
         assert step.skipped and not step.ok
         assert worker.steps["flush"].consecutive == 0  # no backoff
         step = worker.flush(force=True)
-        assert step.ok and len(step.value) == 1
+        assert step.ok and len(step.value.submitted) == 1
     finally:
         store.close()
     for name, (out, err, code) in outs.items():
@@ -351,7 +351,7 @@ def test_worker_step_on_a_full_disk_backs_off_and_recovers(small_disk: Path, clo
         filler.unlink()
         clock.advance(3600)
         out = worker.flush(force=True)
-        assert out.ok and out.value, out
+        assert out.ok and out.value.submitted, out
         assert worker.steps["flush"].consecutive == 0
     finally:
         store.close()
