@@ -1,8 +1,9 @@
 """The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
 
-Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check);
-2 usage error; 75 (EX_TEMPFAIL) another batchd process is flushing or syncing this database; 78 (EX_CONFIG)
-configuration error.
+Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check,
+a missing database file: only `enqueue`, `run` and `demo` create one); 2 usage error; 75 (EX_TEMPFAIL) another
+batchd process is flushing or syncing this database; 78 (EX_CONFIG) configuration error, including a config that
+does not fit the database (another chunks_vec size, an id column that is not an INTEGER PRIMARY KEY).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any, NoReturn
 import click
 import orjson
 
-from batchd.backends import Backend, Checkable, make_backend
-from batchd.config import Config, ConfigError, load, resolve_path, vertex_missing
-from batchd.store import Busy, Store, StoreError
+from batchd.backends import Backend, make_backend
+from batchd.config import Config, ConfigError, load, resolve_path
+from batchd.store import Busy, Missing, SchemaMismatch, Store, StoreError
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -36,6 +37,7 @@ class App:
         self._store: Store | None = None
         self._backend: Backend | None = None
         self._manager: Any = None
+        self.may_create = False  # only enqueue, run and demo create a missing database file
 
     @property
     def config(self) -> Config:
@@ -46,13 +48,20 @@ class App:
                 fail(f"config error: {e}", EX_CONFIG)
         return self._config
 
+    def open_store(self, **options: Any) -> Store:
+        """Open the database (see Store.open for ``options``); raises StoreError. Kept for the command."""
+        if self._store is None:
+            self._store = Store.open(self.config, create=self.may_create, **options)
+        return self._store
+
     @property
     def store(self) -> Store:
         if self._store is None:
             try:
-                self._store = Store.open(self.config)
+                self.open_store()
             except StoreError as e:
-                fail(f"database error: {self.config.database.path}: {e}")
+                fail_store(e, self.config)
+        assert self._store is not None
         return self._store
 
     @property
@@ -87,6 +96,15 @@ class App:
             self._store.close()
 
 
+def fail_store(e: StoreError, config: Config) -> NoReturn:
+    """The one line (and exit status) for a database that cannot be used as configured."""
+    if isinstance(e, SchemaMismatch):
+        fail(f"config error: {config.source}: {e.key}: {e}", EX_CONFIG)
+    if isinstance(e, Missing):
+        fail(str(e))
+    fail(f"database error: {config.database.path}: {e}")
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
@@ -119,6 +137,7 @@ def enqueue(app: App, file: Any) -> None:
     from batchd.ingest import Rejected, read_jsonl
 
     app.setup_logging()
+    app.may_create = True
     rejected = 0
     name = getattr(file, "name", "-")
 
@@ -250,42 +269,6 @@ def cancel(app: App, batch_id: int) -> None:
 
 
 @main.command()
-@pass_app
-def check(app: App) -> None:
-    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
-    cfg = app.config  # exits 78 on a config error
-    app.setup_logging()
-    click.echo(f"ok    config {app.config_path}")
-    problems = 0
-    store = app.store  # exits 1 with a one-line reason when the database cannot be used
-    click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
-               f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
-    if cfg.embedding.backend == "vertex":
-        for line in vertex_missing(cfg):
-            click.echo(f"FAIL  vertex: {line}")
-            problems += 1
-        if problems:
-            sys.exit(1)
-    try:
-        backend = make_backend(cfg, store.instance_id)
-    except ConfigError as e:
-        fail(f"config error: {e}", EX_CONFIG)
-    except Exception as e:  # noqa: BLE001
-        click.echo(f"FAIL  backend {cfg.embedding.backend}: {_one_line(e)}")
-        sys.exit(1)
-    click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
-    if isinstance(backend, Checkable):
-        for r in backend.check():
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
-            problems += 0 if r.ok else 1
-    closer = getattr(backend, "close", None)
-    if callable(closer):
-        closer()
-    if problems:
-        sys.exit(1)
-
-
-@main.command()
 @click.option("--once", is_flag=True, help="One recovery + flush + sync cycle, then exit (cron, systemd timer).")
 @click.option("--until-idle", is_flag=True, help="Flush and sync until nothing is pending or running, then exit.")
 @click.option("--poll", default="5s", show_default=True, metavar="DURATION",
@@ -313,7 +296,8 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
     logs.configure(level, stream=sys.stdout)
-    worker = daemon.Worker(app.manager, notifier=Notifier())
+    app.may_create = True
+    worker = daemon.Worker(_start_manager(app), notifier=Notifier())
     if once:
         sys.exit(daemon.run_once(worker))
     if until_idle:
@@ -326,6 +310,36 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
 
         sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
     sys.exit(daemon.serve(worker))
+
+
+def _start_manager(app: App) -> Any:
+    """The manager for `run`; a database or backend that cannot be used is one JSON event and an exit status.
+
+    Under systemd these lines land in the journal (`journalctl -p err`); exit 78 (a config that does not fit the
+    database or the model) is in the unit's RestartPreventExitStatus=, so a mistake does not restart-loop.
+    """
+    import structlog
+
+    log = structlog.get_logger("batchd.cli")
+    cfg = app.config
+    try:
+        app.open_store()
+    except SchemaMismatch as e:
+        log.error("config.invalid", error=f"{cfg.source}: {e.key}: {e}", key=e.key, database=cfg.database.path,
+                  exit_status=EX_CONFIG, **e.fields)
+        sys.exit(EX_CONFIG)
+    except StoreError as e:
+        log.error("database.unusable", error=str(e), database=cfg.database.path, exit_status=1)
+        sys.exit(1)
+    try:
+        app._backend = make_backend(cfg, app.store.instance_id)
+    except ConfigError as e:
+        log.error("config.invalid", error=str(e), key=e.key, exit_status=EX_CONFIG)
+        sys.exit(EX_CONFIG)
+    except Exception as e:  # noqa: BLE001 - any construction failure is reported on one line
+        log.error("backend.unusable", backend=cfg.embedding.backend, error=_one_line(e), exit_status=1)
+        sys.exit(1)
+    return app.manager
 
 
 @main.command("search")
@@ -389,6 +403,14 @@ def demo(folder: str | None) -> None:
     click.echo(f"\nTry your own: batchd --config {r.config_path} search \"why are batch jobs cheaper?\"")
     if not r.ok:
         sys.exit(1)
+
+
+# check, reset-vectors, uninstall: the commands about batchd's place in the database (their own module).
+from batchd.cli_lifecycle import check, reset_vectors, uninstall  # noqa: E402 - they import App from here
+
+main.add_command(check)
+main.add_command(reset_vectors)
+main.add_command(uninstall)
 
 
 if __name__ == "__main__":  # pragma: no cover

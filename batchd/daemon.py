@@ -29,13 +29,14 @@ import structlog
 
 from batchd.backends import Stopped
 from batchd.manager import describe_error
-from batchd.store import Busy
+from batchd.store import Busy, SchemaMismatch
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_CONFIG = 78  # the config no longer fits the database: the unit's RestartPreventExitStatus=78
 MAX_BACKOFF = 600.0  # seconds; a failing step is retried at least this often
 GIVE_UP_AFTER = 5  # --until-idle: consecutive failures of one step before exiting non-zero
 STOP_TIMEOUT = 60.0  # seconds to wait for the running step after SIGTERM (below the unit's TimeoutStopSec)
@@ -116,6 +117,7 @@ class Worker:
         }
         self.last = LastResults()
         self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
+        self.fatal: int | None = None  # exit status when a step found that the worker must not go on
         manager.progress = self.progress
 
     # ------------------------------------------------------------------ hooks
@@ -175,6 +177,14 @@ class Worker:
             except Stopped:
                 log.info("daemon.step_stopped", step=name)
                 return Outcome(stopped=True)
+            except SchemaMismatch as e:
+                # Someone changed the database under this worker (reset-vectors or uninstall with another
+                # config): retrying cannot help. Stop with EX_CONFIG so systemd does not restart-loop.
+                log.error("config.invalid", step=name, error=f"{e.key}: {e}", key=e.key, exit_status=EXIT_CONFIG,
+                          **e.fields)
+                self.fatal = EXIT_CONFIG
+                self.stop.set()
+                return Outcome(ok=False, stopped=True)
             except Busy as e:
                 # Another batchd process (a hand-run `batchd sync`, a timer) holds the worker lock: not a
                 # failure of this one, so no backoff; the next tick tries again.
@@ -311,10 +321,10 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     worker.busy.release()
     if watchdog:
         watchdog.stop()
-    log.info("daemon.stopped", signal=_signame(signals.received))
+    log.info("daemon.stopped", signal=_signame(signals.received), exit_status=worker.fatal or EXIT_OK)
     notifier.close()
     signals.restore()
-    return EXIT_OK
+    return worker.fatal or EXIT_OK
 
 
 def _tick(worker: Worker, step: Callable[[], Outcome]) -> None:
@@ -352,7 +362,7 @@ def run_once(worker: Worker) -> int:
         stopped = any(o.stopped for o in results)
         log.info("daemon.once_done", failed_steps=sorted(set(failed)), unsubmitted_batches=unsubmitted,
                  stopped=stopped, **(stats or {}))
-        return EXIT_FAILED if failed else EXIT_OK
+        return worker.fatal or (EXIT_FAILED if failed else EXIT_OK)
     finally:
         worker.notifier.close()
         signals.restore()
@@ -383,8 +393,8 @@ def run_until_idle(worker: Worker, poll: float,
                           errors=[s.last_error for s in broken])
                 return EXIT_FAILED
             worker.stop.wait(poll)
-        log.info("daemon.stopped", signal=_signame(signals.received))
-        return EXIT_OK
+        log.info("daemon.stopped", signal=_signame(signals.received), exit_status=worker.fatal or EXIT_OK)
+        return worker.fatal or EXIT_OK
     finally:
         worker.notifier.close()
         signals.restore()
@@ -434,4 +444,4 @@ def _flush_streams() -> None:
             pass
 
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "Signals", "Worker", "run_once", "run_until_idle", "serve"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "Signals", "Worker", "run_once", "run_until_idle", "serve"]

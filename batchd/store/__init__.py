@@ -7,18 +7,30 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 - intake.py      enqueue, hashing, copying known vectors, claiming a batch, its items
 - results.py     applying results, finishing / cancelling a batch, retry: every later chunk state change
 - reads.py       queue counts, batches, failure reasons, search
+- lifecycle.py   the operator's schema commands: inspect without changing (check), reset-vectors, uninstall
 """
 
 from __future__ import annotations
 
-from batchd.store.connection import Busy, StoreBase, StoreError, _sqlite_module, iso, parse_iso, quote_ident
+from batchd.store.connection import (
+    Busy,
+    Missing,
+    SchemaMismatch,
+    StoreBase,
+    StoreError,
+    _sqlite_module,
+    iso,
+    parse_iso,
+    quote_ident,
+)
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
+from batchd.store.lifecycle import Change, Inspection, LifecycleMixin
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
 
 
-class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, StoreBase):
+class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, LifecycleMixin, StoreBase):
     """One SQLite connection to the shared database file, with batchd's schema in place."""
 
 
@@ -31,7 +43,11 @@ __all__ = [
     "ApplyCounts",
     "BatchRow",
     "Busy",
+    "Change",
     "EnqueueCounts",
+    "Inspection",
+    "Missing",
+    "SchemaMismatch",
     "Store",
     "StoreBase",
     "StoreError",
