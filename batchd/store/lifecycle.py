@@ -115,6 +115,9 @@ class LifecycleMixin(StoreBase):
         for name in ("batchd_meta", "batch_jobs"):
             if name not in tables:
                 out.append(Change("table", name))
+        for name in ("batch_jobs_google_job_id", "batch_jobs_status"):
+            if ("index", name) not in schema:
+                out.append(Change("index", name, "on batch_jobs"))
         if db.chunks_table not in tables:
             out.append(Change("table", db.chunks_table,
                               f"{db.id_column} INTEGER PRIMARY KEY, {db.text_column} TEXT NOT NULL"))
