@@ -387,3 +387,32 @@ def test_only_enqueue_and_run_create_a_missing_database_and_never_its_folders(tm
     r = batchd(batchd_env, cfg, "enqueue", stdin='{"text": "a"}\n')
     assert r.returncode == 0, r.stderr
     assert db.exists()
+
+
+# ---------------------------------------------------------------------------------------------- per-chunk errors
+
+
+def test_a_chunk_whose_vector_sqlite_refuses_fails_alone_instead_of_the_sync_failing_for_ever(world, tmp_path):
+    """Before: one refused row failed the whole slice, so every sync failed the same way, for ever."""
+    conn = sqlite3.connect(tmp_path / "app.db")
+    conn.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL, archived INTEGER DEFAULT 0)")
+    conn.executemany("INSERT INTO chunks(id, content, archived) VALUES (?, ?, ?)",
+                     [(1, "kept", 0), (2, "frozen", 1), (3, "also kept", 0)])
+    conn.commit()
+    conn.close()
+    w = world()
+    app = w.app_connect()  # an application rule batchd cannot know about: archived rows never become READY
+    app.execute("CREATE TRIGGER chunks_archived BEFORE UPDATE OF embedding_status ON chunks "
+                "WHEN OLD.archived = 1 AND NEW.embedding_status = 'READY' "
+                "BEGIN SELECT RAISE(ABORT, 'archived rows are read-only'); END")
+    app.commit()
+    app.close()
+    [batch] = w.manager.flush_queue(force=True)
+    summary = w.manager.sync_status()
+    assert summary.errors == [] and summary.applied == 2 and summary.failed == 1
+    rows = {r["id"]: r for r in w.store.chunks()}
+    assert [rows[i]["embedding_status"] for i in (1, 2, 3)] == ["READY", "FAILED", "READY"]
+    assert rows[2]["error_message"] == "cannot store its vector: archived rows are read-only"
+    assert w.store.vector(2) is None and w.store.vector(1) == fake_vector("kept", 16)
+    assert w.store.batch(batch).status == "COMPLETED"
+    assert w.manager.sync_status().errors == [] and w.manager.flush_queue() == []

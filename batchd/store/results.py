@@ -27,6 +27,16 @@ from batchd.backends import ResultLine
 from batchd.store.connection import StoreBase, iso
 
 IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
+# SQLite errors about the database as a whole: retried later by the step, never blamed on one chunk.
+_WHOLE_DATABASE = ("database is locked", "database table is locked", "disk i/o error", "database or disk is full",
+                   "readonly database", "unable to open", "no such table", "no such module", "no such column",
+                   "malformed", "not a database", "interrupted", "savepoint", "no transaction")
+
+
+def _about_one_row(e: Exception) -> bool:
+    """True for a refusal of one row's write (a constraint, an app trigger's RAISE, a value vec0 rejects)."""
+    text = str(e).lower()
+    return not any(marker in text for marker in _WHOLE_DATABASE)
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,17 @@ class ResultsMixin(StoreBase):
             vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
             seen: set[str] = set(keys)
             if vecs:
-                self._write_vectors(c, vecs, stamp)
-                applied = len(vecs)
+                refused = self._write_vectors_isolating_refusals(c, vecs, stamp)
+                applied = len(vecs) - len(refused)
+                for cid, reason in refused:
+                    # A write that SQLite refuses for this one chunk (an application trigger or constraint,
+                    # a key sqlite-vec cannot take) fails the same way every time: FAILED now, with the reason,
+                    # instead of failing the whole slice at every sync for ever.
+                    c.execute(f"UPDATE {t} SET embedding_status = 'FAILED', attempts = attempts + 1, "
+                              f"batch_job_id = NULL, error_message = ? WHERE {i} = ?",
+                              (f"cannot store its vector: {reason}"[:2000], cid))
+                errored += len(refused)
+                failed += len(refused)
             for key, reason in err_keys:
                 if key in seen:
                     continue  # a success for the same text already landed in this slice
@@ -104,6 +123,37 @@ class ResultsMixin(StoreBase):
                 "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
                 (applied, errored, tokens, stamp, batch_id))
         return ApplyCounts(applied, errored, failed, tokens)
+
+    def _write_vectors_isolating_refusals(self, c: Any, vecs: list[tuple[int, bytes]],
+                                          stamp: str) -> list[tuple[int, str]]:
+        """Write the slice's vectors; if SQLite refuses one chunk's write, write them one by one and return the
+        refused chunks with the reason. An error that is not about one chunk (locked, disk, schema) is raised."""
+        try:
+            self._in_savepoint(c, lambda: self._write_vectors(c, vecs, stamp))
+            return []
+        except self._sqlite.DatabaseError as e:
+            if not _about_one_row(e):
+                raise
+        refused: list[tuple[int, str]] = []
+        for cid, blob in vecs:
+            try:
+                self._in_savepoint(c, lambda cid=cid, blob=blob: self._write_vectors(c, [(cid, blob)], stamp))
+            except self._sqlite.DatabaseError as e:
+                if not _about_one_row(e):
+                    raise
+                refused.append((cid, " ".join(str(e).split())))
+        return refused
+
+    @staticmethod
+    def _in_savepoint(c: Any, fn: Any) -> None:
+        c.execute("SAVEPOINT batchd_write")
+        try:
+            fn()
+        except BaseException:
+            c.execute("ROLLBACK TO batchd_write")
+            c.execute("RELEASE batchd_write")
+            raise
+        c.execute("RELEASE batchd_write")
 
     def _write_vectors(self, c: Any, vecs: list[tuple[int, bytes]], stamp: str) -> None:
         """sqlite-vec 0.1.9 has no INSERT OR REPLACE on vec0: DELETE then INSERT, same transaction."""
