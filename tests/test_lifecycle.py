@@ -250,8 +250,7 @@ def test_a_running_worker_stops_with_exit_78_when_the_vectors_are_reset_under_it
     w.manager.enqueue([(None, "one"), (None, "two")])
     worker = Worker(w.manager)
     assert worker.flush(force=True).ok
-    other = Store.open(make_config(embedding={"dimensions": 32}), check_dimensions=False)
-    other.verify_on_lock = False
+    other = Store.open(make_config(embedding={"dimensions": 32}), check_dimensions=False)  # reset-vectors' store
     other.reset_vectors(w.clock())
     other.close()
     out = worker.sync()

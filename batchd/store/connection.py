@@ -85,7 +85,7 @@ def _connect(sqlite: Any, path: str, *, create: bool, readonly: bool = False) ->
     """Open the file (autocommit). Never creates folders; creates the file only when ``create``."""
     if path == ":memory:":
         return sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-    file = Path(path).expanduser()
+    file = Path(path)
     if not file.parent.is_dir():
         raise StoreError(f"database folder {file.parent} does not exist (batchd creates the database file, "
                          "never the folders above it: check database.path, or create the folder)")

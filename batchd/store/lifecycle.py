@@ -73,7 +73,7 @@ class LifecycleMixin(StoreBase):
         """
         sqlite = _sqlite_module()
         path = config.database.path
-        exists = path == ":memory:" or Path(path).expanduser().exists()
+        exists = path == ":memory:" or Path(path).exists()
         if exists:
             conn = _connect(sqlite, path, create=False)
         else:
@@ -225,7 +225,7 @@ class LifecycleMixin(StoreBase):
 
 def _connect_folder_check(sqlite: Any, path: str) -> None:
     """Raise the same StoreError as opening would when the database's folder does not exist."""
-    folder = Path(path).expanduser().parent
+    folder = Path(path).parent
     if not folder.is_dir():
         _connect(sqlite, path, create=False)  # raises, naming the folder
 
