@@ -16,9 +16,10 @@ import click
 import structlog
 
 from batchd.backends import Checkable, make_backend
-from batchd.cli import EX_CONFIG, EX_TEMPFAIL, App, _one_line, fail, fail_store, pass_app
+from batchd.cli import EX_CONFIG, EX_TEMPFAIL, App, fail, fail_store, pass_app
 from batchd.config import ConfigError, vertex_missing
-from batchd.store import Busy, Store, StoreError
+from batchd.errors import one_line
+from batchd.store import Busy, Store, StoreError, lock_path
 
 log = structlog.get_logger("batchd.cli")
 
@@ -65,7 +66,7 @@ def check(app: App) -> None:
     except ConfigError as e:
         fail(f"config error: {e}", EX_CONFIG)
     except Exception as e:  # noqa: BLE001
-        click.echo(f"FAIL  backend {cfg.embedding.backend}: {_one_line(e)}")
+        click.echo(f"FAIL  backend {cfg.embedding.backend}: {one_line(e)}")
         sys.exit(1)
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
@@ -159,26 +160,31 @@ def uninstall(app: App, yes: bool) -> None:
     log.info("batchd.uninstalled", database=cfg.database.path, removed=[f"{c.kind} {c.name}" for c in removed])
     click.echo(f"uninstall: removed {len(removed)} objects from {cfg.database.path}; "
                f"{cfg.database.chunks_table} keeps its own columns and rows")
-    click.echo(f"Left for you to delete: the lock file {cfg.database.path}-batchd.lock, the config, and (local "
+    click.echo(f"Left for you to delete: the lock file {lock_path(cfg.database.path)}, the config, and (local "
                f"backend) {cfg.state_dir / 'local-jobs'}")
 
 
 def _cancel_in_flight(app: App, store: Store, batch_ids: list[int], command: str) -> None:
-    """Cancel the remote jobs of batches in flight (best effort, like `batchd cancel`) so none keeps running."""
+    """Cancel the remote jobs of the batches in flight (as `batchd cancel` does), so none keeps running and
+    billing after its vectors are gone. Exits 1 (the database not reset or uninstalled) when one cannot be."""
     if not batch_ids:
         return
+    from batchd.backends import BackendError
     from batchd.manager import BatchManager
 
+    advice = (f"nothing was changed by {command}; try again, or cancel the batch with `batchd cancel` under the "
+              "config that submitted it")
     try:
         backend: Any = make_backend(app.config, store.instance_id)
-    except Exception as e:  # noqa: BLE001 - the local step below still closes the batches
-        click.echo(f"batchd: {command}: cannot reach the backend to cancel batches {batch_ids} "
-                   f"({_one_line(e)}); their remote jobs may still run", err=True)
-        return
+    except Exception as e:  # noqa: BLE001 - one line for the operator
+        fail(f"{command}: cannot reach the backend to cancel batches in flight {batch_ids} ({one_line(e)}); {advice}")
     try:
         manager = BatchManager(store, backend, app.config)
         for batch_id in batch_ids:
-            manager.cancel(batch_id)
+            try:
+                manager.cancel(batch_id)
+            except BackendError as e:
+                fail(f"{command}: cannot cancel batch {batch_id}'s remote job ({one_line(e)}); {advice}")
     finally:
         closer = getattr(backend, "close", None)
         if callable(closer):

@@ -1,8 +1,8 @@
 """batchd's place in the application's database: `check` changes nothing, a config that does not fit the
 database is exit 78 everywhere, `reset-vectors` and `uninstall`, and only enqueue/run create a missing file.
 
-Real files, the real `batchd` console script in subprocesses where an exit status or a JSON event is the point;
-the store and the worker in-process otherwise.
+Real files; the `batchd` command in-process through click's CliRunner (exit status, output, the daemon's JSON
+event), the store and the worker stepped in-process, and a second process where a held worker lock is the point.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from batchd.config import load
 from batchd.daemon import EXIT_CONFIG, Worker, run_once
 from batchd.store import SchemaMismatch, Store
-from tests.conftest import MEMBACKEND, batchd_cmd
+from tests.conftest import MEMBACKEND, Ran, cli
 from tests.fakes.membackend import fake_vector, read_counters, set_knobs
 
 APP_SCHEMA = [
@@ -76,9 +76,10 @@ def write_config(tmp_path: Path, dims: int = 8, name: str = "batchd.toml", db: P
     return p
 
 
-def batchd(env: dict[str, str], cfg: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*batchd_cmd(), "--config", str(cfg), *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=120)
+def batchd(env: dict[str, str], cfg: Path, *args: str, stdin: str | None = None) -> Ran:
+    """`batchd --config CFG ARGS` in this process (click's CliRunner): output and exit status as the console script
+    gives them. ``env`` is the subprocess environment of the worker-lock holder; the command itself runs here."""
+    return cli("--config", str(cfg), *args, input=stdin)
 
 
 def events(stdout: str) -> list[dict]:
@@ -268,7 +269,7 @@ def test_reset_vectors_says_what_it_would_do_then_re_embeds_everything(world, tm
     w.manager.flush_queue(force=True)
     w.manager.sync_status()
     w.manager.enqueue([(None, "in flight")])
-    [in_flight] = w.manager.flush_queue(force=True)
+    [in_flight] = w.manager.flush_queue(force=True).submitted
     before = {r["id"]: r["text"] for r in w.store.chunks()}
     assert w.store.vector_count() == 30
     w.store.close()
@@ -406,7 +407,7 @@ def test_a_chunk_whose_vector_sqlite_refuses_fails_alone_instead_of_the_sync_fai
                 "BEGIN SELECT RAISE(ABORT, 'archived rows are read-only'); END")
     app.commit()
     app.close()
-    [batch] = w.manager.flush_queue(force=True)
+    [batch] = w.manager.flush_queue(force=True).submitted
     summary = w.manager.sync_status()
     assert summary.errors == [] and summary.applied == 2 and summary.failed == 1
     rows = {r["id"]: r for r in w.store.chunks()}
@@ -414,4 +415,4 @@ def test_a_chunk_whose_vector_sqlite_refuses_fails_alone_instead_of_the_sync_fai
     assert rows[2]["error_message"] == "cannot store its vector: archived rows are read-only"
     assert w.store.vector(2) is None and w.store.vector(1) == fake_vector("kept", 16)
     assert w.store.batch(batch).status == "COMPLETED"
-    assert w.manager.sync_status().errors == [] and w.manager.flush_queue() == []
+    assert w.manager.sync_status().errors == [] and w.manager.flush_queue().created == []

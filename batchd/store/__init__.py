@@ -20,6 +20,7 @@ from batchd.store.connection import (
     StoreError,
     _sqlite_module,
     iso,
+    lock_path,
     parse_iso,
     quote_ident,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "StoreError",
     "_sqlite_module",
     "iso",
+    "lock_path",
     "parse_iso",
     "quote_ident",
 ]
