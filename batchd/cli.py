@@ -1,24 +1,28 @@
 """The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
 
 Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check,
-a missing database file: only `enqueue`, `run` and `demo` create one); 2 usage error; 75 (EX_TEMPFAIL) another
-batchd process is flushing or syncing this database; 78 (EX_CONFIG) configuration error, including a config that
-does not fit the database (another chunks_vec size, an id column that is not an INTEGER PRIMARY KEY).
+a missing database file: only `enqueue`, `run` and `demo` create one; a damaged or read-only database);
+2 usage error; 75 (EX_TEMPFAIL) try again later: another batchd process is flushing or syncing this
+database, the application held the database's write lock for more than 10 s, or the disk is full;
+78 (EX_CONFIG) configuration error, including a config that does not fit the database (another
+chunks_vec size, an id column that is not an INTEGER PRIMARY KEY).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any, NoReturn
 
 import click
 import orjson
+import structlog
 
-from batchd.backends import Backend, make_backend
+from batchd.backends import Backend, content_hash, make_backend
 from batchd.config import Config, ConfigError, format_duration, load, resolve_path
 from batchd.errors import one_line
-from batchd.store import Busy, Missing, SchemaMismatch, Store, StoreError
+from batchd.store import Busy, DiskFull, Missing, SchemaMismatch, Store, StoreError, explain, is_sqlite_error
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -39,6 +43,7 @@ class App:
         self._backend: Backend | None = None
         self._manager: Any = None
         self.may_create = False  # only enqueue, run and demo create a missing database file
+        self.stop = threading.Event()  # set by SIGTERM/SIGINT in the daemon
 
     @property
     def config(self) -> Config:
@@ -84,6 +89,17 @@ class App:
             self._manager = BatchManager(self.store, self.backend, self.config)
         return self._manager
 
+    def wait_for_store(self, notifier: Any) -> None:
+        """The daemon's way to open the database: wait out a full disk or a busy database (startup.py says how);
+        exit 0 if stopped while waiting. Other StoreErrors are raised (the caller reports them)."""
+        from batchd.startup import wait_for_database
+
+        if self._store is None:
+            store = wait_for_database(lambda: Store.open(self.config, create=self.may_create), notifier, self.stop)
+            if store is None:
+                sys.exit(0)
+            self._store = store
+
     def setup_logging(self, stream: Any = None) -> None:
         from batchd import logs
 
@@ -103,13 +119,40 @@ def fail_store(e: StoreError, config: Config) -> NoReturn:
         fail(f"config error: {config.source}: {e.key}: {e}", EX_CONFIG)
     if isinstance(e, Missing):
         fail(str(e))
-    fail(f"database error: {config.database.path}: {e}")
+    fail_database(config.database.path, e)
+
+
+def fail_database(path: str, problem: StoreError, note: str = "") -> NoReturn:
+    """One line for a database that cannot be used; 75 when trying again later can help (busy, disk full)."""
+    fail(f"database error: {path}: {problem}{note}", EX_TEMPFAIL if isinstance(problem, (Busy, DiskFull)) else 1)
+
+
+class _Commands(click.Group):
+    """Every command's database failures (busy, disk full, damaged, read-only) become one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            app = ctx.obj
+            config = getattr(app, "_config", None)
+            if config is None:
+                raise
+            problem = explain(e, config.database.path)
+            if problem is None and is_sqlite_error(e):
+                # Not a known state of the file (sqlite-vec's own errors, say): still one line; the traceback
+                # is there for `log_level = "debug"`.
+                structlog.get_logger("batchd.cli").debug("cli.database_error", exc_info=True)
+                problem = StoreError(f"{one_line(e)} (run `batchd check` to test the file)")
+            if problem is None:
+                raise
+            fail_database(config.database.path, problem)
 
 
 pass_app = click.make_pass_decorator(App)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH",
               help="Configuration file (default: $BATCHD_CONFIG, else /etc/batchd/batchd.toml).")
 @click.version_option(package_name="batchd")
@@ -151,7 +194,17 @@ def enqueue(app: App, file: Any) -> None:
         if show:
             click.echo(f"\r  queued {done:,} chunks", nl=False)
 
-    counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    try:
+        counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    except Exception as e:
+        # Slices are transactions: say how far it got, so that lines without an id are not queued twice.
+        problem = explain(e, app.config.database.path)
+        if problem is None or not done:
+            raise
+        if show:
+            click.echo()
+        fail_database(app.config.database.path, problem, f" (the first {done:,} good lines were queued; "
+                      "the rest were not)")
     if show and done:
         click.echo()
     click.echo(f"inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged} "
@@ -161,15 +214,18 @@ def enqueue(app: App, file: Any) -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size.")
+@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size (within the budget).")
+@click.option("--ignore-budget", is_flag=True, help="Submit even if [budget] says the money for today/this month is spent.")
 @pass_app
-def flush(app: App, force: bool) -> None:
+def flush(app: App, force: bool, ignore_budget: bool) -> None:
     """Claim pending chunks into batch jobs and submit them."""
     app.setup_logging()
     try:
-        s = app.manager.flush_queue(force=force)
+        s = app.manager.flush_queue(force=force, ignore_budget=ignore_budget)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
+    if s.over_budget:
+        click.echo(f"budget: {s.budget}; pending chunks wait (flush --ignore-budget to send anyway)")
     ids = s.created
     failed = [n for n in s.not_submitted if n.batch_id in ids]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
@@ -209,10 +265,73 @@ def stats(app: App, as_json: bool) -> None:
     click.echo(f"pending  {st['pending']:>10,}")
     click.echo(f"running  {st['running']:>10,}")
     click.echo(f"ready    {st['ready']:>10,}")
+    if st.get("truncated"):
+        click.echo(f"  {st['truncated']:>8,} x input truncated by the service (vector of the first tokens only)")
     click.echo(f"failed   {st['failed']:>10,}")
     for reason, n in app.store.failure_reasons() if st["failed"] else []:
         click.echo(f"  {n:>8,} x {reason}")
     click.echo("batches  " + "  ".join(f"{k.lower()}={v}" for k, v in st["batches"].items()))
+    from batchd.cost import spend_line
+
+    click.echo(spend_line(app.store, app.config, time.time()))
+
+
+@main.command()
+@click.option("--since", default="30d", show_default=True, metavar="PERIOD",
+              help="How far back: a duration (30d, 12h, 2w) or a UTC date (2026-11-01).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts at full precision).")
+@pass_app
+def cost(app: App, since: str, as_json: bool) -> None:
+    """What batchd cost and saved: batches, rows and characters sent, billed tokens/characters, USD by model."""
+    from batchd.cost import cost_report, parse_since, usd
+
+    app.setup_logging()
+    now = time.time()
+    try:
+        start = parse_since(since, now)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    r = cost_report(app.store, app.config, start)
+    if as_json:
+        click.echo(orjson.dumps(r).decode())
+        return
+    click.echo(f"since    {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(start))}")
+    click.echo(f"cost     {usd(r['cost_usd'])} (online would have been {usd(r['online_cost_usd'])}; "
+               f"saved {usd(r['saved_usd'])}, {r['rows_deduplicated']:,} rows deduplicated or copied locally)")
+    click.echo(f"sent     {r['batches']:,} batches, {r['rows']:,} rows, {r['characters']:,} characters; billed "
+               f"{r['billable_characters']:,} characters, {r['tokens']:,} tokens")
+    for model, m in r["by_model"].items():
+        click.echo(f"  {model or '(no model)'}: {usd(m['cost_usd'])}, {m['batches']:,} batches, {m['rows']:,} rows, "
+                   f"{m['tokens']:,} tokens, {m['billable_characters']:,} billable characters")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_app
+def estimate(app: App, as_json: bool) -> None:
+    """What flushing the pending chunks now would send and cost. Changes nothing."""
+    from batchd.cost import budget_state, usd
+    from batchd.cost import estimate as estimate_queue
+    from batchd.pricing import CHARS_PER_TOKEN, price_for
+
+    app.setup_logging()
+    emb = app.config.embedding
+    # Hashes as the manager makes them, without constructing a backend (no credentials needed, nothing sent).
+    e = estimate_queue(app.store, app.config, lambda t: content_hash(t, emb.model, emb.task_type, emb.dimensions))
+    if as_json:
+        click.echo(orjson.dumps(e.as_dict()).decode())
+        return
+    price = price_for(app.config)
+    click.echo(f"pending  {e.chunks:,} chunks: {e.to_send:,} distinct texts to send, {e.copied_locally:,} copied locally")
+    click.echo(f"size     {e.characters:,} characters ({e.billable_characters:,} billable), "
+               f"~{e.tokens_estimate:,} tokens, {e.jobs:,} job(s)")
+    how = {"1m_tokens": f"tokens estimated at {CHARS_PER_TOKEN} characters each; the service reports the real count",
+           "1k_characters": "billable characters: code points, white space excluded",
+           "none": "runs on this machine"}[price.unit]
+    click.echo(f"cost     {usd(e.cost_usd)} at the batch price of {app.config.embedding.model} ({how})")
+    st = budget_state(app.store, app.config, time.time())
+    if st.limited:
+        click.echo(f"budget   {st.describe()}")
 
 
 @main.command()
@@ -230,11 +349,13 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
         for b in rows:
             click.echo(orjson.dumps(b.__dict__).decode())
         return
-    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  {'age':>6}  error")
+    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  "
+               f"{'unmatched':>9}  {'age':>6}  error")
     for b in rows:
         created = parse_iso(b.created_at) or now
         click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
-                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {b.unmatched_lines:>9}  "
+                   f"{format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
 
 
 @main.command()
@@ -275,8 +396,6 @@ def cancel(app: App, batch_id: int) -> None:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
-    import structlog
-
     from batchd import daemon, logs
     from batchd.config import parse_duration
     from batchd.systemd import Notifier
@@ -296,7 +415,15 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         sys.exit(EX_CONFIG)
     logs.configure(level, stream=sys.stdout)
     app.may_create = True
-    worker = daemon.Worker(_start_manager(app), notifier=Notifier())
+    notifier = Notifier()
+    manager = _start_manager(app, notifier, wait=not once and not until_idle)
+    metrics = None
+    mc = app.config.metrics
+    if mc.textfile or mc.listen:
+        from batchd.metrics import Metrics
+
+        metrics = Metrics(mc.textfile)
+    worker = daemon.Worker(manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
         sys.exit(daemon.run_once(worker))
     if until_idle:
@@ -308,28 +435,31 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
                            f"failed={st['failed']:,}", err=True)
 
         sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
-    sys.exit(daemon.serve(worker))
+    sys.exit(daemon.serve(worker, listen=mc.address))
 
 
-def _start_manager(app: App) -> Any:
+def _start_manager(app: App, notifier: Any, *, wait: bool) -> Any:
     """The manager for `run`; a database or backend that cannot be used is one JSON event and an exit status.
 
-    Under systemd these lines land in the journal (`journalctl -p err`); exit 78 (a config that does not fit the
-    database or the model) is in the unit's RestartPreventExitStatus=, so a mistake does not restart-loop.
+    The daemon (``wait``) waits out a busy database or a full disk (startup.py). Under systemd these lines land in
+    the journal (`journalctl -p err`); exit 78 (a config that does not fit the database or the model) is in the
+    unit's RestartPreventExitStatus=, so a mistake does not restart-loop.
     """
-    import structlog
-
     log = structlog.get_logger("batchd.cli")
     cfg = app.config
     try:
-        app.open_store()
+        if wait:
+            app.wait_for_store(notifier)
+        else:
+            app.open_store()
     except SchemaMismatch as e:
         log.error("config.invalid", error=f"{cfg.source}: {e.key}: {e}", key=e.key, database=cfg.database.path,
                   exit_status=EX_CONFIG, **e.fields)
         sys.exit(EX_CONFIG)
     except StoreError as e:
-        log.error("database.unusable", error=str(e), database=cfg.database.path, exit_status=1)
-        sys.exit(1)
+        status = EX_TEMPFAIL if isinstance(e, (Busy, DiskFull)) else 1
+        log.error("database.unusable", error=str(e), database=cfg.database.path, exit_status=status)
+        sys.exit(status)
     try:
         app._backend = make_backend(cfg, app.store.instance_id)
     except ConfigError as e:

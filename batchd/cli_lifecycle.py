@@ -15,9 +15,9 @@ from typing import Any
 import click
 import structlog
 
-from batchd.backends import Checkable, make_backend
+from batchd.backends import Backend, Checkable, make_backend
 from batchd.cli import EX_CONFIG, EX_TEMPFAIL, App, fail, fail_store, pass_app
-from batchd.config import ConfigError, vertex_missing
+from batchd.config import Config, ConfigError, format_duration, vertex_missing
 from batchd.errors import one_line
 from batchd.store import Busy, Store, StoreError, lock_path
 
@@ -25,11 +25,27 @@ log = structlog.get_logger("batchd.cli")
 
 
 @click.command()
+@click.option("--live", is_flag=True,
+              help="Also run a tiny real job (3 fixed texts, never your chunks) and verify what comes back.")
+@click.option("--timeout", "timeout", default="30m", show_default=True, metavar="DURATION",
+              help="With --live: how long to wait for the job (then it is cancelled).")
+@click.option("--keep", is_flag=True, help="With --live: leave the job's staged files for inspection.")
+@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
+              help="With --live: the pause between status checks.")
 @pass_app
-def check(app: App) -> None:
-    """Validate the config and the database (changing nothing), list what the first run will create or migrate,
-    and check the backend. Exit 0 when all is well; 1 when something fails, the database file is missing
-    included; 78 when the config does not fit the database."""
+def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
+    """Validate the config and the database (changing nothing: it lists what the first run will create or
+    migrate), run SQLite's integrity check, and check the backend. Exit 0 when all is well; 1 when something
+    fails, a missing database file included; 78 when the config does not fit the database.
+
+    With --live, a 3-text job runs end to end through the same code path as real batches; Ctrl-C cancels it
+    and deletes its files (exit 130)."""
+    from batchd.config import parse_duration
+
+    try:
+        timeout_s, poll_s = parse_duration(timeout), parse_duration(poll)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timeout/--poll") from None
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
@@ -37,23 +53,29 @@ def check(app: App) -> None:
     try:
         ins = Store.inspect(cfg)
     except StoreError as e:
-        fail_store(e, cfg)  # 78 for a config that does not fit the database, else 1
+        fail_store(e, cfg)  # 78 for a config that does not fit the database, else one line and 1
     path = cfg.database.path
+    how, found = ins.integrity
     if not ins.exists:
         click.echo(f"FAIL  database {path} does not exist (check database.path; `batchd enqueue` or `batchd run` "
                    "creates it)")
+        problems += 1
+    elif found:
+        click.echo(f"FAIL  database integrity ({how}): {len(found)}{'+' if len(found) >= 20 else ''} problem(s), "
+                   f"first: {found[0]}; restore a backup or rebuild it with the sqlite3 shell's .recover")
         problems += 1
     else:
         vec = f"chunks_vec {ins.vec_dimensions} dimensions" if ins.vec_dimensions else "no chunks_vec yet"
         click.echo(f"ok    database {path} (sqlite {ins.sqlite_version}, sqlite-vec {ins.vec_version}, "
                    f"schema {ins.schema_version}, instance {ins.instance_id or 'not yet'}, {vec}, "
                    f"{ins.rows if ins.rows is not None else 0:,} chunks)")
+        click.echo(f"ok    database integrity ({how}): no problems found")
     if ins.changes:
         click.echo(f"plan  the first `batchd run` or `batchd enqueue` will ({len(ins.changes)} changes; "
                    "check made none):")
         for ch in ins.changes:
             click.echo(f"plan    {ch}")
-    else:
+    elif not found:
         click.echo("ok    schema up to date (nothing to create or migrate)")
     if cfg.embedding.backend == "vertex":
         missing = vertex_missing(cfg)
@@ -71,13 +93,50 @@ def check(app: App) -> None:
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
         for r in backend.check():
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
+            mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
+            click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
             problems += 0 if r.ok else 1
-    closer = getattr(backend, "close", None)
-    if callable(closer):
-        closer()
-    if problems:
-        sys.exit(1)
+    status = 1 if problems else 0
+    try:
+        if live and not problems:
+            status = _live_check(backend, cfg, timeout_s, keep, poll_s)
+        elif live:
+            click.echo("FAIL  live check: not run while the checks above fail")
+    finally:
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            closer()
+    if status:
+        sys.exit(status)
+
+
+def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:
+    from batchd.livecheck import run_live_check
+
+    show = sys.stderr.isatty()
+    last: list[str] = []
+
+    def waiting(state: str, elapsed: float) -> None:
+        if show:
+            click.echo(f"\r      waiting for the job: {state:<20} {format_duration(elapsed, exact=False):>6}",
+                       nl=False, err=True)
+        elif last != [state]:
+            click.echo(f"      waiting for the job: {state} after {format_duration(elapsed, exact=False)}", err=True)
+        last[:] = [state]
+
+    def echo(line: Any) -> None:
+        if show and last:
+            click.echo(err=True)
+            last.clear()
+        click.echo(str(line))
+
+    emb = cfg.embedding
+    res = run_live_check(backend, emb.model, emb.task_type, emb.dimensions, timeout=timeout, keep=keep, poll=poll,
+                         echo=echo, waiting=waiting)
+    if res.interrupted:
+        return 130
+    return 0 if res.ok else 1
+
 
 
 @click.command("reset-vectors")

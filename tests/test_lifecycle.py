@@ -131,8 +131,9 @@ def test_check_changes_nothing_and_lists_what_the_first_run_creates(tmp_path, ba
     lines = r.stdout.splitlines()
     assert lines[1].startswith(f"ok    database {tmp_path / 'app.db'} (sqlite ")
     assert "instance not yet, no chunks_vec yet, 40 chunks)" in lines[1]
-    assert lines[2].startswith("plan  the first `batchd run` or `batchd enqueue` will (")
-    assert lines[2].endswith(" changes; check made none):")
+    assert lines[2] == "ok    database integrity (integrity_check): no problems found"
+    assert lines[3].startswith("plan  the first `batchd run` or `batchd enqueue` will (")
+    assert lines[3].endswith(" changes; check made none):")
     assert "plan    switch the journal mode to WAL (now delete)" in lines
     assert ("plan    add column chunks.embedding_status (TEXT NOT NULL DEFAULT 'PENDING'; the table's 40 existing "
             "rows start PENDING and will be embedded)") in lines

@@ -99,7 +99,9 @@ def _connect(sqlite: Any, path: str, *, create: bool, readonly: bool = False) ->
         return sqlite.connect(f"{file.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None,
                               check_same_thread=False, timeout=10.0)
     except sqlite.Error as e:
-        raise StoreError(f"cannot open database {path}: {e}") from None
+        from batchd.store.problems import explain
+
+        raise explain(e, path) or StoreError(f"cannot open database {path}: {e}") from None
 
 
 def _load_vec(conn: Any) -> None:
@@ -163,6 +165,7 @@ class StoreBase:
         # `uninstall` run meanwhile with another config stops this worker (SchemaMismatch) instead of failing
         # every step. Off for the stores of those two commands themselves.
         self.verify_on_lock = True
+        self._wrote = False  # a write transaction ran: close() may then run PRAGMA optimize
 
     def _verify_schema(self) -> None:
         """Raise SchemaMismatch when the database no longer fits the config (schema.py)."""
@@ -176,7 +179,10 @@ class StoreBase:
         ``migrate=False`` leaves the schema as it is (``batchd uninstall``); ``check_dimensions=False`` accepts
         a chunks_vec of another size (``batchd reset-vectors``). Raises StoreError with a one-line reason;
         :class:`SchemaMismatch` (before anything is changed) when the config does not fit the database.
+        The subclasses of batchd.store.problems for a busy, full, damaged or read-only database.
         """
+        from batchd.store.problems import explain
+
         sqlite = _sqlite_module()
         path = config.database.path
         conn = _connect(sqlite, path, create=create)
@@ -201,7 +207,7 @@ class StoreBase:
                 store.instance_id = store._read_instance_id() or ""  # type: ignore[attr-defined]
         except sqlite.DatabaseError as e:
             conn.close()
-            raise StoreError(f"cannot use database {path}: {e}") from None
+            raise explain(e, path) or StoreError(f"cannot use database {path}: {e}") from None
         except BaseException:
             conn.close()
             raise
@@ -234,15 +240,17 @@ class StoreBase:
                 raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
                            "try again when it is done") from None
             self._lock_file = f
-            f.seek(0)
-            self._write_lock_file(_parse_claimed(f.read()))
-            if self.verify_on_lock:
-                try:
+            try:
+                f.seek(0)
+                self._write_lock_file(_parse_claimed(f.read()))
+                if self.verify_on_lock:
                     self._verify_schema()
-                except BaseException:
-                    self._lock_file = None
-                    f.close()  # releases the flock
-                    raise
+            except BaseException:
+                # A full disk, say, or a database that no longer fits the config: let go of the lock, or this
+                # process would hold it against itself for good (every later step "busy" with its own descriptor).
+                self._lock_file = None
+                f.close()
+                raise
         self._lock_depth += 1
         try:
             yield
@@ -272,21 +280,33 @@ class StoreBase:
             self._write_lock_file((self.instance_id, batch_id))
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.execute("PRAGMA optimize")
+        """Close the connection. Never waits for the write lock: a reader (stats, jobs, search) must not be held
+        up by the application's long transaction, so PRAGMA optimize (which may write statistics) runs only
+        after this connection wrote, and gives up at once if the lock is taken."""
+        if self._wrote:
+            with contextlib.suppress(Exception):
+                self._conn.execute("PRAGMA busy_timeout = 0")
+                self._conn.execute("PRAGMA optimize")
         self._conn.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (also when COMMIT itself fails).
+
+        The exception that caused the rollback is the one raised: on a full disk SQLite may already have rolled
+        back by itself, and "no transaction is active" would hide the reason. The connection is left usable
+        (no transaction open) either way, so a daemon can try again once the problem is gone.
+        """
+        self._wrote = True
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        else:
             self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                with contextlib.suppress(Exception):
+                    self._conn.execute("ROLLBACK")
+            raise
 
     @property
     def sqlite_module(self) -> Any:

@@ -19,7 +19,8 @@ from batchd.store.connection import StoreBase, StoreError, _connect, _load_vec, 
 from batchd.store.schema import (
     APP_TABLE_INDEXES,
     APP_TABLE_TRIGGERS,
-    CHUNK_COLUMNS,
+    BATCH_JOBS_INDEXES,
+    OWN_CHUNK_COLUMNS,
     OWN_TABLES,
     SCHEMA_VERSION,
     create_vec_table,
@@ -59,6 +60,7 @@ class Inspection:
     journal_mode: str
     rows: int | None  # rows in the application's table (None: no table yet)
     changes: list[Change] = field(default_factory=list)
+    integrity: tuple[str, list[str]] = ("", [])  # which check ran, the problems it found (reads.py, integrity)
 
 
 class LifecycleMixin(StoreBase):
@@ -71,10 +73,16 @@ class LifecycleMixin(StoreBase):
         A missing file is inspected as an empty database (``exists=False``; every change is listed).
         Raises :class:`SchemaMismatch` when the config does not fit, StoreError when the file cannot be read.
         """
+        from batchd.store.problems import ReadOnly, _read_only, explain
+
         sqlite = _sqlite_module()
         path = config.database.path
         exists = path == ":memory:" or Path(path).exists()
         if exists:
+            if path != ":memory:" and _read_only(path):
+                raise ReadOnly("the database is read-only (the file, its folder or its file system is not writable "
+                               "by this user): batchd needs write access to the file and to its folder (for the "
+                               "-wal and -shm files)")
             conn = _connect(sqlite, path, create=False)
         else:
             _connect_folder_check(sqlite, path)
@@ -84,6 +92,11 @@ class LifecycleMixin(StoreBase):
             conn.execute("PRAGMA busy_timeout = 10000")
             _load_vec(conn)
             store = cls(conn, config, sqlite)
+            integrity = store.integrity() if exists else ("", [])  # type: ignore[attr-defined]
+            if integrity[1]:  # a damaged file: what else it says cannot be trusted
+                return Inspection(path=path, exists=True, sqlite_version=store.sqlite_version,
+                                  vec_version=store.vec_version(), schema_version=0, instance_id=None,
+                                  vec_dimensions=None, journal_mode="", rows=None, integrity=integrity)
             store._check_config_fits()  # type: ignore[attr-defined]
             rows = None
             if store.table_exists(config.database.chunks_table):  # type: ignore[attr-defined]
@@ -94,9 +107,9 @@ class LifecycleMixin(StoreBase):
                 instance_id=store._read_instance_id(),  # type: ignore[attr-defined]
                 vec_dimensions=store.vec_dimensions(),  # type: ignore[attr-defined]
                 journal_mode=str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() if exists else "",
-                rows=rows, changes=store.planned_changes(exists=exists))
+                rows=rows, changes=store.planned_changes(exists=exists), integrity=integrity)
         except sqlite.DatabaseError as e:
-            raise StoreError(f"cannot read database {path}: {e}") from None
+            raise explain(e, path) or StoreError(f"cannot read database {path}: {e}") from None
         finally:
             conn.close()  # no PRAGMA optimize: that may run ANALYZE, a write
 
@@ -115,7 +128,7 @@ class LifecycleMixin(StoreBase):
         for name in ("batchd_meta", "batch_jobs"):
             if name not in tables:
                 out.append(Change("table", name))
-        for name in ("batch_jobs_google_job_id", "batch_jobs_status"):
+        for name in BATCH_JOBS_INDEXES:
             if ("index", name) not in schema:
                 out.append(Change("index", name, "on batch_jobs"))
         if db.chunks_table not in tables:
@@ -124,7 +137,7 @@ class LifecycleMixin(StoreBase):
             have: set[str] = set()
         else:
             have = {c.lower() for c in self.table_columns(db.chunks_table)}  # type: ignore[attr-defined]
-        missing = [(n, decl) for n, decl in CHUNK_COLUMNS if n not in have]
+        missing = [(n, decl) for n, decl in OWN_CHUNK_COLUMNS if n not in have]
         for name, decl in missing:
             detail = decl
             if name == "embedding_status" and db.chunks_table in tables:
@@ -134,8 +147,9 @@ class LifecycleMixin(StoreBase):
         for what in APP_TABLE_INDEXES:
             if ("index", own_name(self, what)) not in schema:  # type: ignore[arg-type]
                 out.append(Change("index", own_name(self, what), f"on {db.chunks_table}"))  # type: ignore[arg-type]
-        if "batchd_tombstones" not in tables:
-            out.append(Change("table", "batchd_tombstones"))
+        for name in ("batchd_tombstones", "batchd_copies"):
+            if name not in tables:
+                out.append(Change("table", name))
         for what in APP_TABLE_TRIGGERS:
             if ("trigger", own_name(self, what)) not in schema:  # type: ignore[arg-type]
                 out.append(Change("trigger", own_name(self, what), f"on {db.chunks_table}"))  # type: ignore[arg-type]
@@ -192,7 +206,7 @@ class LifecycleMixin(StoreBase):
                     "ESCAPE '\\' ORDER BY name", (kind, t)):
                 out.append(Change(kind, str(name), f"on {t}"))
         have = {c.lower() for c in self.table_columns(t)} if self.table_exists(t) else set()  # type: ignore[attr-defined]
-        for name, _ in reversed(CHUNK_COLUMNS):
+        for name, _ in reversed(OWN_CHUNK_COLUMNS):
             if name in have:
                 out.append(Change("column", f"{t}.{name}"))
         for name in OWN_TABLES:
