@@ -54,8 +54,24 @@ MAX_INT = 1_000_000_000
 # Columns batchd adds to the application's table and tables it owns (store migrations create exactly these;
 # tests/test_config.py checks they agree). The configured id/text column or table must not be one of them.
 BATCHD_COLUMNS = ("embedding_status", "batch_job_id", "error_message", "attempts", "content_hash", "embedded_at",
-                  "queued_at")
-BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones")
+                  "queued_at", "truncated")
+BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones", "batchd_copies")
+# Defaults that depend on the backend, for the keys an operator did not set (etc/batchd.toml shows each of them
+# commented out, with every backend's value). A Vertex AI or Gemini API batch job is half the online price but
+# takes minutes to hours to start and finish: gather many chunks per job and poll every few minutes. The local
+# model starts at once: flush whatever is pending and embed it right away. A plugin backend gets the Vertex
+# values, which are also the dataclasses' own defaults below.
+_BATCH_SERVICE_QUEUE = {"queue.min_batch_size": 100, "queue.max_wait": "30m", "queue.flush_interval": "1m",
+                        "queue.sync_interval": "5m"}
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vertex": {"embedding.model": "text-embedding-005", "embedding.dimensions": 768, **_BATCH_SERVICE_QUEUE},
+    "gemini-api": {"embedding.model": "gemini-embedding-001", "embedding.dimensions": 768, **_BATCH_SERVICE_QUEUE},
+    # embedding.model: the name of [local] model (all-MiniLM-L6-v2 unless set), so the content hashes name it.
+    "local": {"embedding.model": "all-MiniLM-L6-v2", "embedding.dimensions": 384, "queue.min_batch_size": 1,
+              "queue.max_wait": "5s", "queue.flush_interval": "5s", "queue.sync_interval": "5s"},
+}
+
+
 class ConfigError(BatchdError):
     """A configuration problem. ``str()`` is one line: ``file: key: reason``.
 
@@ -235,6 +251,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (also handy for tests). Raises ConfigError."""
+    data = with_backend_defaults(data)
     sections: dict[str, Any] = {}
     section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("source", "plugin")}
     hints = typing.get_type_hints(Config)
@@ -251,6 +268,24 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     cfg = Config(**sections, source=source)
     _validate(cfg)
     return cfg
+
+
+def with_backend_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with BACKEND_DEFAULTS filled in for the keys it does not set (what it sets always wins)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    emb = out.get("embedding")
+    backend = emb.get("backend", "vertex") if isinstance(emb, dict) else "vertex"
+    defaults = dict(BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS["vertex"]) if isinstance(backend, str)
+                    else BACKEND_DEFAULTS["vertex"])
+    local = out.get("local")
+    if backend == "local" and isinstance(local, dict) and isinstance(local.get("model"), str) and local["model"]:
+        defaults["embedding.model"] = Path(local["model"]).name or local["model"]
+    for dotted, value in defaults.items():
+        section, key = dotted.split(".", 1)
+        table = out.setdefault(section, {})
+        if isinstance(table, dict):  # anything else is reported by from_dict
+            table.setdefault(key, value)
+    return out
 
 
 def _plugin_tables(value: Any, source: str) -> dict[str, dict[str, Any]]:

@@ -517,9 +517,9 @@ def test_app_files_without_the_readme_steps_fail_the_start_instead_of_ready(op: 
         r = subprocess.run([str(TOOL), "exec", inst.handle, "systemctl", "start", UNIT], capture_output=True,
                            timeout=300)
         assert r.returncode != 0  # never READY=1
-        rec, e = inst.wait_event("daemon.start_failed", after=before)
+        rec, e = inst.wait_event("database.unusable", after=before)
         print(e["error"])
-        assert rec["PRIORITY"] == "3" and "cannot write database /srv/app/app.db" in e["error"], e
+        assert rec["PRIORITY"] == "3" and e["database"] == "/srv/app/app.db" and "read-only" in e["error"], e
         # Inside the unit's user namespace (PrivateUsers=yes) the application's user shows as nobody.
         assert re.search(r"app\.db-wal (myapp:myapp|nobody:nogroup) 0644", e["error"]), e["error"]
         assert inst.prop("NRestarts") == "0"
