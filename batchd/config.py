@@ -35,6 +35,11 @@ CLASSIC_MODELS = ("text-embedding-005", "text-multilingual-embedding-002", "text
 CLASSIC_MAX_ROWS = 30_000
 GEMINI_MAX_ROWS = 1_000_000
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("vertex", "gemini-api", "local")
+# [embedding] keys whose default depends on the backend, used when the file does not set them.
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemini-api": {"model": "gemini-embedding-001", "dimensions": 768},
+}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/[^\s]*)?$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -124,6 +129,18 @@ class VertexConfig:
 
 
 @dataclass(frozen=True)
+class GeminiApiConfig:
+    """The Gemini Developer API's Batch Mode (backend "gemini-api"): an API key, no bucket, no project."""
+
+    api_key_file: str = ""  # empty: $CREDENTIALS_DIRECTORY/gemini-api-key (LoadCredential=), else $GEMINI_API_KEY
+    base_url: str = ""  # empty: Google's endpoint; an http(s):// URL for emulators and tests
+    cleanup: bool = True
+    request_timeout: Duration = Duration(60)
+    retry_backoff: Duration = Duration(1)  # first wait after a 429/5xx; doubles, with jitter
+    retry_deadline: Duration = Duration(300)  # give up retrying one call after this long
+
+
+@dataclass(frozen=True)
 class LocalConfig:
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 64
@@ -142,6 +159,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     vertex: VertexConfig = field(default_factory=VertexConfig)
+    gemini_api: GeminiApiConfig = field(default_factory=GeminiApiConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: str = "<defaults>"
@@ -186,9 +204,20 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table, like [" + name + "]")
         sections[name] = _build_section(hints[name], value, name, source)
+    _apply_backend_defaults(sections, data.get("embedding") or {})
     cfg = Config(**sections, source=source)
     _validate(cfg)
     return cfg
+
+
+def _apply_backend_defaults(sections: dict[str, Any], written: Mapping[str, Any]) -> None:
+    """Fill the [embedding] keys the file left out with the chosen backend's defaults (BACKEND_DEFAULTS)."""
+    emb = sections.get("embedding")
+    if emb is None:
+        return
+    unset = {k: v for k, v in BACKEND_DEFAULTS.get(emb.backend, {}).items() if k not in written}
+    if unset:
+        sections["embedding"] = dataclasses.replace(emb, **unset)
 
 
 def _build_section(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:
@@ -256,9 +285,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "queue.min_batch_size",
                           f"{q.min_batch_size} is greater than queue.max_batch_size ({q.max_batch_size})")
 
-    if emb.backend not in ("vertex", "local") and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
+    if emb.backend not in BACKENDS and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
         raise ConfigError(src, "embedding.backend",
-                          f"must be \"vertex\", \"local\" or a plugin \"package.module:Class\", got {emb.backend!r}")
+                          f"must be \"vertex\", \"gemini-api\", \"local\" or a plugin \"package.module:Class\", "
+                          f"got {emb.backend!r}")
     if emb.dimensions <= 0:
         raise ConfigError(src, "embedding.dimensions", "must be greater than zero")
     if emb.dimensions > 8192:
@@ -284,6 +314,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "vertex.credentials",
                           "must be \"default\", \"anonymous\" or the path of a service-account JSON file")
 
+    _validate_gemini_api(cfg)
+
     if loc.batch_size < 1:
         raise ConfigError(src, "local.batch_size", "must be at least 1")
     if loc.slice_size < 1:
@@ -291,6 +323,18 @@ def _validate(cfg: Config) -> None:
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _validate_gemini_api(cfg: Config) -> None:
+    src, ga, emb = cfg.source, cfg.gemini_api, cfg.embedding
+    if ga.base_url and not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[^\s]*)?$", ga.base_url):
+        raise ConfigError(src, "gemini_api.base_url", f"{ga.base_url!r} is not an http(s):// URL")
+    if ga.retry_backoff > ga.retry_deadline:
+        raise ConfigError(src, "gemini_api.retry_backoff",
+                          f"{ga.retry_backoff:g}s is longer than gemini_api.retry_deadline ({ga.retry_deadline:g}s)")
+    if emb.backend == "gemini-api" and emb.model.startswith("gemini-") and emb.dimensions > 3072:
+        raise ConfigError(src, "embedding.dimensions",
+                          f"{emb.dimensions} is more than the 3072 dimensions {emb.model} produces")
 
 
 def vertex_missing(cfg: Config) -> list[str]:
