@@ -1,0 +1,42 @@
+"""The SQLite file: every SQL statement batchd runs, one concern per module.
+
+Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`Store.open` is the entry point.
+
+- connection.py  which SQLite library, pragmas, ``transaction()``, the worker lock
+- schema.py      migrations (append-only), the instance id, checks of the application's table
+- intake.py      enqueue, hashing, copying known vectors, claiming a batch, its items
+- results.py     applying results, finishing / cancelling a batch, retry: every later chunk state change
+- reads.py       queue counts, batches, failure reasons, search
+"""
+
+from __future__ import annotations
+
+from batchd.store.connection import Busy, StoreBase, StoreError, _sqlite_module, iso, parse_iso, quote_ident
+from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
+from batchd.store.reads import BatchRow, ReadsMixin
+from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
+from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
+
+
+class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, StoreBase):
+    """One SQLite connection to the shared database file, with batchd's schema in place."""
+
+
+__all__ = [
+    "ENQUEUE_SLICE",
+    "HASH_SLICE",
+    "IN_SLICE",
+    "SCHEMA_VERSION",
+    "STEPS",
+    "ApplyCounts",
+    "BatchRow",
+    "Busy",
+    "EnqueueCounts",
+    "Store",
+    "StoreBase",
+    "StoreError",
+    "_sqlite_module",
+    "iso",
+    "parse_iso",
+    "quote_ident",
+]

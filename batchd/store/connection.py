@@ -1,0 +1,210 @@
+"""The connection to the shared database file: which SQLite library, pragmas, transactions, the worker lock.
+
+Locking: the connection runs in autocommit mode; every write goes through :meth:`StoreBase.transaction`, which
+opens ``BEGIN IMMEDIATE`` (take the write lock up front, so a transaction never fails half way on a lock upgrade)
+and commits or rolls back. Write transactions are kept to at most ~10,000 small rows (about 0.1 s) so the
+application sharing the file never waits more than a fraction of a second. No transaction is ever open across a
+network call. The worker lock (an flock beside the database) keeps a second batchd process from flushing or
+syncing the same database at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchd.config import Config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchd.store import Store
+
+
+class StoreError(Exception):
+    """The database cannot be used as configured. ``str()`` is one line saying what to do."""
+
+
+class Busy(StoreError):
+    """Another batchd process is flushing or syncing this database right now; try again later."""
+
+
+def _sqlite_module() -> Any:
+    """The stdlib sqlite3 if it can load extensions, else pysqlite3, else a StoreError that says what to install."""
+    import sqlite3
+
+    if hasattr(sqlite3.Connection, "enable_load_extension"):
+        return sqlite3
+    try:
+        from pysqlite3 import dbapi2  # type: ignore[import-not-found]
+    except ImportError:
+        raise StoreError(
+            "this Python's sqlite3 cannot load extensions (needed for sqlite-vec): "
+            "install pysqlite3-binary (pip install pysqlite3-binary, Linux x86_64) or pysqlite3, "
+            "or use a Python built with --enable-loadable-sqlite-extensions"
+        ) from None
+    return dbapi2
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds -> '2026-11-30T09:00:00Z' (sortable as text)."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier (config validated it as a plain identifier already)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _load_vec(conn: Any) -> None:
+    import sqlite_vec
+
+    try:
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise StoreError(f"cannot load the sqlite-vec extension: {e}") from None
+
+
+
+class StoreBase:
+    """One SQLite connection to the shared database file; the concerns built on it are mixins (batchd.store)."""
+
+    def __init__(self, conn: Any, config: Config, sqlite: Any):
+        self._conn = conn
+        self._sqlite = sqlite
+        self.config = config
+        db = config.database
+        self.q_table = quote_ident(db.chunks_table)
+        self.q_id = quote_ident(db.id_column)
+        self.q_text = quote_ident(db.text_column)
+        self.dimensions = config.embedding.dimensions
+        self.instance_id = ""
+        self._lock_file: Any = None
+        self._lock_depth = 0
+
+    @classmethod
+    def open(cls, config: Config, *, create: bool = True) -> Store:
+        """Connect (WAL, busy_timeout, foreign keys, sqlite-vec) and create or migrate the schema.
+
+        Raises StoreError with a one-line reason (no extension support, unreadable file, a chunks_vec
+        of another dimension, an app table lacking the configured columns).
+        """
+        sqlite = _sqlite_module()
+        path = config.database.path
+        if path != ":memory:":
+            parent = Path(path).expanduser().resolve().parent
+            if not parent.is_dir():
+                if not create:
+                    raise StoreError(f"database folder {parent} does not exist")
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise StoreError(f"cannot create database folder {parent}: {e.strerror}") from None
+        try:
+            conn = sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        except sqlite.Error as e:
+            raise StoreError(f"cannot open database {path}: {e}") from None
+        try:
+            _load_vec(conn)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if path != ":memory:" and str(mode).lower() != "wal":
+                raise StoreError(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            # 32 MiB page cache (default 2 MiB): a 2,000-vector slice or a 10,000-row enqueue slice dirties more
+            # than 2 MiB, and spilling mid-transaction made both ~1.5x slower (bench/, README "Benchmarks").
+            conn.execute("PRAGMA cache_size = -32768")
+            conn.execute("PRAGMA foreign_keys = ON")
+            store = cls(conn, config, sqlite)
+            store._migrate()  # type: ignore[attr-defined]
+        except sqlite.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"cannot use database {path}: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @contextlib.contextmanager
+    def worker_lock(self) -> Iterator[None]:
+        """Hold the database's worker lock: one batchd process at a time flushes, syncs or recovers.
+
+        Two workers on one file (the daemon and a hand-run `batchd flush`) could otherwise both find a
+        batch left without a job and both submit it: paying twice. The lock is an flock on
+        ``<database>-batchd.lock`` (released by the kernel if the process dies), never waited for:
+        raises :class:`Busy` naming the holder's pid. Re-entrant within this Store.
+        """
+        path = self.config.database.path
+        if path == ":memory:":
+            yield
+            return
+        if self._lock_depth == 0:
+            import fcntl
+
+            f = open(f"{path}-batchd.lock", "a+")  # kept open while the lock is held
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
+                           "try again when it is done") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self._lock_file = f
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_file is not None:
+                self._lock_file.close()  # closing the descriptor releases the flock
+                self._lock_file = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.execute("PRAGMA optimize")
+        self._conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    @property
+    def sqlite_module(self) -> Any:
+        """The DB-API module in use (stdlib sqlite3 or pysqlite3).
+
+        An application that shares this process with batchd must open its own connections with this same
+        module: two copies of the SQLite library in one process do not share POSIX lock bookkeeping, and
+        closing a connection of one silently drops the other's locks on the same file.
+        """
+        return self._sqlite
+
+    @property
+    def sqlite_version(self) -> str:
+        return str(self._sqlite.sqlite_version)
+
+    def vec_version(self) -> str:
+        return str(self._conn.execute("SELECT vec_version()").fetchone()[0])
+

@@ -1,0 +1,167 @@
+"""Results: every chunk state change after a batch was claimed, in one file.
+
+Chunk states (columns batchd adds to the application's table):
+  pending  embedding_status='PENDING' AND batch_job_id IS NULL
+  running  embedding_status='PENDING' AND batch_job_id IS NOT NULL (claimed by a batch)
+  ready    embedding_status='READY'   (a vector in chunks_vec)
+  failed   embedding_status='FAILED'  (error_message says why)
+
+Transitions made here:
+  running -> ready      apply_results (a vector for the chunk's current content hash)
+  running -> pending    apply_results / finish_batch: the line failed or was missing (attempts + 1, reason kept)
+  running -> failed     the same, once attempts reach max_attempts
+  running -> pending    cancel_batch_locally (no attempt counted)
+  failed  -> pending    retry_failed (attempts reset)
+Outside this file: enqueue, copying known vectors and claiming (intake.py), and the application's triggers
+(schema.py: a changed text sends the chunk back to pending and out of its batch, so a stale result finds no chunk
+to apply to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchd.backends import ResultLine
+from batchd.store.connection import StoreBase, iso
+
+IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
+
+
+@dataclass(frozen=True)
+class ApplyCounts:
+    applied: int = 0  # chunks that became READY
+    errored: int = 0  # chunks sent back for retry (or FAILED) because their line failed
+    failed: int = 0  # of those, chunks that reached max_attempts
+    tokens: int = 0
+
+
+class ResultsMixin(StoreBase):
+    def note_batch_error(self, batch_id: int, error: str, now: float) -> None:
+        """Record a transient problem on a batch (it stays as it is and is retried)."""
+        with self.transaction() as c:
+            c.execute("UPDATE batch_jobs SET error_message = ?, updated_at = ? WHERE id = ?",
+                      (error[:2000], iso(now), batch_id))
+
+    def set_remote_state(self, batch_id: int, state: str, now: float, output_uri: str | None = None) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE batch_jobs SET remote_state = ?, output_uri = coalesce(?, output_uri), updated_at = ? "
+                "WHERE id = ? AND (remote_state IS NOT ? OR ? IS NOT NULL)",
+                (state, output_uri, iso(now), batch_id, state, output_uri))
+
+    def apply_results(self, batch_id: int, lines: Sequence[ResultLine], max_attempts: int, now: float) -> ApplyCounts:
+        """Apply one slice of result lines in one transaction. Idempotent.
+
+        Only chunks still claimed by this batch are touched: a chunk whose text changed or that was deleted
+        while in flight was released by the triggers, so its (stale) result is dropped here.
+        """
+        t, i = self.q_table, self.q_id
+        stamp = iso(now)
+        vec_size = 4 * self.dimensions
+        ok_keys: list[tuple[str, bytes]] = []
+        err_keys: list[tuple[str, str]] = []
+        tokens = 0
+        for line in lines:
+            if line.vector is not None and len(line.vector) == vec_size:
+                ok_keys.extend((k, line.vector) for k in line.keys)
+                tokens += line.token_count or 0
+            else:
+                reason = line.error or (
+                    f"vector has {len(line.vector) // 4} dimensions, expected {self.dimensions}"
+                    if line.vector is not None else "no vector in result")
+                err_keys.extend((k, reason) for k in line.keys)
+        applied = errored = failed = 0
+        blobs: dict[str, bytes] = {}
+        for key, blob in ok_keys:
+            blobs.setdefault(key, blob)  # the first answer for a text wins, as before
+        keys = list(blobs)
+        with self.transaction() as c:
+            # One IN query per IN_SLICE keys (through the batch index), not one SELECT per key.
+            vecs: list[tuple[int, bytes]] = []
+            for start in range(0, len(keys), IN_SLICE):
+                part = keys[start:start + IN_SLICE]
+                rows = c.execute(
+                    f"SELECT {i}, content_hash FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
+                    f"AND content_hash IN ({', '.join('?' * len(part))})", (batch_id, *part))
+                vecs.extend((cid, blobs[key]) for cid, key in rows)
+            vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
+            seen: set[str] = set(keys)
+            if vecs:
+                self._write_vectors(c, vecs, stamp)
+                applied = len(vecs)
+            for key, reason in err_keys:
+                if key in seen:
+                    continue  # a success for the same text already landed in this slice
+                seen.add(key)
+                e, f = self._retry_chunks(c, "batch_job_id = ? AND content_hash = ? AND embedding_status = 'PENDING'",
+                                          (batch_id, key), reason, max_attempts)
+                errored += e
+                failed += f
+            c.execute(
+                "UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, failed_chunks = failed_chunks + ?, "
+                "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
+                (applied, errored, tokens, stamp, batch_id))
+        return ApplyCounts(applied, errored, failed, tokens)
+
+    def _write_vectors(self, c: Any, vecs: list[tuple[int, bytes]], stamp: str) -> None:
+        """sqlite-vec 0.1.9 has no INSERT OR REPLACE on vec0: DELETE then INSERT, same transaction."""
+        ids = [(cid,) for cid, _ in vecs]
+        c.executemany("DELETE FROM chunks_vec WHERE chunk_id = ?", ids)
+        c.executemany("INSERT INTO chunks_vec(chunk_id, embedding) VALUES (?, ?)", vecs)
+        c.executemany(
+            f"UPDATE {self.q_table} SET embedding_status = 'READY', batch_job_id = NULL, error_message = NULL, "
+            f"embedded_at = ? WHERE {self.q_id} = ?", [(stamp, cid) for cid, _ in vecs])
+        c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", ids)
+
+    def _retry_chunks(self, c: Any, where: str, params: tuple, reason: str, max_attempts: int) -> tuple[int, int]:
+        """attempts+1, release from the batch; FAILED once attempts reach max_attempts. Returns (n, failed)."""
+        t = self.q_table
+        failed = c.execute(
+            f"SELECT count(*) FROM {t} WHERE {where} AND attempts + 1 >= ?", (*params, max_attempts)).fetchone()[0]
+        cur = c.execute(
+            f"UPDATE {t} SET attempts = attempts + 1, error_message = ?, batch_job_id = NULL, "
+            f"embedding_status = CASE WHEN attempts + 1 >= ? THEN 'FAILED' ELSE 'PENDING' END WHERE {where}",
+            (reason[:2000], max_attempts, *params))
+        return cur.rowcount, int(failed)
+
+    def finish_batch(self, batch_id: int, max_attempts: int, now: float, *, status: str = "COMPLETED",
+                     error: str | None = None, missing_reason: str = "missing from the job's output") -> tuple[int, int]:
+        """Close a batch whose results were all applied (or whose job failed).
+
+        Every chunk still claimed by it counts one failed attempt with ``error`` (or ``missing_reason``).
+        Returns (requeued_or_failed, of_which_failed). Idempotent.
+        """
+        stamp = iso(now)
+        with self.transaction() as c:
+            n, f = self._retry_chunks(c, "batch_job_id = ? AND embedding_status = 'PENDING'", (batch_id,),
+                                      error or missing_reason, max_attempts)
+            c.execute(
+                "UPDATE batch_jobs SET status = ?, error_message = coalesce(?, error_message), "
+                "failed_chunks = failed_chunks + ?, finished_at = coalesce(finished_at, ?), updated_at = ? "
+                "WHERE id = ?", (status, error, n, stamp, stamp, batch_id))
+        return n, f
+
+    def cancel_batch_locally(self, batch_id: int, reason: str, now: float) -> int:
+        """Release a batch's chunks back to PENDING without counting an attempt, and mark it FAILED."""
+        stamp = iso(now)
+        with self.transaction() as c:
+            cur = c.execute(
+                f"UPDATE {self.q_table} SET batch_job_id = NULL, error_message = ? WHERE batch_job_id = ?",
+                (reason, batch_id))
+            c.execute(
+                "UPDATE batch_jobs SET status = 'FAILED', error_message = ?, finished_at = coalesce(finished_at, ?), "
+                "updated_at = ? WHERE id = ?", (reason, stamp, stamp, batch_id))
+            return cur.rowcount
+
+
+    def retry_failed(self, now: float) -> int:
+        """FAILED chunks back to PENDING with attempts reset (their text will be re-hashed)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                f"UPDATE {self.q_table} SET embedding_status = 'PENDING', attempts = 0, error_message = NULL, "
+                "batch_job_id = NULL, content_hash = NULL, queued_at = ? WHERE embedding_status = 'FAILED'",
+                (iso(now),))
+            return cur.rowcount
+
