@@ -268,6 +268,10 @@ class BatchManager:
                      failed=row.failed_chunks if row else None)
             self._cleanup(b.id, job)
         else:
+            # A FAILED/CANCELLED/EXPIRED job may still export (and bill) the rows it completed: apply them first,
+            # so only rows without a result go back to the queue.
+            if info.output and not self._apply_all(b.id, job, summary):
+                return
             reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
             n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
             summary.errored += n
@@ -277,7 +281,10 @@ class BatchManager:
         summary.finished += 1
 
     def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> bool:
-        """Stream every result line into the store, RESULT_SLICE lines per transaction. False if stopped."""
+        """Stream every result line into the store, RESULT_SLICE lines per transaction.
+
+        False if stopped or failed (the next sync reads again), or if the results can never be read (a
+        PermanentError: the batch is then closed as FAILED, its unapplied chunks back in the queue)."""
         q = self.config.queue
         started = time.monotonic()
         lines = 0
@@ -291,6 +298,16 @@ class BatchManager:
                 self.progress()
         except Stopped:
             raise
+        except PermanentError as e:
+            # The results can never be read (an expired result file): the rows not applied yet go back now.
+            reason = f"results unavailable: {e}"
+            n, failed = self.store.finish_batch(batch_id, q.max_attempts, self.clock(), status="FAILED", error=reason)
+            summary.errored += n
+            summary.failed += failed
+            summary.finished += 1
+            log.error("job.results_lost", batch_id=batch_id, google_job_id=job, error=str(e), chunks=n,
+                      chunks_failed=failed, lines=lines)
+            return False
         except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
             summary.errors.append(f"batch {batch_id}: {describe_error(e)}")
             self.store.note_batch_error(batch_id, f"reading results failed, will retry: {describe_error(e)}",

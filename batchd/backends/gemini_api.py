@@ -143,7 +143,11 @@ class GeminiApiBackend:
             if not transient(e):
                 raise
             log.warning("job.create_ambiguous", batch_id=batch_id, error=message(e))
-            found = self.find_job(batch_id)
+            try:
+                found = self.find_job(batch_id)
+            except BackendError as lookup:
+                raise BackendError(f"creating the batch failed ({message(e)}), and so did looking for it "
+                                   f"({lookup}): the next cycle looks again") from None
             if found:
                 log.info("job.create_adopted", batch_id=batch_id, google_job_id=found)
                 return found
