@@ -251,3 +251,32 @@ def test_search_embeds_the_query_online(gworld) -> None:
     [hit, *_] = search(w.store, w.backend, corpus[7], k=3)
     assert hit.text == corpus[7] and hit.distance < 1e-5
     assert w.fake.count("embed") == 1
+
+
+@pytest.mark.slow
+def test_results_stream_in_bounded_memory(gworld) -> None:
+    """A ~22 MB result file is downloaded to disk and read line by line: reading it grows the process by far
+    less than its size. (The backend alone is measured: applying the vectors fills SQLite's 32 MB page cache.)"""
+    import os
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("measures RSS through /proc")
+    from tests.test_vertex_memory import PeakRSS
+
+    rows, dims = 5_000, 768
+    w = gworld(embedding={"dimensions": dims}, queue={"max_batch_size": rows})
+    w.fake.shuffle = False
+    w.manager.enqueue([(None, f"row {i}") for i in range(rows)])
+    assert w.manager.flush_queue() == [1]
+    w.fake.finish()
+    [batch] = w.fake.ours()
+    size = len(w.fake.files[batch.output_file.removeprefix("files/")].data)
+    w.backend.status(f"batches/{batch.id}")  # the client is warm before measuring
+    lines = 0
+    with PeakRSS() as mem:
+        for line in w.backend.results(f"batches/{batch.id}"):
+            assert line.vector is not None
+            lines += 1
+    print(f"\nread {rows} x {dims} ({size / 1e6:.0f} MB of result JSON): RSS +{mem.growth_mb:.1f} MB")
+    assert lines == rows
+    assert mem.growth_mb * 1e6 < size / 2  # holding the file whole would take more than its size

@@ -258,9 +258,10 @@ class GeminiApiBackend:
         try:
             return self._call("get", self.client.batches.get, name=job_name)
         except sdk_errors() as e:
-            if status_of(e) in GONE_STATUS:
+            err = translate(e, f"reading {job_name}")
+            if status_of(e) in GONE_STATUS and not isinstance(err, SetupError):
                 raise PermanentError(f"batch {job_name} not found: {message(e)}") from None
-            raise translate(e, f"reading {job_name}") from None
+            raise err from None
 
     def _raw_batch(self, job_name: str) -> dict[str, Any] | None:
         """The batch's Operation as the service sent it: the SDK's BatchJob drops ``error`` and ``batchStats``.
