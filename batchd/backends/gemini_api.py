@@ -360,6 +360,38 @@ class GeminiApiBackend:
             self._ignore_gone(self.client.batches.delete, name=job_name)
         log.info("batch.cleaned_up", batch_id=batch_id, google_job_id=job_name, files=deleted, batch_deleted=final)
 
+    def discard(self, batch_id: int) -> int:
+        """Remove everything batch ``batch_id`` left with the service, whatever ``gemini_api.cleanup`` says (used
+        by ``check --live``): an unfinished batch is cancelled first — deleting a batch does not cancel it.
+        Returns how many files and batches were deleted."""
+        deleted = 0
+        for job in [j for j in self._all_batches() if j.display_name == self.display_name(batch_id)]:
+            if not state_of(job.state).terminal:
+                self.cancel(str(job.name))
+            result = getattr(job.dest, "file_name", None) if job.dest else None
+            if result and self._ignore_gone(self.client.files.delete, name=result):
+                deleted += 1
+            deleted += self._ignore_gone(self.client.batches.delete, name=str(job.name))
+        deleted += self._ignore_gone(self.client.files.delete, name=self.input_file(batch_id))
+        return deleted
+
+    def output_files(self, job_name: str) -> list[str]:
+        """The result files of a batch (one at most, ``dest.file_name``), for ``check --live``."""
+        job = self._get(job_name)
+        name = getattr(job.dest, "file_name", None) if job.dest else None
+        return [name] if name else []
+
+    def live_notes(self) -> list[str]:
+        """What is not settled by a primary source, for the first real run to look at (``check --live``)."""
+        return [
+            "where an output line's token count sits: response.tokenCount (a string) is read, then "
+            "response.usageMetadata.promptTokenCount; 'token counts' above shows which one came",
+            "whether a FAILED or EXPIRED batch exports a result file (undocumented): batchd reads one whenever "
+            "the batch names it",
+            "input lines carry task_type and output_dimensionality flat in the request (Google's Sept 2025 "
+            "announcement, and google-genai's own mapping of inlined requests)",
+        ]
+
     def _ignore_gone(self, fn: Callable[..., Any], **kwargs: Any) -> bool:
         try:
             self._call("delete", fn, **kwargs)
