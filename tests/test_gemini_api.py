@@ -280,3 +280,21 @@ def test_results_stream_in_bounded_memory(gworld) -> None:
     print(f"\nread {rows} x {dims} ({size / 1e6:.0f} MB of result JSON): RSS +{mem.growth_mb:.1f} MB")
     assert lines == rows
     assert mem.growth_mb * 1e6 < size / 2  # holding the file whole would take more than its size
+
+
+def test_discard_cancels_before_deleting_and_spares_others(gworld) -> None:
+    """What check --live uses to leave nothing behind: an unfinished batch is cancelled, then deleted (deleting
+    alone would leave it running, and billed); the input file goes too; other batches are not touched."""
+    from batchd.backends import Item
+
+    w = gworld()
+    fake = w.fake
+    other = fake.add_foreign_batch("batchd-someone-else-0")
+    name = w.backend.submit(0, [Item("k1", "one"), Item("k2", "two")])
+    assert w.backend.output_files(name) == []
+    [b] = fake.ours()
+    assert w.backend.discard(0) == 2  # the batch and its input file
+    assert b.state == "CANCELLED" and b.deleted
+    assert fake.files == {}
+    assert fake.touched(other) == [] and fake.state(other) == "RUNNING"
+    assert w.backend.discard(0) == 0  # idempotent
