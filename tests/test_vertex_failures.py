@@ -243,7 +243,36 @@ def test_embed_query_online(vworld, model: str) -> None:
 
 
 def test_shutdown_mid_results_stops_at_a_slice_and_resumes(vworld) -> None:
-    """progress() raising Stopped inside results() propagates; the next sync applies the rest once."""
+    """Stopped while applying (after the first committed slice) propagates; the next sync applies the rest once."""
+    from batchd.backends import Stopped
+    from batchd.manager import BatchManager
+
+    w = vworld(queue={"max_batch_size": 5000})
+    t = enqueue(w, 5000)
+    w.manager.flush_queue()
+    w.fake.finish()
+
+    def progress() -> None:
+        if w.store.vector_count() > 0:  # the first id-ordered slice has committed
+            raise Stopped()
+
+    stopping = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress)
+    s = stopping.sync_status()
+    assert s.stopped and 0 < s.applied < 5000
+    first = s.applied
+    assert w.store.batch(1).status == "RUNNING" and w.store.vector_count() == first
+    ids = [c["id"] for c in w.store.chunks() if c["embedding_status"] == "READY"]
+    assert ids == sorted(c["id"] for c in w.store.chunks())[:first]  # applied in chunk-id order
+    s = w.manager.sync_status()
+    assert s.finished == 1 and s.applied == 5000 - first
+    assert_all_ready(w, t)
+    assert w.store.batch(1).completed_chunks == 5000
+
+
+def test_shutdown_while_spooling_applies_nothing_and_leaves_no_spool(vworld) -> None:
+    """Stopped while the output is still being read: nothing half-applied, the spool file is gone."""
+    from pathlib import Path
+
     from batchd.backends import Stopped
     from batchd.manager import BatchManager
 
@@ -256,18 +285,16 @@ def test_shutdown_mid_results_stops_at_a_slice_and_resumes(vworld) -> None:
     def progress() -> None:
         nonlocal calls
         calls += 1
-        if calls == 4:
+        if calls == 4:  # results() reports every 500 lines: well inside the read of 5,000
             raise Stopped()
 
-    stopping = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress)
-    s = stopping.sync_status()
-    assert s.stopped and 0 < s.applied < 5000
-    first = s.applied
-    assert w.store.batch(1).status == "RUNNING" and w.store.vector_count() == first
+    s = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress).sync_status()
+    assert s.stopped and s.applied == 0 and w.store.vector_count() == 0
+    db = Path(w.config.database.path)
+    assert not list(db.parent.glob(db.name + "-batchd-spool-*"))
     s = w.manager.sync_status()
-    assert s.finished == 1 and s.applied == 5000 - first
+    assert s.finished == 1 and s.applied == 5000
     assert_all_ready(w, t)
-    assert w.store.batch(1).completed_chunks == 5000
 
 
 def test_missing_bucket_fails_the_submit_permanently(vworld) -> None:

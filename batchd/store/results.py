@@ -19,14 +19,26 @@ to apply to).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batchd.backends import ResultLine
 from batchd.store.connection import StoreBase, iso
+from batchd.store.spool import Spool, spool_path, wipe_spools
 
 IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
+SLICE_SECONDS = 0.07  # target time of one apply_spool transaction, COMMIT included (the app waits at most this)
+SLICE_ROWS_START, SLICE_ROWS_MIN, SLICE_ROWS_MAX = 500, 50, 20_000
+
+
+def _next_slice_rows(rows: int, elapsed: float) -> int:
+    """Rows for the next slice so that it takes about SLICE_SECONDS (grows at most 2x, shrinks at once)."""
+    if elapsed <= 0:
+        return min(rows * 2, SLICE_ROWS_MAX)
+    want = int(rows * SLICE_SECONDS / elapsed)
+    return max(SLICE_ROWS_MIN, min(want, rows * 2, SLICE_ROWS_MAX))
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,108 @@ class ResultsMixin(StoreBase):
                 "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
                 (applied, errored, tokens, stamp, batch_id))
         return ApplyCounts(applied, errored, failed, tokens)
+
+    def open_spool(self, batch_id: int) -> Spool:
+        """A fresh spool file for ``batch_id``'s parsed results, beside the database (see spool.py)."""
+        return Spool(spool_path(self.config.database.path, batch_id), self._sqlite)
+
+    def wipe_spools(self) -> int:
+        """Delete spools left by a crash. Call under the worker lock (a live sync may be using one)."""
+        if self.config.database.path == ":memory:":
+            return 0
+        return wipe_spools(self.config.database.path)
+
+    def apply_spool(self, batch_id: int, spool: Spool, max_attempts: int, now: float,
+                    on_slice: Callable[[int], None] | None = None) -> ApplyCounts:
+        """Apply a spool's lines to the batch's chunks in chunk-id order. Idempotent, resumable.
+
+        One read of the batch's (id, content hash) pairs into the spool's plan, then slices in id order, each
+        its own short transaction bounded by time (~SLICE_SECONDS including COMMIT): a guarded UPDATE marks
+        READY only chunks still claimed by this batch with the same content hash (a text changed or a row
+        deleted after planning is never written) and returns their ids, whose vectors are then written.
+        Error lines then go through the per-key retry path. ``on_slice(n)`` runs after every committed slice
+        with the chunks it made READY (it may raise Stopped: whole slices stay applied, the next sync applies
+        the rest; the returned counts then never arrive, so count through ``on_slice``).
+        """
+        t, i = self.q_table, self.q_id
+        stamp = iso(now)
+        applied = errored = failed = 0
+        c = self._conn
+        c.execute("ATTACH DATABASE ? AS batchd_spool", (str(spool.path),))
+        try:
+            c.execute("PRAGMA batchd_spool.journal_mode = OFF")
+            c.execute("PRAGMA batchd_spool.cache_size = -32768")
+            c.execute("DELETE FROM batchd_spool.plan")
+            # Reads the shared database (a WAL snapshot, no write lock) and writes only the spool.
+            c.execute(f"INSERT INTO batchd_spool.plan(id, key, line) SELECT c.{i}, c.content_hash, s.rowid "
+                      f"FROM {t} c JOIN batchd_spool.lines s ON s.key = c.content_hash AND s.vector IS NOT NULL "
+                      "WHERE c.batch_job_id = ? AND c.embedding_status = 'PENDING'", (batch_id,))
+            rows_per_slice, last = SLICE_ROWS_START, None
+            while True:
+                todo = c.execute(
+                    "SELECT p.id, s.vector FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.rowid = p.line "
+                    "WHERE p.id > ? ORDER BY p.id LIMIT ?",
+                    (last if last is not None else -(1 << 63), rows_per_slice)).fetchall()
+                if not todo:
+                    break
+                lo, hi = todo[0][0], todo[-1][0]
+                started = time.monotonic()
+                with self.transaction() as w:
+                    ok = self._mark_ready(w, batch_id, lo, hi, stamp)
+                    if ok:
+                        blobs = dict(todo)
+                        self._write_vector_rows(w, [(cid, blobs[cid]) for cid in ok])
+                        w.execute("UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, updated_at = ? "
+                                  "WHERE id = ?", (len(ok), stamp, batch_id))
+                elapsed = time.monotonic() - started
+                applied += len(ok)
+                last = hi
+                rows_per_slice = _next_slice_rows(rows_per_slice, elapsed)
+                if on_slice:
+                    on_slice(len(ok))
+            errors = c.execute("SELECT key, error FROM batchd_spool.lines WHERE vector IS NULL").fetchall()
+            tokens = c.execute(
+                "SELECT coalesce(sum(tokens), 0) FROM batchd_spool.lines WHERE vector IS NOT NULL").fetchone()[0]
+            for start in range(0, max(len(errors), 1), IN_SLICE):
+                with self.transaction() as w:
+                    part_errored = 0
+                    for key, reason in errors[start:start + IN_SLICE]:
+                        e, f = self._retry_chunks(
+                            w, "batch_job_id = ? AND content_hash = ? AND embedding_status = 'PENDING'",
+                            (batch_id, key), reason, max_attempts)
+                        part_errored += e
+                        failed += f
+                    errored += part_errored
+                    w.execute(
+                        "UPDATE batch_jobs SET failed_chunks = failed_chunks + ?, "
+                        "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
+                        (part_errored, tokens if start == 0 else 0, stamp, batch_id))
+        finally:
+            c.execute("DETACH DATABASE batchd_spool")
+        return ApplyCounts(applied, errored, failed, int(tokens))
+
+    def _mark_ready(self, w: Any, batch_id: int, lo: int, hi: int, stamp: str) -> list[int]:
+        """READY for the planned chunks in [lo, hi] that have a vector and are still this batch's, with the
+        planned content hash. Returns their ids (the guard: nothing else may receive a vector)."""
+        t, i = self.q_table, self.q_id
+        where = (f"{i} IN (SELECT p.id FROM batchd_spool.plan p WHERE p.id BETWEEN ? AND ?) "
+                 "AND batch_job_id = ? AND embedding_status = 'PENDING' "
+                 f"AND content_hash = (SELECT p.key FROM batchd_spool.plan p WHERE p.id = {t}.{i})")
+        params = (lo, hi, batch_id)
+        mark = (f"UPDATE {t} SET embedding_status = 'READY', batch_job_id = NULL, error_message = NULL, "
+                f"embedded_at = ? WHERE ")
+        if self._sqlite.sqlite_version_info >= (3, 35, 0):
+            return [r[0] for r in w.execute(mark + where + f" RETURNING {i}", (stamp, *params)).fetchall()]
+        ids = [r[0] for r in w.execute(f"SELECT {i} FROM {t} WHERE " + where, params).fetchall()]  # pragma: no cover
+        w.executemany(mark + f"{i} = ?", [(stamp, x) for x in ids])  # pragma: no cover
+        return ids  # pragma: no cover
+
+    def _write_vector_rows(self, c: Any, vecs: list[tuple[int, bytes]]) -> None:
+        """The vec0 side of marking chunks READY: replace their vectors, drop their tombstones."""
+        ids = [(cid,) for cid, _ in vecs]
+        c.executemany("DELETE FROM chunks_vec WHERE chunk_id = ?", ids)
+        c.executemany("INSERT INTO chunks_vec(chunk_id, embedding) VALUES (?, ?)", vecs)
+        c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", ids)
 
     def _write_vectors(self, c: Any, vecs: list[tuple[int, bytes]], stamp: str) -> None:
         """sqlite-vec 0.1.9 has no INSERT OR REPLACE on vec0: DELETE then INSERT, same transaction."""
