@@ -103,3 +103,14 @@ def test_cli_on_gemini_api(tmp_path: Path, fake_gemini) -> None:
     [hit] = [json.loads(line) for line in out.splitlines()]
     assert hit["text"] == "manual page 7" and hit["distance"] < 1e-5
     assert fake_gemini.count("embed") == 1
+
+
+def test_check_names_what_fails(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "http://127.0.0.1:9")  # nothing listens there
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "gemini-api-key").write_text(API_KEY)
+    code, out, _ = batchd(cfg, creds, "check")
+    assert code == 1
+    assert "ok    gemini api key: read from systemd credential gemini-api-key" in out
+    assert "FAIL  gemini api batches: listing batches at http://127.0.0.1:9 failed" in out
