@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchd.backends.models import GEMINI_API_SERVICE
+
 DEFAULT_PATH = "/etc/batchd/batchd.toml"
 ENV_VAR = "BATCHD_CONFIG"
 
@@ -332,6 +334,10 @@ def _validate_gemini_api(cfg: Config) -> None:
     if ga.retry_backoff > ga.retry_deadline:
         raise ConfigError(src, "gemini_api.retry_backoff",
                           f"{ga.retry_backoff:g}s is longer than gemini_api.retry_deadline ({ga.retry_deadline:g}s)")
+    if emb.backend == "gemini-api" and cfg.queue.max_running_jobs > GEMINI_API_SERVICE.max_concurrent_batches:
+        raise ConfigError(src, "queue.max_running_jobs",
+                          f"{cfg.queue.max_running_jobs} is more than the {GEMINI_API_SERVICE.max_concurrent_batches} "
+                          f"concurrent batches the Gemini API allows per project")
     if emb.backend == "gemini-api" and emb.model.startswith("gemini-") and emb.dimensions > 3072:
         raise ConfigError(src, "embedding.dimensions",
                           f"{emb.dimensions} is more than the 3072 dimensions {emb.model} produces")

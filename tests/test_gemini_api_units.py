@@ -36,6 +36,8 @@ def test_shipped_config_documents_the_section() -> None:
     ({"gemini_api": {"retry_backoff": "10m", "retry_deadline": "1m"}}, "gemini_api.retry_backoff", "longer than"),
     ({"gemini_api": {"api_key": "x"}}, "gemini_api.api_key", "unknown key"),
     ({"embedding": {"backend": "gemini-api", "dimensions": 4096}}, "embedding.dimensions", "3072"),
+    ({"embedding": {"backend": "gemini-api"}, "queue": {"max_running_jobs": 101}}, "queue.max_running_jobs",
+     "100 concurrent batches"),
 ])
 def test_config_errors_name_the_key(section, key: str, reason: str) -> None:
     with pytest.raises(ConfigError) as e:
