@@ -169,7 +169,9 @@ class GeminiApiBackend:
                                config={"name": name, "display_name": self.display_name(batch_id),
                                        "mime_type": "application/jsonl"})
                 except sdk_errors() as e:
-                    if status_of(e) == 409:  # ALREADY_EXISTS: an earlier attempt finished the upload after all
+                    # ALREADY_EXISTS: an earlier attempt finished the upload after all. (UNCONFIRMED how the Files
+                    # API answers a create under a taken name; 409 is what AIP-133 prescribes.)
+                    if status_of(e) == 409:
                         log.info("batch.input_exists", batch_id=batch_id, file=name)
                         return name
                     raise translate(e, f"uploading {name}") from None
