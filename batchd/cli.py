@@ -15,7 +15,8 @@ import click
 import orjson
 
 from batchd.backends import Backend, Checkable, make_backend
-from batchd.config import Config, ConfigError, load, resolve_path, vertex_missing
+from batchd.config import Config, ConfigError, format_duration, load, resolve_path, vertex_missing
+from batchd.errors import one_line
 from batchd.store import Busy, Store, StoreError
 
 EX_TEMPFAIL = 75
@@ -63,7 +64,7 @@ class App:
             except ConfigError as e:
                 fail(f"config error: {e}", EX_CONFIG)
             except Exception as e:  # noqa: BLE001 - any construction failure is reported on one line
-                fail(f"backend {self.config.embedding.backend}: {_one_line(e)}")
+                fail(f"backend {self.config.embedding.backend}: {one_line(e)}")
         return self._backend
 
     @property
@@ -85,11 +86,6 @@ class App:
             closer()
         if self._store is not None:
             self._store.close()
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 pass_app = click.make_pass_decorator(App)
@@ -152,13 +148,14 @@ def flush(app: App, force: bool) -> None:
     """Claim pending chunks into batch jobs and submit them."""
     app.setup_logging()
     try:
-        ids = app.manager.flush_queue(force=force)
+        s = app.manager.flush_queue(force=force)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
-    failed = [b for b in (app.store.batch(i) for i in ids) if b is not None and b.status != "RUNNING"]
+    ids = s.created
+    failed = [n for n in s.not_submitted if n.batch_id in ids]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
-    for b in failed:
-        click.echo(f"batchd: flush: batch {b.id} not submitted ({b.status}): {b.error_message}", err=True)
+    for n in failed:
+        click.echo(f"batchd: flush: batch {n.batch_id} not submitted ({n.status}): {n.reason}", err=True)
     if failed:
         sys.exit(1)
 
@@ -218,23 +215,17 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
     for b in rows:
         created = parse_iso(b.created_at) or now
         click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
-                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {_age(now - created):>6}  {b.error_message or ''}")
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
 
 
 @main.command()
-@click.option("--failed", is_flag=True, default=True, help="FAILED chunks back to PENDING (the default).")
+# Kept so that scripts written for 0.1 (`batchd retry --failed`) still run; FAILED chunks are all retry acts on.
+@click.option("--failed", is_flag=True, hidden=True)
 @pass_app
 def retry(app: App, failed: bool) -> None:
     """Put FAILED chunks back in the queue with their attempts reset."""
     app.setup_logging()
-    n = app.store.retry_failed(time.time())
+    n = app.manager.retry_failed()
     click.echo(f"requeued {n} failed chunk(s)")
 
 
@@ -243,8 +234,16 @@ def retry(app: App, failed: bool) -> None:
 @pass_app
 def cancel(app: App, batch_id: int) -> None:
     """Cancel a batch (best effort remotely); its chunks go back to PENDING without counting an attempt."""
+    from batchd.backends import BackendError
+
     app.setup_logging()
-    if not app.manager.cancel(batch_id):
+    try:
+        cancelled = app.manager.cancel(batch_id)
+    except Busy as e:
+        fail(f"cancel: batch {batch_id} may be being submitted right now: {e}", EX_TEMPFAIL)
+    except BackendError as e:
+        fail(f"cancel: batch {batch_id}: its job could not be cancelled, nothing changed: {one_line(e)}")
+    if not cancelled:
         fail(f"cancel: batch {batch_id} does not exist or is already finished")
     click.echo(f"cancelled batch {batch_id}")
 
@@ -271,7 +270,7 @@ def check(app: App) -> None:
     except ConfigError as e:
         fail(f"config error: {e}", EX_CONFIG)
     except Exception as e:  # noqa: BLE001
-        click.echo(f"FAIL  backend {cfg.embedding.backend}: {_one_line(e)}")
+        click.echo(f"FAIL  backend {cfg.embedding.backend}: {one_line(e)}")
         sys.exit(1)
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
@@ -342,7 +341,7 @@ def search_cmd(app: App, text: str, k: int, as_json: bool) -> None:
     try:
         hits = search(app.store, app.backend, text, k)
     except BackendError as e:
-        fail(f"search: {_one_line(e)}")
+        fail(f"search: {one_line(e)}")
     for h in hits:
         if as_json:
             click.echo(orjson.dumps(h.as_dict()).decode())
@@ -375,7 +374,7 @@ def demo(folder: str | None) -> None:
     except ConfigError as e:
         fail(f"config error: {e}", EX_CONFIG)
     except (DemoError, StoreError, BackendError, OSError) as e:
-        fail(f"demo: {_one_line(e)}")
+        fail(f"demo: {one_line(e)}")
     if show:
         click.echo()
     st = r.stats

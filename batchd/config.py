@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchd.backends import models as _models
+from batchd.backends.gemini_api_settings import GeminiApiSettings
+from batchd.backends.local_settings import LocalSettings
 from batchd.backends.models import GEMINI_API_SERVICE
+from batchd.backends.vertex_settings import VertexSettings
+from batchd.errors import BatchdError
+from batchd.settings import Duration, SettingError
 
 DEFAULT_PATH = "/etc/batchd/batchd.toml"
 ENV_VAR = "BATCHD_CONFIG"
@@ -32,10 +38,10 @@ TASK_TYPES = (
     "FACT_VERIFICATION",
     "CODE_RETRIEVAL_QUERY",
 )
-# Rows per batch job, by model family (VERTEX.md).
-CLASSIC_MODELS = ("text-embedding-005", "text-multilingual-embedding-002", "text-embedding-004")
-CLASSIC_MAX_ROWS = 30_000
-GEMINI_MAX_ROWS = 1_000_000
+# Model families (rows per job, dimensions, ...) live in one table: batchd.backends.models.
+CLASSIC_MODELS = _models.CLASSIC_MODELS
+CLASSIC_MAX_ROWS = _models.CLASSIC.max_rows
+GEMINI_MAX_ROWS = _models.GEMINI.max_rows
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKENDS = ("vertex", "gemini-api", "local")
 # [embedding] keys whose default depends on the backend, used when the file does not set them.
@@ -43,12 +49,11 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemini-api": {"model": "gemini-embedding-001", "dimensions": 768},
 }
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/[^\s]*)?$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class ConfigError(Exception):
+class ConfigError(BatchdError):
     """A configuration problem. ``str()`` is one line: ``file: key: reason``."""
 
     def __init__(self, path: str | os.PathLike[str] | None, key: str | None, reason: str):
@@ -67,8 +72,17 @@ def parse_duration(value: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-class Duration(float):
-    """Seconds, written in TOML as a string with a unit."""
+def format_duration(seconds: float, *, exact: bool = True) -> str:
+    """Seconds as an operator writes them, the inverse of :func:`parse_duration`.
+
+    ``exact`` (a configured value: ``job timed out after 2h``): the largest unit that divides it exactly
+    (5400 -> ``90m``), else seconds (``61.5s``). Not exact (an age: ``3h`` old): the largest unit it reaches,
+    rounded down (5400 -> ``1h``; 42.7 -> ``42s``).
+    """
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and (not exact or seconds % size == 0):
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s" if exact else f"{int(seconds)}s"
 
 
 @dataclass(frozen=True)
@@ -100,54 +114,20 @@ class EmbeddingConfig:
 
     @property
     def family(self) -> str:
-        return "gemini" if self.model.startswith("gemini-") else "classic"
+        """The model's family name in batchd.backends.models ("classic", "gemini")."""
+        return _models.family_of(self.model).name
 
     @property
     def max_rows(self) -> int:
-        return GEMINI_MAX_ROWS if self.family == "gemini" else CLASSIC_MAX_ROWS
+        """Rows one batch job of this model accepts (batchd.backends.models)."""
+        return _models.family_of(self.model).max_rows or QueueConfig.max_batch_size
 
 
-@dataclass(frozen=True)
-class VertexConfig:
-    project: str = ""
-    location: str = "us-central1"
-    staging_uri: str = ""
-    api_endpoint: str = ""
-    credentials: str = "default"
-    cleanup: bool = True
-    request_timeout: Duration = Duration(60)
-    retry_backoff: Duration = Duration(1)  # first wait after a 429/5xx; doubles, with jitter
-    retry_deadline: Duration = Duration(300)  # give up retrying one call after this long
-
-    @property
-    def bucket(self) -> str:
-        m = _GS_URI.match(self.staging_uri)
-        return m.group(1) if m else ""
-
-    @property
-    def prefix(self) -> str:
-        m = _GS_URI.match(self.staging_uri)
-        return (m.group(2) or "").strip("/") if m else ""
-
-
-@dataclass(frozen=True)
-class GeminiApiConfig:
-    """The Gemini Developer API's Batch Mode (backend "gemini-api"): an API key, no bucket, no project."""
-
-    api_key_file: str = ""  # empty: $CREDENTIALS_DIRECTORY/gemini-api-key (LoadCredential=), else $GEMINI_API_KEY
-    base_url: str = ""  # empty: Google's endpoint; an http(s):// URL for emulators and tests
-    cleanup: bool = True
-    request_timeout: Duration = Duration(60)
-    retry_backoff: Duration = Duration(1)  # first wait after a 429/5xx; doubles, with jitter
-    retry_deadline: Duration = Duration(300)  # give up retrying one call after this long
-
-
-@dataclass(frozen=True)
-class LocalConfig:
-    model: str = "all-MiniLM-L6-v2"
-    batch_size: int = 64
-    slice_size: int = 256
-    device: str = "cpu"
+# The built-in backends' sections are owned by the backends (their settings modules); listed here so that the
+# file is parsed in one pass. Old names kept for code that imports them from here.
+VertexConfig = VertexSettings
+GeminiApiConfig = GeminiApiSettings
+LocalConfig = LocalSettings
 
 
 @dataclass(frozen=True)
@@ -160,10 +140,13 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    vertex: VertexConfig = field(default_factory=VertexConfig)
-    gemini_api: GeminiApiConfig = field(default_factory=GeminiApiConfig)
-    local: LocalConfig = field(default_factory=LocalConfig)
+    vertex: VertexSettings = field(default_factory=VertexSettings)
+    gemini_api: GeminiApiSettings = field(default_factory=GeminiApiSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    # [plugin.<name>] tables, as written: each belongs to the plugin backend that declares that section, and is
+    # built and validated by the plugin's own settings class when the backend is made (make_backend).
+    plugin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "<defaults>"
 
     @property
@@ -198,14 +181,18 @@ def load(path: str | os.PathLike[str]) -> Config:
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (also handy for tests). Raises ConfigError."""
     sections: dict[str, Any] = {}
-    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("source", "plugin")}
     hints = typing.get_type_hints(Config)
     for name, value in data.items():
+        if name == "plugin":
+            sections[name] = _plugin_tables(value, source)
+            continue
         if name not in section_types:
-            raise ConfigError(source, name, f"unknown section (expected one of: {', '.join(section_types)})")
+            raise ConfigError(source, name, f"unknown section (expected one of: {', '.join(section_types)}, "
+                                            "plugin.<name>)")
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table, like [" + name + "]")
-        sections[name] = _build_section(hints[name], value, name, source)
+        sections[name] = build_settings(hints[name], value, name, source)
     _apply_backend_defaults(sections, data.get("embedding") or {})
     cfg = Config(**sections, source=source)
     _validate(cfg)
@@ -220,6 +207,29 @@ def _apply_backend_defaults(sections: dict[str, Any], written: Mapping[str, Any]
     unset = {k: v for k, v in BACKEND_DEFAULTS.get(emb.backend, {}).items() if k not in written}
     if unset:
         sections["embedding"] = dataclasses.replace(emb, **unset)
+
+
+def _plugin_tables(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(source, "plugin", "must hold tables named after their backend, like [plugin.mybackend]")
+    for name in value:
+        if not _IDENT.match(name):
+            raise ConfigError(source, f"plugin.{name}", "must be a plain name (letters, digits, _)")
+    return {k: dict(v) for k, v in value.items()}
+
+
+def build_settings(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:
+    """A backend's settings dataclass from its section: every key known and of the declared type (str, int,
+    bool, Duration), then the dataclass's own ``validate()``, if it has one. Raises ConfigError naming the file,
+    ``section.key`` and the reason — the same errors, and exit status 78, as batchd's own sections."""
+    settings = _build_section(cls, values, section, source)
+    validate = getattr(settings, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except SettingError as e:
+            raise ConfigError(source, f"{section}.{e.key}", e.reason) from None
+    return settings
 
 
 def _build_section(cls: type, values: Mapping[str, Any], section: str, source: str) -> Any:
@@ -272,7 +282,7 @@ def _tname(value: Any) -> str:
 
 def _validate(cfg: Config) -> None:
     src = cfg.source
-    db, q, emb, vx, loc = cfg.database, cfg.queue, cfg.embedding, cfg.vertex, cfg.local
+    db, q, emb = cfg.database, cfg.queue, cfg.embedding
 
     if not db.path:
         raise ConfigError(src, "database.path", "must not be empty")
@@ -303,51 +313,26 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "queue.max_batch_size",
                           f"{q.max_batch_size} exceeds the {emb.max_rows} rows a {emb.model} batch job accepts")
 
-    if vx.staging_uri and not _GS_URI.match(vx.staging_uri):
-        raise ConfigError(src, "vertex.staging_uri", f"{vx.staging_uri!r} is not a gs://bucket/prefix URI")
-    if vx.api_endpoint and not re.match(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$", vx.api_endpoint):
-        raise ConfigError(src, "vertex.api_endpoint", f"{vx.api_endpoint!r} is not a host[:port] or http(s):// URL")
-    if not vx.location:
-        raise ConfigError(src, "vertex.location", "must not be empty")
-    if vx.retry_backoff > vx.retry_deadline:
-        raise ConfigError(src, "vertex.retry_backoff",
-                          f"{vx.retry_backoff:g}s is longer than vertex.retry_deadline ({vx.retry_deadline:g}s)")
-    if not vx.credentials:
-        raise ConfigError(src, "vertex.credentials",
-                          "must be \"default\", \"anonymous\" or the path of a service-account JSON file")
-
     _validate_gemini_api(cfg)
-
-    if loc.batch_size < 1:
-        raise ConfigError(src, "local.batch_size", "must be at least 1")
-    if loc.slice_size < 1:
-        raise ConfigError(src, "local.slice_size", "must be at least 1")
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
 
 
 def _validate_gemini_api(cfg: Config) -> None:
-    src, ga, emb = cfg.source, cfg.gemini_api, cfg.embedding
-    if ga.base_url and not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[^\s]*)?$", ga.base_url):
-        raise ConfigError(src, "gemini_api.base_url", f"{ga.base_url!r} is not an http(s):// URL")
-    if ga.retry_backoff > ga.retry_deadline:
-        raise ConfigError(src, "gemini_api.retry_backoff",
-                          f"{ga.retry_backoff:g}s is longer than gemini_api.retry_deadline ({ga.retry_deadline:g}s)")
+    """The checks that need more than the [gemini_api] section (its own are GeminiApiSettings.validate)."""
+    src, emb = cfg.source, cfg.embedding
     if emb.backend == "gemini-api" and cfg.queue.max_running_jobs > GEMINI_API_SERVICE.max_concurrent_batches:
         raise ConfigError(src, "queue.max_running_jobs",
                           f"{cfg.queue.max_running_jobs} is more than the {GEMINI_API_SERVICE.max_concurrent_batches} "
                           f"concurrent batches the Gemini API allows per project")
-    if emb.backend == "gemini-api" and emb.model.startswith("gemini-") and emb.dimensions > 3072:
+    family = _models.family_of(emb.model)
+    if emb.backend == "gemini-api" and family is _models.GEMINI and emb.dimensions > family.default_dimensions:
         raise ConfigError(src, "embedding.dimensions",
-                          f"{emb.dimensions} is more than the 3072 dimensions {emb.model} produces")
+                          f"{emb.dimensions} is more than the {family.default_dimensions} dimensions {emb.model} "
+                          f"produces")
 
 
 def vertex_missing(cfg: Config) -> list[str]:
     """Keys the Vertex backend needs that are not set, as human lines (for `batchd check`)."""
-    missing = []
-    if not cfg.vertex.project:
-        missing.append("vertex.project is not set (the Google Cloud project that runs the jobs)")
-    if not cfg.vertex.staging_uri:
-        missing.append("vertex.staging_uri is not set (a gs://bucket/prefix for job input and output)")
-    return missing
+    return cfg.vertex.missing()

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
-from batchd.manager import describe_error
+from batchd.errors import is_expected, one_line
 from batchd.store import Busy
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
@@ -136,15 +136,19 @@ class Worker:
 
         ``force=None`` forces only when something is pending (``--once`` and ``--until-idle``).
         """
-        def flush() -> list[int]:
+        def flush() -> Any:
             f = force
             if f is None:
                 f = self.manager.get_queue_stats()["pending"] > 0
             return self.manager.flush_queue(force=f)
 
         out = self._step("flush", flush)
-        if out.ok and not out.skipped:
-            self.last.flush_at, self.last.submitted = time.time(), len(out.value or [])
+        if out.ok and not out.skipped and out.value is not None:
+            summary = out.value
+            self.last.flush_at, self.last.submitted = time.time(), len(summary.submitted)
+            out.stopped = out.stopped or summary.stopped
+            if summary.created or summary.not_submitted:
+                log.info("flush.done", duration_ms=out.duration_ms, **summary.as_dict())
         return out
 
     def sync(self) -> Outcome:
@@ -181,8 +185,8 @@ class Worker:
                 log.warning("daemon.step_busy", step=name, reason=str(e))
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
-                delay = state.failed(self.clock(), describe_error(e))
-                log.error("daemon.step_failed", step=name, error=describe_error(e),
+                delay = state.failed(self.clock(), one_line(e))
+                log.error("daemon.step_failed", step=name, error=one_line(e),
                           consecutive_failures=state.consecutive, failures_total=state.failures,
                           retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
                 return Outcome(ok=False)
@@ -190,19 +194,34 @@ class Worker:
                 self.health.end()
             duration_ms = round((time.monotonic() - started) * 1000)
         if state.consecutive:
+            since = state.first_failure if state.first_failure is not None else self.clock()
             log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
-                     down_s=round(self.clock() - (state.first_failure or self.clock()), 1))
+                     down_s=round(self.clock() - since, 1))
         state.succeeded()
         log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
         return Outcome(value=value, duration_ms=duration_ms)
+
+    def cycle(self) -> dict[str, Any] | None:
+        """One round of ``--until-idle``: flush (forced if anything is pending) + sync, then STATUS=; the
+        counts, or None when they could not be read. Skipped (stats None) once shutdown was asked."""
+        if self.stop.is_set():
+            return None
+        self.flush(force=None)
+        self.sync()
+        return self.report()
+
+    def broken(self) -> str | None:
+        """The steps that failed GIVE_UP_AFTER times in a row, as one line; None while all is well."""
+        broken = [s for s in self.steps.values() if s.consecutive >= GIVE_UP_AFTER]
+        return "; ".join(f"{s.name}: {s.last_error}" for s in broken) or None
 
     # ------------------------------------------------------------------ status
 
     def stats(self) -> dict[str, Any] | None:
         try:
             return dict(self.manager.get_queue_stats())
-        except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
-            log.warning("daemon.stats_failed", error=describe_error(e))
+        except Exception as e:  # a status line is not worth failing for
+            log.warning("daemon.stats_failed", error=one_line(e), exc_info=not is_expected(e))
             return None
 
     def status_line(self, stats: dict[str, Any] | None = None) -> str:
@@ -343,10 +362,10 @@ def run_once(worker: Worker) -> int:
         results = [worker.recover(), worker.flush(force=None), worker.sync()]
         stats = worker.report()
         failed = [name for name, out in zip(("recover", "flush", "sync"), results) if not out.ok]
-        sync = results[2].value
+        flush, sync = results[1].value, results[2].value
         if sync is not None and sync.errors:
             failed.append("sync")
-        unsubmitted = [b.id for b in worker.manager.store.batches(["PENDING"]) if not b.google_job_id]
+        unsubmitted = flush.deferred if flush is not None else []
         if unsubmitted and not worker.stop.is_set():
             failed.append("submit")
         stopped = any(o.stopped for o in results)
@@ -367,22 +386,18 @@ def run_until_idle(worker: Worker, poll: float,
     signals = Signals(worker.stop).install()
     try:
         worker.recover()
-        while not worker.stop.is_set():
-            worker.flush(force=None)
-            worker.sync()
-            stats = worker.report()
-            if stats is not None:
-                if on_cycle:
-                    on_cycle(stats)
-                if stats["pending"] == 0 and stats["running"] == 0:
-                    log.info("daemon.idle", **stats)
-                    return EXIT_OK
+        if worker.stop.is_set():
+            log.info("daemon.stopped", signal=_signame(signals.received))
+            return EXIT_OK
+        done = worker.manager.drain(round=worker.cycle, pause=lambda: not worker.stop.wait(poll),
+                                    on_round=on_cycle, give_up=worker.broken)
+        if done.idle:
+            log.info("daemon.idle", **(done.stats or {}))
+            return EXIT_OK
+        if done.why == "gave_up":
             broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]
-            if broken:
-                log.error("daemon.gave_up", steps=[s.name for s in broken],
-                          errors=[s.last_error for s in broken])
-                return EXIT_FAILED
-            worker.stop.wait(poll)
+            log.error("daemon.gave_up", steps=[s.name for s in broken], errors=[s.last_error for s in broken])
+            return EXIT_FAILED
         log.info("daemon.stopped", signal=_signame(signals.received))
         return EXIT_OK
     finally:

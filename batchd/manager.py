@@ -6,6 +6,17 @@ It knows no SQL text and no HTTP. Every method is safe to call again after a cra
 - recover adopts a job created before a crash (found by its labels) or submits the batch again;
 - sync_status applies results in slices, each its own transaction, and finishing a batch twice changes nothing.
 
+The failure policy is written once, as two moves every path uses:
+
+- :meth:`BatchManager._close` ends a batch for good with a status and a reason (its remaining chunks count an
+  attempt), counts it in the step's summary and logs it;
+- :meth:`BatchManager._defer` leaves a batch for the next cycle with the reason on its row, counts it, and logs
+  it — with the traceback when the exception is not an operational error (:func:`batchd.errors.is_expected`).
+
+Exceptions become words in one place (:func:`batchd.errors.one_line`). Shutdown is :class:`Stopped`, a
+BaseException that no ``except Exception`` here can swallow. Each step returns a summary (:class:`FlushSummary`,
+:class:`SyncSummary`) that the CLI and the daemon read instead of querying the database again.
+
 Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping.
 """
 
@@ -13,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -22,35 +32,23 @@ from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
+    JobInfo,
     JobState,
     PermanentError,
     ResultLine,
     Stopped,
     content_hash,
 )
-from batchd.config import Config
+from batchd.config import Config, format_duration
+from batchd.errors import is_expected, one_line
+from batchd.faults import crash_point
 from batchd.store import Store, parse_iso
+from batchd.summary import Drained, FlushSummary, NotSubmitted, SyncSummary
 
 log = structlog.get_logger("batchd.manager")
 
 RESULT_SLICE = 2_000  # lines parsed per spool transaction
 SPOOL_MAX_BYTES = 1 << 30  # a bigger job (1M rows x 3,072 dims is ~12 GB) is spooled and applied in rounds
-
-
-@dataclass
-class SyncSummary:
-    checked: int = 0  # batches whose remote state was read
-    finished: int = 0  # batches closed (COMPLETED or FAILED)
-    applied: int = 0  # chunks that became READY
-    errored: int = 0  # chunks sent back (or FAILED) because their line or job failed
-    failed: int = 0  # chunks that reached max_attempts
-    stopped: bool = False  # shutdown interrupted the sync at a slice boundary
-    errors: list[str] = field(default_factory=list)  # batches whose remote call failed this time
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"checked": self.checked, "finished": self.finished, "applied": self.applied,
-                "errored": self.errored, "failed": self.failed, "stopped": self.stopped,
-                "errors": list(self.errors)}
 
 
 class BatchManager:
@@ -104,67 +102,73 @@ class BatchManager:
         oldest_ts = parse_iso(oldest)
         return oldest_ts is not None and self.clock() - oldest_ts >= q.max_wait
 
-    def flush_queue(self, min_size: int | None = None, force: bool = False) -> list[int]:
-        """Claim pending chunks into batches and submit them; return the new local batch ids.
+    def flush_queue(self, min_size: int | None = None, force: bool = False) -> FlushSummary:
+        """Recover earlier batches, then claim pending chunks into batches and submit them.
 
         Below the threshold (``min_size`` or ``queue.min_batch_size``, or ``max_wait``) and not ``force``:
-        returns []. Splits at ``max_batch_size``; never has more than ``max_running_jobs`` batches in flight.
-        A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent failure
-        marks the batch FAILED and counts an attempt on its chunks.
+        claims nothing. Splits at ``max_batch_size``; never has more than ``max_running_jobs`` batches in
+        flight. A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent
+        failure closes the batch FAILED and counts an attempt on its chunks. Shutdown (``progress`` raising
+        Stopped) ends the flush with ``stopped`` set. Raises Busy when another process holds the worker lock.
         """
+        summary = FlushSummary()
         with self.store.worker_lock():
-            return self._flush_queue(min_size, force)
+            try:
+                self._flush_queue(min_size, force, summary)
+            except Stopped:
+                summary.stopped = True
+                log.info("flush.stopped", created=len(summary.created), submitted=len(summary.submitted))
+        return summary
 
-    def _flush_queue(self, min_size: int | None, force: bool) -> list[int]:
+    def _flush_queue(self, min_size: int | None, force: bool, summary: FlushSummary) -> None:
         q = self.config.queue
-        self.recover()
+        self._recover(summary)
         self.prepare()
         pending, _ = self.store.pending_summary()
         threshold = q.min_batch_size if min_size is None else min_size
         if not force and pending < threshold and not self.should_flush():
             log.debug("flush.below_threshold", pending=pending, min_batch_size=threshold)
-            return []
-        created: list[int] = []
+            return
         while self.store.count_active_batches() < q.max_running_jobs:
             claimed = self.store.claim_batch(q.max_batch_size, self._model, self.clock())
             if claimed is None:
                 break
             batch_id, n = claimed
-            created.append(batch_id)
+            crash_point("claim.committed")
+            summary.created.append(batch_id)
             log.info("batch.claimed", batch_id=batch_id, google_job_id=None, chunks=n)
-            if self._submit(batch_id) is None:
+            if self._submit(batch_id, summary) is None:
                 break  # the service is refusing or failing: try again next cycle, not in a tight loop
             self.progress()
             pending, _ = self.store.pending_summary()
             if pending <= 0 or (not force and pending < threshold and not self.should_flush()):
                 break
-        if not created and pending and self.store.count_active_batches() >= q.max_running_jobs:
+        if not summary.created and pending and self.store.count_active_batches() >= q.max_running_jobs:
             log.info("flush.at_capacity", pending=pending, max_running_jobs=q.max_running_jobs)
-        return created
 
-    def _submit(self, batch_id: int) -> str | None:
+    def _submit(self, batch_id: int, summary: FlushSummary) -> str | None:
         """Submit a claimed batch. The batch row was committed before this call (rule 1)."""
         if self.store.batch_chunk_count(batch_id) == 0:
-            self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status="COMPLETED")
-            log.info("batch.empty", batch_id=batch_id, google_job_id=None, reason="every chunk changed or was deleted before submit")
+            self._close(summary, batch_id, None, "COMPLETED", "batch.empty", reason=_EMPTY)
             return None
         started = time.monotonic()
         try:
             job = self.backend.submit(batch_id, self.store.batch_items(batch_id), progress=self.progress)
         except PermanentError as e:
-            reason = f"submit rejected: {e}"
-            n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(),
-                                                status="FAILED", error=reason)
-            log.error("batch.submit_failed", batch_id=batch_id, google_job_id=None, error=str(e), chunks=n, chunks_failed=failed,
-                      permanent=True)
+            self._close(summary, batch_id, None, "FAILED", "batch.submit_failed", reason=f"submit rejected: {e}",
+                        error=str(e), permanent=True)
             return None
-        except Stopped:
-            raise
-        except Exception as e:  # noqa: BLE001 - transient: recorded, retried by recover()
-            self.store.note_batch_error(batch_id, f"submit failed, will retry: {describe_error(e)}", self.clock())
-            log.warning("batch.submit_retry", batch_id=batch_id, google_job_id=None, error=describe_error(e))
+        except Exception as e:  # noqa: BLE001 - transient (or a bug, logged with its traceback): recover() retries
+            self._defer(summary, batch_id, None, "submit failed", e, "batch.submit_retry")
             return None
-        self.store.mark_submitted(batch_id, job, self.clock())
+        crash_point("submit.created")
+        if not self.store.mark_submitted(batch_id, job, self.clock()):
+            # Closed while its job was being created (an operator's cancel): the job must not run on, paid for
+            # texts that are queued again.
+            self._cancel_remote(batch_id, job)
+            log.warning("batch.closed_during_submit", batch_id=batch_id, google_job_id=job)
+            return None
+        summary.note_submitted(batch_id)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -177,11 +181,12 @@ class BatchManager:
 
         Asks the backend for a job labelled with the batch (a create whose response was lost, or a crash
         between create and commit): adopts it if found, submits otherwise. Returns batches handled.
+        Stopped propagates (the batches not reached are handled next time).
         """
         with self.store.worker_lock():
-            return self._recover()
+            return self._recover(FlushSummary())
 
-    def _recover(self) -> int:
+    def _recover(self, summary: FlushSummary) -> int:
         handled = 0
         for b in self.store.batches(["PENDING"]):
             if b.google_job_id:
@@ -189,16 +194,18 @@ class BatchManager:
             try:
                 found = self.backend.find_job(b.id)
             except Exception as e:  # noqa: BLE001 - try again at the next cycle
-                self.store.note_batch_error(b.id, f"recovery lookup failed, will retry: {describe_error(e)}",
-                                            self.clock())
-                log.warning("batch.recover_failed", batch_id=b.id, google_job_id=None, error=describe_error(e))
+                self._defer(summary, b.id, None, "recovery lookup failed", e, "batch.recover_failed")
                 continue
+            crash_point("recover.found")
             if found:
-                self.store.mark_submitted(b.id, found, self.clock())
-                log.info("batch.adopted", batch_id=b.id, google_job_id=found)
+                if self.store.mark_submitted(b.id, found, self.clock()):
+                    summary.note_submitted(b.id)
+                    log.info("batch.adopted", batch_id=b.id, google_job_id=found)
+                else:
+                    self._cancel_remote(b.id, found)
             else:
                 log.info("batch.resubmit", batch_id=b.id, google_job_id=None)
-                self._submit(b.id)
+                self._submit(b.id, summary)
             handled += 1
             self.progress()
         return handled
@@ -225,26 +232,16 @@ class BatchManager:
         return summary
 
     def _sync_one(self, b: Any, summary: SyncSummary) -> None:
-        q = self.config.queue
         job = b.google_job_id
         try:
             info = self.backend.status(job)
-        except Stopped:
-            raise
         except PermanentError as e:
             # The job is gone (deleted remotely, or a name the service no longer knows): waiting until
             # job_timeout would only delay the retry of its chunks.
-            reason = f"remote job lost: {e}"
-            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
-            summary.errored += n
-            summary.failed += failed
-            summary.finished += 1
-            log.error("job.lost", batch_id=b.id, google_job_id=job, error=str(e), chunks=n, chunks_failed=failed)
+            self._close(summary, b.id, job, "FAILED", "job.lost", reason=f"remote job lost: {e}", error=str(e))
             return
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
-            summary.errors.append(f"batch {b.id}: {describe_error(e)}")
-            self.store.note_batch_error(b.id, f"status check failed, will retry: {describe_error(e)}", self.clock())
-            log.warning("job.status_failed", batch_id=b.id, google_job_id=job, error=describe_error(e))
+            self._defer(summary, b.id, job, "status check failed", e, "job.status_failed")
             return
         summary.checked += 1
         if info.state.value != b.remote_state or info.output:
@@ -254,38 +251,45 @@ class BatchManager:
 
         if not info.state.terminal:
             created = parse_iso(b.created_at) or self.clock()
-            if self.clock() - created > q.job_timeout:
+            if self.clock() - created > self.config.queue.job_timeout:
                 self._time_out(b, summary)
             return
 
-        if info.state.has_results:
-            if not self._apply_all(b.id, job, summary):
-                return  # stopped mid-way; the next sync re-reads and applies the rest
-            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="COMPLETED")
-            summary.errored += n
-            summary.failed += failed
-            row = self.store.batch(b.id)
-            log.info("batch.synced", batch_id=b.id, google_job_id=job, state=info.state.value,
-                     applied=row.completed_chunks if row else None, missing=n,
-                     failed=row.failed_chunks if row else None)
-            self._cleanup(b.id, job)
-        else:
+        if not info.state.has_results:
             # A FAILED/CANCELLED/EXPIRED job may still export (and bill) the rows it completed: apply them first,
             # so only rows without a result go back to the queue.
-            if info.output and not self._apply_all(b.id, job, summary):
-                return
+            if info.output and self._apply_all(b.id, job, summary) is None:
+                return  # deferred (or closed: its results can never be read)
             reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
-            n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
-            summary.errored += n
-            summary.failed += failed
-            log.error("job.failed", batch_id=b.id, google_job_id=job, state=info.state.value, error=info.error,
-                      chunks=n, chunks_failed=failed)
-        summary.finished += 1
+            self._close(summary, b.id, job, "FAILED", "job.failed", reason=reason, state=info.state.value,
+                        error=info.error)
+            return
+        lines = self._apply_all(b.id, job, summary)
+        if lines is None:
+            return  # deferred (the next sync re-reads and applies the rest), or closed: never readable
+        self._compare_counts(b.id, job, info, lines)
+        row = self.store.batch(b.id)
+        self._close(summary, b.id, job, "COMPLETED", "batch.synced", state=info.state.value,
+                    applied=row.completed_chunks if row else None, chunks_key="missing",
+                    failed=row.failed_chunks if row else None, lines=lines,
+                    service_succeeded=info.succeeded, service_failed=info.failed)
+        self._cleanup(b.id, job)
 
-    def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> bool:
-        """Read every result line into a spool, then apply the spool in chunk-id order. False if reading failed,
-        or if the results can never be read (a PermanentError, like an expired result file: what was read is
-        applied, the batch is closed as FAILED and its other chunks go back to the queue).
+    def _compare_counts(self, batch_id: int, job: str, info: JobInfo, lines: int) -> None:
+        """The service's own count of the rows it answered against the lines read: fewer lines means output
+        files batchd did not find (a changed output layout, a listing cut short) — their chunks come back as
+        missing and are retried, and the operator should know why."""
+        if info.succeeded is None or info.failed is None:
+            return
+        if lines < info.succeeded + info.failed:
+            log.warning("job.output_short", batch_id=batch_id, google_job_id=job, lines=lines,
+                        service_succeeded=info.succeeded, service_failed=info.failed)
+
+    def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> int | None:
+        """Read every result line into a spool, then apply the spool in chunk-id order. Returns the lines read,
+        None when reading failed (the batch is deferred) — or can never succeed (a PermanentError, like an
+        expired result file: what was read is applied and the batch is closed FAILED, its other chunks back in
+        the queue now rather than deferred at every sync).
 
         Two phases (store/spool.py): parsing holds no lock on the shared database; applying in id order
         writes neighbouring pages in each short transaction instead of ~40% of the table per slice. A job
@@ -304,35 +308,24 @@ class BatchManager:
                     if spool.size_bytes() >= SPOOL_MAX_BYTES:
                         self._apply_spool(batch_id, spool, summary)
                         spool.clear()
-            except Stopped:
-                raise
             except PermanentError as e:
                 self._apply_spool(batch_id, spool, summary)
-                reason = f"results unavailable: {e}"
-                n, failed = self.store.finish_batch(batch_id, q.max_attempts, self.clock(), status="FAILED",
-                                                    error=reason)
-                summary.errored += n
-                summary.failed += failed
-                summary.finished += 1
-                log.error("job.results_lost", batch_id=batch_id, google_job_id=job, error=str(e), chunks=n,
-                          chunks_failed=failed, lines=lines)
-                return False
+                self._close(summary, batch_id, job, "FAILED", "job.results_lost", reason=f"results unavailable: {e}",
+                            error=str(e), lines=lines)
+                return None
             except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
-                summary.errors.append(f"batch {batch_id}: {describe_error(e)}")
-                self.store.note_batch_error(batch_id, f"reading results failed, will retry: {describe_error(e)}",
-                                            self.clock())
-                log.warning("job.results_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e),
-                            lines=lines)
-                return False
+                self._defer(summary, batch_id, job, "reading results failed", e, "job.results_failed", lines=lines)
+                return None
             read_ms = round((time.monotonic() - started) * 1000)
             self._apply_spool(batch_id, spool, summary)
         log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines, read_ms=read_ms,
                   duration_ms=round((time.monotonic() - started) * 1000), max_attempts=q.max_attempts)
-        return True
+        return lines
 
     def _apply_spool(self, batch_id: int, spool: Any, summary: SyncSummary) -> None:
         def on_slice(applied: int) -> None:
             summary.applied += applied
+            crash_point("results.slice_applied")
             self.progress()
 
         counts = self.store.apply_spool(batch_id, spool, self.config.queue.max_attempts, self.clock(),
@@ -341,49 +334,156 @@ class BatchManager:
         summary.failed += counts.failed
 
     def _time_out(self, b: Any, summary: SyncSummary) -> None:
-        q = self.config.queue
-        try:
-            self.backend.cancel(b.google_job_id)
-        except Exception as e:  # noqa: BLE001 - cancel is best effort
-            log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
-        reason = f"job timed out after {_human(q.job_timeout)} and was cancelled"
-        n, failed = self.store.finish_batch(b.id, q.max_attempts, self.clock(), status="FAILED", error=reason)
-        summary.errored += n
-        summary.failed += failed
-        summary.finished += 1
-        log.error("job.timed_out", batch_id=b.id, google_job_id=b.google_job_id, chunks=n, chunks_failed=failed)
+        self._cancel_remote(b.id, b.google_job_id)
+        self._close(summary, b.id, b.google_job_id, "FAILED", "job.timed_out",
+                    reason=f"job timed out after {format_duration(self.config.queue.job_timeout)} and was cancelled")
 
     def _cleanup(self, batch_id: int, job: str) -> None:
         if not isinstance(self.backend, Cleanable):
             return
         try:
             self.backend.cleanup(batch_id, job)
-        except Exception as e:  # noqa: BLE001 - staged files are only money, never correctness
-            log.warning("batch.cleanup_failed", batch_id=batch_id, google_job_id=job, error=describe_error(e))
+        except Exception as e:  # staged files are only money, never correctness
+            log.warning("batch.cleanup_failed", batch_id=batch_id, google_job_id=job, error=one_line(e),
+                        exc_info=not is_expected(e))
+
+    def _cancel_remote(self, batch_id: int, job: str) -> None:
+        try:
+            self.backend.cancel(job)
+        except Exception as e:  # cancel is best effort
+            log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=one_line(e),
+                        exc_info=not is_expected(e))
+
+    # ------------------------------------------------------------------ the failure policy: two moves
+
+    def _close(self, summary: SyncSummary | FlushSummary, batch_id: int, job: str | None, status: str,
+               event: str, *, reason: str | None = None, chunks_key: str = "chunks", **fields: Any) -> None:
+        """Close a batch for good with ``status`` (COMPLETED or FAILED) and ``reason``: every chunk it still
+        holds counts one attempt (``max_attempts`` reached: FAILED). Counted in ``summary``, logged once
+        (``event``: info when COMPLETED, error when FAILED)."""
+        n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status=status,
+                                            error=reason)
+        summary.note_closed(batch_id, status, reason, n, failed)
+        emit = log.info if status == "COMPLETED" else log.error
+        if reason is not None:
+            fields["reason"] = reason
+        emit(event, batch_id=batch_id, google_job_id=job, **{chunks_key: n}, chunks_failed=failed, **fields)
+
+    def _defer(self, summary: SyncSummary | FlushSummary, batch_id: int, job: str | None, what: str,
+               e: Exception, event: str, **fields: Any) -> None:
+        """Leave a batch as it is for the next cycle, with ``what`` failed and why on the batch row. The
+        traceback goes to the log when ``e`` is not an operational error: a bug in a backend must not hide
+        behind an endless "will retry"."""
+        error = one_line(e)
+        reason = f"{what}, will retry: {error}"
+        self.store.note_batch_error(batch_id, reason, self.clock())
+        summary.note_deferred(batch_id, reason, error)
+        log.warning(event, batch_id=batch_id, google_job_id=job, error=error, exc_info=not is_expected(e), **fields)
+
+    # ------------------------------------------------------------------ draining
+
+    def drain(self, *, round: Callable[[], dict[str, Any] | None] | None = None,
+              pause: Callable[[], bool] | None = None, on_round: Callable[[dict[str, Any]], None] | None = None,
+              give_up: Callable[[], str | None] | None = None, stall_rounds: int | None = None) -> Drained:
+        """Flush and sync, round after round, until nothing is pending or running.
+
+        ``round`` is one flush + sync returning the queue stats (default :meth:`flush_and_sync`; the daemon
+        passes its guarded steps, which return None when the counts could not be read). Between rounds
+        ``pause()`` waits and returns False to stop (default: no wait). Ends "idle"; "stalled" after
+        ``stall_rounds`` rounds in a row that changed no count; "gave_up" when ``give_up()`` names a reason;
+        "stopped" when ``pause()`` says so or a round raised Stopped.
+        """
+        run = round or self.flush_and_sync
+        rounds, stalled, before, stats = 0, 0, None, None
+        while True:
+            try:
+                stats = run()
+            except Stopped:
+                return Drained("stopped", rounds, stats)
+            rounds += 1
+            if stats is not None:
+                if on_round:
+                    on_round(stats)
+                if stats["pending"] == 0 and stats["running"] == 0:
+                    return Drained("idle", rounds, stats)
+                counts = tuple(stats.get(k) for k in ("pending", "running", "ready", "failed"))
+                stalled = stalled + 1 if counts == before else 0
+                before = counts
+                if stall_rounds is not None and stalled >= stall_rounds:
+                    return Drained("stalled", rounds, stats)
+            reason = give_up() if give_up else None
+            if reason:
+                return Drained("gave_up", rounds, stats, reason)
+            if pause is not None and not pause():
+                return Drained("stopped", rounds, stats)
+
+    def flush_and_sync(self) -> dict[str, Any]:
+        """One round: flush (forced while anything is pending), then sync; returns the queue stats."""
+        self.flush_queue(force=self.store.pending_summary()[0] > 0)
+        self.sync_status()
+        return self.get_queue_stats()
 
     # ------------------------------------------------------------------ operator actions
 
     def cancel(self, batch_id: int) -> bool:
-        """Cancel a batch: best-effort remote cancel, its chunks back to PENDING (no attempt counted).
+        """Cancel a batch: its remote job cancelled, its chunks back to PENDING without counting an attempt.
+
+        Safe against a step running at the same time in another process (issue 9, item 5):
+
+        - A batch with a job name: the job is cancelled first; if that call fails (other than "no such job"),
+          BackendError is raised and nothing changed — releasing the chunks of a job that still runs would pay
+          for them twice. The batch is then closed only if it is still in flight: a sync that finished it first
+          wins, and cancel returns False. A sync that finishes after the cancel leaves the batch FAILED.
+        - A batch without a job name may be in the middle of its submit or its recovery: the cancel takes the
+          worker lock (raises :class:`~batchd.store.Busy` while a step runs), cancels a job created before a
+          crash if the backend finds one, then closes the batch.
 
         Returns False when the batch does not exist or is already final.
         """
         b = self.store.batch(batch_id)
-        if b is None or b.status in ("COMPLETED", "FAILED"):
+        if b is None or b.status not in ("PENDING", "RUNNING"):
             return False
         if b.google_job_id:
+            return self._cancel(batch_id, b.google_job_id)
+        with self.store.worker_lock():
+            b = self.store.batch(batch_id)
+            if b is None or b.status not in ("PENDING", "RUNNING"):
+                return False
+            job = b.google_job_id
+            if not job:
+                try:
+                    job = self.backend.find_job(batch_id)
+                except BackendError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
+                    raise BackendError(one_line(e)) from None
+            return self._cancel(batch_id, job)
+
+    def _cancel(self, batch_id: int, job: str | None) -> bool:
+        if job:
             try:
-                self.backend.cancel(b.google_job_id)
-            except Exception as e:  # noqa: BLE001
-                log.warning("job.cancel_failed", batch_id=b.id, google_job_id=b.google_job_id, error=describe_error(e))
+                self.backend.cancel(job)
+            except PermanentError as e:  # the job is gone: nothing left to stop
+                log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=one_line(e))
+            except BackendError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
+                raise BackendError(one_line(e)) from None
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
-        log.info("batch.cancelled", batch_id=batch_id, google_job_id=b.google_job_id, chunks=n)
+        if n is None:
+            log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
+            return False
+        log.info("batch.cancelled", batch_id=batch_id, google_job_id=job, chunks=n)
         return True
 
     def retry_failed(self) -> int:
+        """Put every FAILED chunk back in the queue with its attempts reset; returns how many."""
         n = self.store.retry_failed(self.clock())
         log.info("chunks.retried", chunks=n)
         return n
+
+
+_EMPTY = "every chunk changed or was deleted before submit"
 
 
 def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]]:
@@ -397,17 +497,4 @@ def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]
         yield buf
 
 
-def describe_error(e: BaseException) -> str:
-    """An exception as one short line for logs and error_message: its type and the first line of its text."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-__all__ = ["BackendError", "BatchManager", "JobState", "SyncSummary", "describe_error"]
+__all__ = ["BackendError", "BatchManager", "Drained", "FlushSummary", "JobState", "NotSubmitted", "SyncSummary"]

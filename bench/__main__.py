@@ -92,9 +92,12 @@ def submitted_copy(base: Path, dst: Path, job_name: str) -> Path:
     from batchd.store import Store
 
     shutil.copyfile(base, dst)
+    # batchd recognises the copy (README "Copies, backups and restores"): it gets its own instance id and the
+    # prepared batch is closed, its chunks queued again. Claim them again for this copy (not measured).
     store = Store.open(data.config(dst))
-    (batch,) = store.batches(["PENDING"])
-    store.mark_submitted(batch.id, job_name, time.time())
+    claimed = store.claim_batch(store.queue_stats()["pending"], data.MODEL, time.time())
+    assert claimed is not None, "the copy has nothing to claim"
+    store.mark_submitted(claimed[0], job_name, time.time())
     store.close()
     return dst
 

@@ -127,7 +127,7 @@ def flush(db: str, chunks: int, vertex: dict[str, Any]) -> dict[str, Any]:
     backend = TimedBackend(make_backend(cfg, store.instance_id))
     manager = BatchManager(store, backend, cfg)  # type: ignore[arg-type]
     started = time.perf_counter()
-    ids = manager.flush_queue(force=True)
+    ids = manager.flush_queue(force=True).created
     seconds = time.perf_counter() - started
     stats = store.queue_stats()
     store.close()

@@ -1,6 +1,7 @@
-"""The Google side of the benchmark: the Cloud Storage emulator (fake-gcs-server, a subprocess) and the fake
-Vertex JobService (a thread of this process), the same ones the tests use. batchd reaches them through the real
-google-cloud-storage and aiplatform clients (VertexBackend), from a child process.
+"""The Google side of the benchmark: the tests' own VertexServices (the Cloud Storage emulator, a subprocess, and
+the fake Vertex JobService, a thread of this process) with the benchmark's bucket, plus finished jobs registered
+on it. batchd reaches them through the real google-cloud-storage and aiplatform clients (VertexBackend), from a
+child process.
 """
 
 from __future__ import annotations
@@ -9,37 +10,23 @@ from pathlib import Path
 from typing import Any
 
 from bench import data
+from tests.fakes.vertex_env import VertexServices
 
 BUCKET = "batchd-bench"
 PROJECT = "bench"
 LOCATION = "us-central1"
 
 
-class VertexEnv:
-    def __enter__(self) -> VertexEnv:
-        from tests.fakes.fake_vertex import FakeVertex
-        from tests.fakes.gcs import GCSEmulator
+class VertexEnv(VertexServices):
+    """The test suite's fakes (tests/fakes/vertex_env.py) with the benchmark's bucket and project."""
 
-        self.gcs = GCSEmulator().start()
-        self.gcs.ensure_bucket(BUCKET)
-        self.client = self.gcs.client()
-        self.fake = FakeVertex(self.client, project=PROJECT, location=LOCATION).start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.fake.stop()
-        self.gcs.stop()
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What a child process running VertexBackend needs in its environment."""
-        return {"STORAGE_EMULATOR_HOST": self.gcs.url}
+    def __init__(self) -> None:
+        super().__init__(bucket=BUCKET, project=PROJECT, location=LOCATION)
 
     @property
     def settings(self) -> dict[str, Any]:
         """The [vertex] section. cleanup is off so that several databases can sync the same finished job."""
-        return {"project": PROJECT, "location": LOCATION, "staging_uri": f"gs://{BUCKET}/stage",
-                "api_endpoint": self.fake.url, "credentials": "anonymous", "cleanup": False}
+        return {**super().settings, "cleanup": False}
 
     def finished_job(self, files: list[Path], name: str) -> str:
         """Upload a finished job's output files and register a SUCCEEDED classic job pointing at them on the

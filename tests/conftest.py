@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from batchd.manager import BatchManager
 from batchd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-MEMBACKEND = "tests.fakes.membackend:MemoryBackend"
+MEMBACKEND = "tests.fakes.membackend:ScriptedBackend"
 
 
 class Clock:
@@ -103,6 +105,60 @@ def batchd_env(tmp_path: Path) -> dict[str, str]:
     env.pop("NOTIFY_SOCKET", None)
     env.pop("JOURNAL_STREAM", None)
     return env
+
+
+@dataclass
+class Ran:
+    """What a `batchd` command did: the shape of subprocess.CompletedProcess, so tests read the same."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def restored_logging() -> Iterator[None]:
+    """Undo what batchd.logs.configure() does to this process (root handlers, levels, structlog, excepthooks):
+    a command run in-process must not leave the next test logging into its closed output stream."""
+    import logging
+    import threading
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    config = structlog.get_config()
+    hooks = sys.excepthook, threading.excepthook
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        for name, lvl in quiet.items():
+            logging.getLogger(name).setLevel(lvl)
+        structlog.configure(**config)
+        logging.captureWarnings(False)
+        sys.excepthook, threading.excepthook = hooks
+
+
+def cli(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Ran:
+    """Run `batchd ARGS` in this process through click's CliRunner: output, stderr and exit status as the console
+    script gives them. An exception the CLI does not turn into one line fails the test (never a traceback)."""
+    from click.testing import CliRunner
+
+    from batchd.cli import main
+
+    overrides: dict[str, str | None] | None = None
+    if env is not None:
+        overrides = {k: None for k in os.environ if k not in env}
+        overrides.update(env)
+    with restored_logging():
+        r = CliRunner().invoke(main, list(args), input=input, env=overrides, catch_exceptions=False)
+    return Ran(r.exit_code, r.stdout, r.stderr)
 
 
 def batchd_cmd() -> list[str]:

@@ -1,4 +1,5 @@
-"""The real `batchd` console script in subprocesses, on real files."""
+"""The `batchd` command on real files, in this process through click's CliRunner (tests.conftest.cli): output,
+stderr and exit status exactly as the console script gives them. test_console_script runs the real script once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MEMBACKEND, REPO, batchd_cmd
+from tests.conftest import MEMBACKEND, REPO, batchd_cmd, cli
 
 
 @pytest.fixture
@@ -23,8 +24,15 @@ def cfg(tmp_path: Path) -> Path:
 
 
 def run(env, cfg, *args, stdin=None):
-    return subprocess.run([*batchd_cmd(), "--config", str(cfg), *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=120)
+    return cli("--config", str(cfg), *args, input=stdin, env=env)
+
+
+def test_console_script(cfg, batchd_env):
+    """The installed `batchd` script reaches the same code (everything else here runs in-process)."""
+    r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "stats", "--json"], capture_output=True, text=True,
+                       env=batchd_env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pending"] == 0
 
 
 def test_enqueue_reports_bad_lines_by_number_and_keeps_the_good(cfg, batchd_env, tmp_path):
@@ -166,3 +174,57 @@ def test_one_worker_at_a_time_per_database(cfg, batchd_env):
         holder.stdin.close()
         holder.wait(timeout=30)
     assert run(batchd_env, cfg, "sync").returncode == 0
+
+
+def test_retry_goes_through_the_manager_and_takes_its_old_flag(cfg, batchd_env, tmp_path):
+    (tmp_path / "testbackend").mkdir()
+    (tmp_path / "testbackend" / "knobs.json").write_text('{"final_state": "FAILED"}')
+    run(batchd_env, cfg, "enqueue", stdin='{"text": "doomed"}\n')
+    for _ in range(2):
+        run(batchd_env, cfg, "flush", "--force")
+        run(batchd_env, cfg, "sync")
+    r = run(batchd_env, cfg, "retry")
+    assert (r.returncode, r.stdout.strip()) == (0, "requeued 1 failed chunk(s)")
+    events = [json.loads(line) for line in r.stderr.splitlines()]
+    assert [(e["event"], e["chunks"]) for e in events if e["event"] == "chunks.retried"] == [("chunks.retried", 1)]
+    r = run(batchd_env, cfg, "retry", "--failed")  # scripts written for 0.1 still run
+    assert (r.returncode, r.stdout.strip()) == (0, "requeued 0 failed chunk(s)")
+    assert "--failed" not in run(batchd_env, cfg, "retry", "--help").stdout
+
+
+def test_flush_names_each_batch_it_could_not_submit_and_exits_1(cfg, batchd_env, tmp_path):
+    (tmp_path / "testbackend").mkdir()
+    (tmp_path / "testbackend" / "knobs.json").write_text('{"submit_permanent": "400 model not allowed"}')
+    run(batchd_env, cfg, "enqueue", stdin="".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(6)))
+    r = run(batchd_env, cfg, "flush")
+    assert r.returncode == 1
+    assert r.stdout.strip() == "submitted 0 batch(es): 1"
+    assert [line for line in r.stderr.splitlines() if line.startswith("batchd:")] == [
+        "batchd: flush: batch 1 not submitted (FAILED): submit rejected: 400 model not allowed"]
+    (tmp_path / "testbackend" / "knobs.json").write_text('{"submit_errors": 1}')
+    r = run(batchd_env, cfg, "flush")
+    assert r.returncode == 1 and r.stdout.strip() == "submitted 0 batch(es): 2"
+    assert "batchd: flush: batch 2 not submitted (PENDING): submit failed, will retry: 503 simulated: " \
+           "service unavailable" in r.stderr
+    r = run(batchd_env, cfg, "flush")  # recover() submits batch 2; 2 chunks are left for batch 3
+    assert (r.returncode, r.stdout.strip()) == (0, "submitted 1 batch(es): 3")
+
+
+def test_run_once_in_process_exits_1_while_a_batch_waits_to_be_submitted(cfg, batchd_env, tmp_path):
+    (tmp_path / "testbackend").mkdir()
+    (tmp_path / "testbackend" / "knobs.json").write_text('{"submit_errors": 1}')
+    run(batchd_env, cfg, "enqueue", stdin='{"text": "a"}\n{"text": "b"}\n')
+    r = run(batchd_env, cfg, "run", "--once")
+    assert r.returncode == 1
+    [done] = [json.loads(line) for line in r.stdout.splitlines() if '"daemon.once_done"' in line]
+    assert done["failed_steps"] == ["submit"] and done["unsubmitted_batches"] == [1]
+    r = run(batchd_env, cfg, "run", "--once")
+    assert r.returncode == 0, r.stdout
+    assert json.loads(run(batchd_env, cfg, "stats", "--json").stdout)["ready"] == 2
+
+
+def test_usage_errors_exit_2(cfg, batchd_env):
+    r = run(batchd_env, cfg, "run", "--once", "--until-idle")
+    assert r.returncode == 2 and "--once and --until-idle cannot be combined" in r.stderr
+    assert run(batchd_env, cfg, "run", "--until-idle", "--poll", "soon").returncode == 2
+    assert run(batchd_env, cfg, "jobs", "--limit", "0").returncode == 2

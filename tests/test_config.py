@@ -31,8 +31,9 @@ def test_shipped_config_documents_every_key():
     from batchd import config as c
 
     text = (REPO / "etc" / "batchd.toml").read_text()
+    assert "\n# [plugin.<name>]" in text  # plugin backends' own sections are documented, not listed
     for section in dataclasses.fields(c.Config):
-        if section.name == "source":
+        if section.name in ("source", "plugin"):
             continue
         assert f"[{section.name}]" in text
         for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
@@ -108,3 +109,28 @@ def test_config_path_from_environment(tmp_path, batchd_env):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "x.db").exists()
+
+
+def test_a_plugin_backend_owns_its_section(tmp_path):
+    """[plugin.<name>] is built and validated by the plugin's own settings class: errors name the file, the key
+    and the reason, and the CLI exits 78 on one line, as for batchd's own sections."""
+    from tests.conftest import MEMBACKEND, cli
+
+    base = f'[database]\npath = "{tmp_path / "app.db"}"\n[embedding]\nbackend = "{MEMBACKEND}"\nmodel = "m"\n' \
+           'dimensions = 8\n'
+    for section, error in [
+        ('[plugin.scripted]\nfolder = "jobs"\n', "plugin.scripted.folder: 'jobs' is not an absolute path"),
+        ('[plugin.scripted]\nfoldr = "/x"\n', "plugin.scripted.foldr: unknown key (expected one of: folder)"),
+        ('[plugin.scripted]\nfolder = 3\n', "plugin.scripted.folder: expected a string, got an integer"),
+        ("[plugin]\nscripted = 1\n", "plugin: must hold tables named after their backend, like [plugin.mybackend]"),
+    ]:
+        p = write(tmp_path, base + section)
+        r = cli("--config", str(p), "check")
+        assert r.returncode == 78, (section, r.stdout, r.stderr)
+        assert r.stderr.strip().splitlines()[-1] == f"batchd: config error: {p}: {error}"
+
+    jobs = tmp_path / "elsewhere"
+    p = write(tmp_path, base + f'[plugin.scripted]\nfolder = "{jobs}"\n')
+    assert cli("--config", str(p), "enqueue", input='{"text": "x"}\n').returncode == 0
+    assert cli("--config", str(p), "flush", "--force").returncode == 0
+    assert len(list(jobs.glob("job-1-*.json"))) == 1

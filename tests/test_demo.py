@@ -84,3 +84,21 @@ def test_demo_command_runs_to_completion_then_search_works(tmp_path: Path, batch
         assert store.vector_count() == n and sum(b.total_chunks for b in store.batches()) == n
     finally:
         store.close()
+
+
+def test_the_corpus_is_the_docs_themselves_never_a_drifting_copy() -> None:
+    from batchd.demo import code_docs
+    from tests.conftest import REPO
+
+    corpus = REPO / "batchd" / "demo_corpus"
+    assert (corpus / "readme.md").resolve() == (REPO / "README.md").resolve()
+    assert (corpus / "batchd.toml").resolve() == (REPO / "etc" / "batchd.toml").resolve()
+    assert not (corpus / "code.md").exists()
+    docs = code_docs()
+    assert "## batchd.manager" in docs and "`drain`: Flush and sync, round after round" in docs
+    shared = REPO.parent / "shared"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} is not there to compare the copies of the shared notes with")
+    for copy, original in (("design.md", "DESIGN.md"), ("style.md", "STYLE.md"), ("vertex.md", "VERTEX.md")):
+        assert (corpus / copy).read_text() == (shared / original).read_text(), \
+            f"batchd/demo_corpus/{copy} drifted from {shared / original}: cp {shared / original} {corpus / copy}"

@@ -35,7 +35,7 @@ def test_end_to_end(gworld) -> None:
     fake.fail, fake.drop, fake.malformed = fail.get, drop.__contains__, 2
     w.manager.enqueue([(None, t) for t in corpus])
 
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     [batch] = fake.ours()
     assert batch.display_name == f"batchd-{w.store.instance_id}-1"
     assert fake.texts_sent == 300  # the duplicate went once
@@ -60,7 +60,7 @@ def test_end_to_end(gworld) -> None:
     assert (w.store.chunks(), w.store.vector_count()) == before
 
     fake.fail, fake.drop = (lambda t: None), (lambda t: False)
-    assert w.manager.flush_queue() == [2]
+    assert w.manager.flush_queue().created == [2]
     fake.finish()
     w.manager.sync_status()
     assert_ready(w, w.store.chunks())
@@ -77,7 +77,7 @@ def test_lost_create_is_adopted_and_others_batches_untouched(gworld, mode: str) 
     fake.lose_create, fake.lose_create_mode = 1, mode
     w.manager.enqueue([(None, t) for t in texts(20)])
 
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     assert fake.count("create") == 1 and len(fake.ours()) == 1
     assert w.store.batch(1).status == "RUNNING"
     assert w.store.batch(1).google_job_id == f"batches/{fake.ours()[0].id}"
@@ -98,7 +98,7 @@ def test_lost_create_found_at_the_next_cycle(gworld) -> None:
     fake.lose_create = 1
     fake.fail_next(503, times=100, op="list")
     w.manager.enqueue([(None, t) for t in texts(10)])
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     b = w.store.batch(1)
     assert b.status == "PENDING" and b.google_job_id is None and "creating the batch failed" in b.error_message
     fake._faults.clear()
@@ -154,7 +154,7 @@ def test_failed_batch_partial_results_applied_rest_resent(gworld) -> None:
     assert w.store.batch(1).status == "FAILED"
 
     fake.final_state, fake.partial = "SUCCEEDED", None
-    assert w.manager.flush_queue() == [2]
+    assert w.manager.flush_queue().created == [2]
     fake.finish()
     w.manager.sync_status()
     assert_ready(w, w.store.chunks())
@@ -178,7 +178,7 @@ def test_expired_result_file_sends_the_batch_back(gworld) -> None:
     assert all("48 hours" in r["error_message"] for r in rows)
 
     fake.expire_results = False
-    assert w.manager.flush_queue() == [2]
+    assert w.manager.flush_queue().created == [2]
     fake.finish()
     w.manager.sync_status()
     assert_ready(w, w.store.chunks())
@@ -267,7 +267,7 @@ def test_results_stream_in_bounded_memory(gworld) -> None:
     w = gworld(embedding={"dimensions": dims}, queue={"max_batch_size": rows})
     w.fake.shuffle = False
     w.manager.enqueue([(None, f"row {i}") for i in range(rows)])
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     w.fake.finish()
     [batch] = w.fake.ours()
     size = len(w.fake.files[batch.output_file.removeprefix("files/")].data)

@@ -156,7 +156,7 @@ def test_search_finds_a_paraphrase_among_200_real_sentences(local: Callable[...,
     cfg, store, backend = local(queue={"max_batch_size": 120})
     m = BatchManager(store, backend, cfg)
     m.enqueue([(None, t) for t in texts])
-    assert len(m.flush_queue(force=True)) == 2
+    assert len(m.flush_queue(force=True).created) == 2
     summary = m.sync_status()
     assert summary.applied == len(texts) and not summary.errors
     all_ready_once(store, len(texts))

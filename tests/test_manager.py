@@ -1,4 +1,7 @@
-"""The manager's state machine against the file-backed test backend: every rule in DESIGN.md, on real SQLite."""
+"""The manager's state machine against the file-backed test backend: every rule in DESIGN.md, on real SQLite.
+
+Failure scenarios every backend must survive (lost create, timeout, bad final states, failed lines, shutdown,
+broken result streams, failed lookups, empty batches) are written once in tests/contract/."""
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def test_happy_path_out_of_order_every_chunk_ready_with_its_vector(world):
     w.knobs(shuffle=True)
     texts = [f"sentence number {i}" for i in range(300)]
     enqueue(w, texts)
-    ids = w.manager.flush_queue()
+    ids = w.manager.flush_queue().created
     assert ids == [1]
     s = w.manager.sync_status()
     assert s.applied == 300 and s.finished == 1
@@ -114,24 +117,6 @@ def test_dropped_and_failed_lines_retry_only_their_chunks_then_fail_at_max_attem
     assert_invariants(w)
 
 
-@pytest.mark.parametrize("state", ["FAILED", "CANCELLED", "EXPIRED"])
-def test_a_failed_job_requeues_all_its_chunks_with_the_reason(world, state):
-    w = world()
-    w.knobs(final_state=state)
-    enqueue(w, [f"t{i}" for i in range(20)])
-    flush_sync(w)
-    b = w.store.batch(1)
-    assert b.status == "FAILED" and b.remote_state == state and state in b.error_message
-    for c in w.store.chunks():
-        assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 1, None)
-        assert f"job {state}" in c["error_message"]
-    assert_invariants(w)
-    w.knobs()
-    flush_sync(w)
-    assert w.manager.get_queue_stats()["ready"] == 20
-    assert_invariants(w)
-
-
 def test_partially_succeeded_job_applies_what_it_has(world):
     w = world()
     w.knobs(final_state="PARTIALLY_SUCCEEDED", fail_every=4)
@@ -140,39 +125,6 @@ def test_partially_succeeded_job_applies_what_it_has(world):
     st = w.manager.get_queue_stats()
     assert st["ready"] == 15 and st["pending"] == 5
     assert w.store.batch(1).status == "COMPLETED"
-    assert_invariants(w)
-
-
-def test_lost_create_is_adopted_not_paid_twice(world):
-    w = world()
-    w.knobs(lose_create=1)
-    enqueue(w, [f"t{i}" for i in range(10)])
-    assert w.manager.flush_queue(force=True) == [1]
-    b = w.store.batch(1)
-    assert b.status == "PENDING" and b.google_job_id is None and "will retry" in b.error_message
-    assert w.manager.recover() == 1
-    b = w.store.batch(1)
-    assert b.status == "RUNNING" and b.google_job_id
-    assert len(jobs_for_batch(w.dir, 1)) == 1
-    assert read_counters(w.dir)["creates"] == 1
-    w.manager.sync_status()
-    assert w.manager.get_queue_stats()["ready"] == 10
-    assert_invariants(w)
-
-
-def test_transient_submit_failure_is_resubmitted_once_by_recover(world):
-    w = world()
-    w.knobs(submit_errors=2)
-    enqueue(w, [f"t{i}" for i in range(10)])
-    w.manager.flush_queue(force=True)
-    assert w.store.batch(1).status == "PENDING"
-    w.manager.recover()  # second failure
-    assert w.store.batch(1).status == "PENDING"
-    w.manager.recover()
-    assert w.store.batch(1).status == "RUNNING"
-    assert read_counters(w.dir)["creates"] == 1
-    w.manager.sync_status()
-    assert w.manager.get_queue_stats()["ready"] == 10
     assert_invariants(w)
 
 
@@ -186,25 +138,6 @@ def test_permanent_submit_failure_is_recorded_on_batch_and_chunks(world):
     for c in w.store.chunks():
         assert c["embedding_status"] == "PENDING" and c["attempts"] == 1
         assert "submit rejected: 400 model" in c["error_message"]
-    assert_invariants(w)
-
-
-def test_job_past_timeout_is_cancelled_and_treated_as_failed(world):
-    w = world(queue={"job_timeout": "2h"})
-    w.knobs(never_finish=True)
-    enqueue(w, [f"t{i}" for i in range(5)])
-    w.manager.flush_queue(force=True)
-    w.clock.advance(3600)
-    w.manager.sync_status()
-    assert w.store.batch(1).status == "RUNNING"
-    w.clock.advance(3601)
-    s = w.manager.sync_status()
-    assert s.finished == 1
-    b = w.store.batch(1)
-    assert b.status == "FAILED" and "timed out after 2h" in b.error_message
-    assert read_counters(w.dir)["cancels"] == 1
-    for c in w.store.chunks():
-        assert c["embedding_status"] == "PENDING" and c["attempts"] == 1 and c["batch_job_id"] is None
     assert_invariants(w)
 
 
@@ -288,14 +221,14 @@ def test_chunks_without_text_fail_at_once_and_are_never_sent(world):
 def test_thresholds_split_and_max_running_jobs(world):
     w = world(queue={"min_batch_size": 20, "max_batch_size": 20, "max_wait": "10m", "max_running_jobs": 2})
     enqueue(w, [f"t{i}" for i in range(15)])
-    assert w.manager.flush_queue() == []  # 15 < 20 and nothing is old yet
+    assert w.manager.flush_queue().created == []  # 15 < 20 and nothing is old yet
     w.clock.advance(601)  # the oldest pending chunk is now older than max_wait
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     enqueue(w, [f"u{i}" for i in range(100)])
-    assert w.manager.flush_queue() == [2]  # the second slot; 80 stay pending
-    assert w.manager.flush_queue() == []  # two jobs in flight already
+    assert w.manager.flush_queue().created == [2]  # the second slot; 80 stay pending
+    assert w.manager.flush_queue().created == []  # two jobs in flight already
     w.manager.sync_status()
-    assert w.manager.flush_queue() == [3, 4]
+    assert w.manager.flush_queue().created == [3, 4]
     assert [b.total_chunks for b in w.store.batches()] == [15, 20, 20, 20]
     while w.manager.get_queue_stats()["pending"] or w.manager.get_queue_stats()["running"]:
         w.manager.sync_status()

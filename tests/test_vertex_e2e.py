@@ -43,7 +43,7 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
     texts = corpus()
     w.manager.enqueue([(None, t) for t in texts])
 
-    created = w.manager.flush_queue()
+    created = w.manager.flush_queue().created
     assert created == [1, 2, 3]
     assert len(fake.job_names()) == 3 and fake.count("create") == 3
 
@@ -97,7 +97,7 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
     # The retried chunks go out in a fourth job and complete.
     fake.fail = lambda text: None
     fake.drop = lambda text: False
-    assert w.manager.flush_queue() == [4]
+    assert w.manager.flush_queue().created == [4]
     fake.finish()
     w.manager.sync_status()
     assert {r["embedding_status"] for r in w.store.chunks()} == {"READY"}

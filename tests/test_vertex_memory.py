@@ -57,7 +57,7 @@ def test_full_classic_job_syncs_in_bounded_memory(vworld) -> None:
                queue={"max_batch_size": ROWS})
     texts = [f"row {i}" for i in range(ROWS)]
     w.manager.enqueue([(None, t) for t in texts])
-    assert w.manager.flush_queue() == [1]
+    assert w.manager.flush_queue().created == [1]
     w.fake.finish()
     names = w.gcs.names("batchd-test", w.backend.batch_prefix(1) + "output/")
     size = sum(w.gcs.client().bucket("batchd-test").get_blob(n).size for n in names)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from batchd.errors import BatchdError
+
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
 
@@ -103,7 +105,7 @@ class CheckResult:
     detail: str = ""
 
 
-class BackendError(Exception):
+class BackendError(BatchdError):
     """A backend call failed; it may succeed if retried later."""
 
 
@@ -111,8 +113,12 @@ class PermanentError(BackendError):
     """A backend call failed in a way retrying will not fix (bad request, forbidden, no such model)."""
 
 
-class Stopped(Exception):
-    """Raised by a progress callback to abandon a long operation at a safe boundary (shutdown)."""
+class Stopped(BaseException):
+    """Raised by a progress callback to abandon a long operation at a safe boundary (shutdown).
+
+    A BaseException, like asyncio's CancelledError: the ``except Exception`` blocks that keep one batch's
+    trouble from stopping the others cannot swallow a shutdown. Whoever runs a step catches it by name.
+    """
 
 
 Progress = Callable[[], None]
@@ -128,7 +134,14 @@ def _noop() -> None:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the manager needs from an embedding service. Five calls, all idempotent or best effort."""
+    """What the manager needs from an embedding service. Five calls, all idempotent or best effort.
+
+    A new backend is accepted when it passes the contract suite, ``tests/contract/``: the same scenarios (lost
+    create, failed lookup, timeout, bad final states, failed lines, shutdown mid-results, a broken result
+    stream, an empty batch) run against every backend. Add a rig for it in ``tests/contract/conftest.py``:
+    construct it, and route each fault switch to the backend's own fault injection where it has one (its
+    service's fake), else leave it to the generic ``Faults`` wrapper.
+    """
 
     def submit(self, batch_id: int, items: Iterable[Item], progress: Progress = _noop) -> str:
         """Stage ``items`` and start a job for local batch ``batch_id``; return the job name.
@@ -186,6 +199,20 @@ def content_hash(text: str, model: str, task_type: str, dimensions: int) -> str:
     return h.hexdigest()
 
 
+def plugin_settings(cls: type, config: Config) -> object:
+    """A plugin backend's own settings, from ``[plugin.<settings_section>]``.
+
+    The class declares ``settings_class`` (a frozen dataclass whose fields are str, int, bool or Duration, with
+    defaults; an optional ``validate()`` raises :class:`batchd.config.SettingError`) and ``settings_section``
+    (default: the class name in lower case). Raises ConfigError naming the file, ``plugin.<name>.<key>`` and why.
+    """
+    from batchd.config import build_settings
+
+    name = getattr(cls, "settings_section", None) or cls.__name__.lower()
+    return build_settings(cls.settings_class, config.plugin.get(name, {}), f"plugin.{name}",  # type: ignore[attr-defined]
+                          config.source)
+
+
 def make_backend(config: Config, instance_id: str) -> Backend:
     """The only place that names concrete backends."""
     kind = config.embedding.backend
@@ -202,7 +229,8 @@ def make_backend(config: Config, instance_id: str) -> Backend:
 
         return LocalBackend(config, instance_id)
     if ":" in kind:
-        # A third-party backend: "package.module:Class", constructed as Class(config, instance_id).
+        # A third-party backend: "package.module:Class", constructed as Class(config, instance_id), or as
+        # Class(config, instance_id, settings) when it declares its own settings (see plugin_settings).
         import importlib
 
         module_name, _, attr = kind.partition(":")
@@ -210,7 +238,9 @@ def make_backend(config: Config, instance_id: str) -> Backend:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise PermanentError(f"cannot load backend {kind!r}: {e}") from None
-        return cls(config, instance_id)  # type: ignore[no-any-return]
+        if getattr(cls, "settings_class", None) is None:
+            return cls(config, instance_id)  # type: ignore[no-any-return]
+        return cls(config, instance_id, plugin_settings(cls, config))  # type: ignore[no-any-return]
     raise PermanentError(f"unknown backend {kind!r}")
 
 
@@ -230,4 +260,5 @@ __all__ = [
     "Stopped",
     "content_hash",
     "make_backend",
+    "plugin_settings",
 ]

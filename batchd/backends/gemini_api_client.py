@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from batchd.backends import BackendError, JobState, PermanentError, Progress
+from batchd.errors import message  # the one place that turns an exception into a line
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import GeminiApiConfig
+    from batchd.backends.gemini_api_settings import GeminiApiSettings
 
 log = structlog.get_logger("batchd.gemini_api")
 
@@ -72,7 +73,7 @@ def resolve_api_key(api_key_file: str, env: dict[str, str] | None = None) -> tup
                      f"with systemd LoadCredential=, or set ${KEY_ENV}")
 
 
-def make_client(settings: GeminiApiConfig) -> tuple[Any, str]:
+def make_client(settings: GeminiApiSettings) -> tuple[Any, str]:
     """(a google-genai Client for the Developer API, where its key came from). Raises SetupError.
 
     The client's own retries are off (:func:`call` retries, and never a create); ``vertexai=False`` so that
@@ -89,7 +90,7 @@ def make_client(settings: GeminiApiConfig) -> tuple[Any, str]:
     return genai.Client(api_key=key, vertexai=False, http_options=options), source
 
 
-def call(settings: GeminiApiConfig, what: str, fn: Callable[..., Any], *args: Any, deadline: float | None = None,
+def call(settings: GeminiApiSettings, what: str, fn: Callable[..., Any], *args: Any, deadline: float | None = None,
          **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, retried on 408/429/5xx and dropped connections with exponential backoff and
     jitter until ``gemini_api.retry_deadline`` (or ``deadline`` seconds); other errors are raised at once."""
@@ -190,16 +191,6 @@ def translate(e: BaseException, doing: str) -> BaseException:
     if code in (400, 403, 404):
         return PermanentError(text)
     return BackendError(text)
-
-
-def message(e: BaseException) -> str:
-    """One line: the service's own status and message for an APIError, else the exception's first line."""
-    code, msg = status_of(e), getattr(e, "message", None)
-    if code is not None and msg:
-        status = getattr(e, "status", None)
-        return " ".join(f"{code} {status + ': ' if status else ''}{msg}".split())[:500]
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:500]
 
 
 def state_of(value: Any) -> JobState:

@@ -54,7 +54,9 @@ from batchd.backends import (
     ResultLine,
     _noop,
 )
-from batchd.config import CLASSIC_MODELS, ConfigError
+from batchd.backends.models import is_google_model
+from batchd.config import ConfigError
+from batchd.errors import one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -85,7 +87,7 @@ class LocalBackend:
         self.device = config.local.device
         self.jobs_dir = config.state_dir / JOBS_DIR / self.instance_id
         emb_model = config.embedding.model
-        if emb_model in CLASSIC_MODELS or emb_model.startswith("gemini-"):
+        if is_google_model(emb_model):
             # embedding.model is part of every content hash: vectors labelled with a Vertex model would be
             # mistaken for (and copied as) that model's vectors.
             raise ConfigError(config.source, "embedding.model",
@@ -229,7 +231,7 @@ class LocalBackend:
         try:
             vec = self.embed_query("batchd check")
         except Exception as e:  # noqa: BLE001 - reported, not raised: this is a probe
-            out.append(CheckResult("local model loads", False, f"{type(e).__name__}: {e}"))
+            out.append(CheckResult("local model loads", False, one_line(e)))
         else:
             ok = len(vec) == 4 * self.model_dimensions
             out.append(CheckResult("local model loads", ok, f"embedded a test sentence on {self.device}"

@@ -30,6 +30,7 @@ from batchd.backends import (
     _noop,
 )
 from batchd.backends.vertex_lines import LineFormat, embedding_values, float32_blob
+from batchd.faults import crash_point
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -172,6 +173,7 @@ class VertexBackend:
         """
         self._require_settings()
         lines = self._upload_input(batch_id, items, progress)
+        crash_point("submit.uploaded")
         job = self._job_spec(batch_id)
         from google.api_core import exceptions as gexc
 

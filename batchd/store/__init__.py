@@ -11,7 +11,16 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 
 from __future__ import annotations
 
-from batchd.store.connection import Busy, StoreBase, StoreError, _sqlite_module, iso, parse_iso, quote_ident
+from batchd.store.connection import (
+    Busy,
+    StoreBase,
+    StoreError,
+    _sqlite_module,
+    iso,
+    lock_path,
+    parse_iso,
+    quote_ident,
+)
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
@@ -37,6 +46,7 @@ __all__ = [
     "StoreError",
     "_sqlite_module",
     "iso",
+    "lock_path",
     "parse_iso",
     "quote_ident",
 ]

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchd.config import Config
+from batchd.errors import BatchdError
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
 
 
-class StoreError(Exception):
+class StoreError(BatchdError):
     """The database cannot be used as configured. ``str()`` is one line saying what to do."""
 
 
@@ -76,6 +77,36 @@ def _load_vec(conn: Any) -> None:
 
 
 
+def lock_path(db_path: str) -> str:
+    """The worker lock's file for a database: ``batchd-<inode>.lock`` in the folder the file really lives in.
+
+    Keyed on the file, not on the path string: every name that reaches the database — a symlink, a relative path,
+    a hard link in the same folder — gives the same lock file, so at most one batchd process works on a database
+    however it is named (issue 9, item 2). A hard link in another folder is not a supported way to share a
+    database at all: SQLite names the WAL and shared-memory files after the path, so two names corrupt it.
+    """
+    real = os.path.realpath(db_path)
+    return os.path.join(os.path.dirname(real), f"batchd-{os.stat(real).st_ino}.lock")
+
+
+def _parse_claimed(text: str) -> tuple[str, int] | None:
+    """(instance id, highest batch id claimed) from a lock file's second line, or None."""
+    lines = text.splitlines()
+    parts = lines[1].split() if len(lines) > 1 else []
+    if len(parts) == 2 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None
+
+
+def claimed_before(db_path: str) -> tuple[str, int] | None:
+    """What the lock file remembers of this database file's claims: (instance id, highest batch id), or None."""
+    try:
+        with open(lock_path(db_path)) as f:
+            return _parse_claimed(f.read())
+    except OSError:
+        return None
+
+
 class StoreBase:
     """One SQLite connection to the shared database file; the concerns built on it are mixins (batchd.store)."""
 
@@ -122,7 +153,7 @@ class StoreBase:
                 raise StoreError(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
             # 32 MiB page cache (default 2 MiB): a 2,000-vector slice or a 10,000-row enqueue slice dirties more
-            # than 2 MiB, and spilling mid-transaction made both ~1.5x slower (bench/, README "Benchmarks").
+            # than 2 MiB, and spilling mid-transaction slowed both down (bench/, README "Benchmarks").
             conn.execute("PRAGMA cache_size = -32768")
             conn.execute("PRAGMA foreign_keys = ON")
             store = cls(conn, config, sqlite)
@@ -140,8 +171,9 @@ class StoreBase:
         """Hold the database's worker lock: one batchd process at a time flushes, syncs or recovers.
 
         Two workers on one file (the daemon and a hand-run `batchd flush`) could otherwise both find a
-        batch left without a job and both submit it: paying twice. The lock is an flock on
-        ``<database>-batchd.lock`` (released by the kernel if the process dies), never waited for:
+        batch left without a job and both submit it: paying twice. The lock is an flock on the file
+        :func:`lock_path` names — keyed on the database file itself, so two configs reaching it through a
+        symlink or a hard link share it (released by the kernel if the process dies), never waited for:
         raises :class:`Busy` naming the holder's pid. Re-entrant within this Store.
         """
         path = self.config.database.path
@@ -151,20 +183,18 @@ class StoreBase:
         if self._lock_depth == 0:
             import fcntl
 
-            f = open(f"{path}-batchd.lock", "a+")  # kept open while the lock is held
+            f = open(lock_path(path), "a+")  # kept open while the lock is held
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                holder = f.read().strip() or "?"
+                holder = (f.read().split() or ["?"])[0]
                 f.close()
                 raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
                            "try again when it is done") from None
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
             self._lock_file = f
+            f.seek(0)
+            self._write_lock_file(_parse_claimed(f.read()))
         self._lock_depth += 1
         try:
             yield
@@ -173,6 +203,25 @@ class StoreBase:
             if self._lock_depth == 0 and self._lock_file is not None:
                 self._lock_file.close()  # closing the descriptor releases the flock
                 self._lock_file = None
+
+    def _write_lock_file(self, claimed: tuple[str, int] | None) -> None:
+        """The lock file says who holds it and the highest batch id claimed for which instance: ``pid`` then
+        ``instance batch_id``. The second line outlives the database's content, so a file restored in place
+        from an older backup is recognised (schema.py, ``_check_copy``)."""
+        f = self._lock_file
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n" + (f"{claimed[0]} {claimed[1]}\n" if claimed else ""))
+        f.flush()
+
+    def note_claimed(self, batch_id: int) -> None:
+        """Record a committed claim in the lock file (under the worker lock only; a no-op without it)."""
+        if self._lock_file is None:
+            return
+        self._lock_file.seek(0)
+        seen = _parse_claimed(self._lock_file.read())
+        if seen is None or seen[0] != self.instance_id or seen[1] < batch_id:
+            self._write_lock_file((self.instance_id, batch_id))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -16,7 +16,7 @@ from batchd.backends import Item
 from batchd.store.connection import StoreBase, iso
 
 HASH_SLICE = 5_000
-ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: <= ~100 ms of plain inserts (bench/: 5,000 was ~15% slower)
+ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: short for the app, yet fewer commits (README, "Benchmarks")
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,25 @@ class IntakeMixin(StoreBase):
         return EnqueueCounts(inserted, requeued, unchanged)
 
     def purge_tombstones(self) -> int:
-        """Remove vectors of chunks the app deleted or rewrote (the triggers record them; the app's own
-        connection may not have sqlite-vec loaded, so triggers never touch chunks_vec themselves)."""
+        """Remove vectors of chunks the app deleted, rewrote or replaced (the triggers record them; the app's own
+        connection may not have sqlite-vec loaded, so triggers never touch chunks_vec themselves).
+
+        A tombstoned chunk that is READY keeps its vector: READY is only ever set together with the vector of the
+        current text (and that clears the tombstone), so such a tombstone comes from a write that changed nothing
+        (an INSERT OR IGNORE, a no-op UPSERT of an existing id). Returns the tombstones handled.
+        """
+        t, i = self.q_table, self.q_id
         total = 0
         while True:
             with self.transaction() as c:
-                ids = [r[0] for r in c.execute("SELECT chunk_id FROM batchd_tombstones LIMIT 2000")]
-                if not ids:
+                rows = c.execute(
+                    f"SELECT b.chunk_id, c.embedding_status FROM batchd_tombstones b "
+                    f"LEFT JOIN {t} c ON c.{i} = b.chunk_id LIMIT 2000").fetchall()
+                if not rows:
                     return total
-                c.executemany("DELETE FROM chunks_vec WHERE chunk_id = ?", [(x,) for x in ids])
-                c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", [(x,) for x in ids])
-                total += len(ids)
+                c.executemany("DELETE FROM chunks_vec WHERE chunk_id = ?", [(x,) for x, st in rows if st != "READY"])
+                c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", [(x,) for x, _ in rows])
+                total += len(rows)
 
     def prepare_pending(self, hasher: Callable[[str], str], now: float) -> tuple[int, int]:
         """Hash new pending chunks (rows the app inserted directly) and fail those with no text.
@@ -198,6 +206,7 @@ class IntakeMixin(StoreBase):
                 c.execute("DELETE FROM batch_jobs WHERE id = ?", (batch_id,))
                 return None
             c.execute("UPDATE batch_jobs SET total_chunks = ? WHERE id = ?", (n, batch_id))
+        self.note_claimed(batch_id)
         return batch_id, n
 
     def batch_items(self, batch_id: int) -> Iterator[Item]:
@@ -214,9 +223,16 @@ class IntakeMixin(StoreBase):
             (batch_id,)).fetchone()[0])
 
     def mark_submitted(self, batch_id: int, job_name: str, now: float,
-                       input_uri: str | None = None, output_uri: str | None = None) -> None:
+                       input_uri: str | None = None, output_uri: str | None = None) -> bool:
+        """Record a batch's remote job and mark it RUNNING — only while the batch is still in flight.
+
+        False when it was closed meanwhile (an operator's cancel): a closed batch is never revived, and the
+        caller cancels the job it just created.
+        """
         with self.transaction() as c:
-            c.execute(
+            cur = c.execute(
                 "UPDATE batch_jobs SET google_job_id = ?, status = 'RUNNING', input_uri = coalesce(?, input_uri), "
-                "output_uri = coalesce(?, output_uri), error_message = NULL, updated_at = ? WHERE id = ?",
+                "output_uri = coalesce(?, output_uri), error_message = NULL, updated_at = ? "
+                "WHERE id = ? AND status IN ('PENDING', 'RUNNING')",
                 (job_name, input_uri, output_uri, iso(now), batch_id))
+            return cur.rowcount > 0

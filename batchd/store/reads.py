@@ -55,9 +55,9 @@ class ReadsMixin(StoreBase):
         """Chunk counts per state and batch counts per status, in one read transaction.
 
         READY is the total minus the other states (every chunk is in exactly one): counting the biggest
-        group entry by entry is what made this slow (~35 ms per million); the total is counted page by page
-        over the narrow status index (~5 ms per million), the others are range scans (PENDING over the narrow
-        index too, minus those in flight), so the cost grows with the chunks that are not READY.
+        group entry by entry is what made this slow; the total is counted page by page over the narrow status
+        index, the others are range scans (PENDING over the narrow index too, minus those in flight), so the
+        cost grows with the chunks that are not READY. Figures: README, "Benchmarks".
         """
         t = self.q_table
         row = self._conn.execute(

@@ -245,10 +245,13 @@ class ResultsMixin(StoreBase):
         """Close a batch whose results were all applied (or whose job failed).
 
         Every chunk still claimed by it counts one failed attempt with ``error`` (or ``missing_reason``).
-        Returns (requeued_or_failed, of_which_failed). Idempotent.
+        Returns (requeued_or_failed, of_which_failed). Idempotent, and never overwrites a batch already closed —
+        above all one an operator cancelled while this sync was reading its results (it stays FAILED).
         """
         stamp = iso(now)
         with self.transaction() as c:
+            if not _in_flight(c, batch_id):
+                return 0, 0
             n, f = self._retry_chunks(c, "batch_job_id = ? AND embedding_status = 'PENDING'", (batch_id,),
                                       error or missing_reason, max_attempts)
             c.execute(
@@ -257,17 +260,23 @@ class ResultsMixin(StoreBase):
                 "WHERE id = ?", (status, error, n, stamp, stamp, batch_id))
         return n, f
 
-    def cancel_batch_locally(self, batch_id: int, reason: str, now: float) -> int:
-        """Release a batch's chunks back to PENDING without counting an attempt, and mark it FAILED."""
+    def cancel_batch_locally(self, batch_id: int, reason: str, now: float) -> int | None:
+        """Release a batch's chunks back to PENDING without counting an attempt, and mark it FAILED.
+
+        Returns the chunks released, or None when the batch is not in flight any more (a sync finished it
+        first: the cancel lost the race and changed nothing).
+        """
         stamp = iso(now)
         with self.transaction() as c:
+            if not _in_flight(c, batch_id):
+                return None
             cur = c.execute(
                 f"UPDATE {self.q_table} SET batch_job_id = NULL, error_message = ? WHERE batch_job_id = ?",
                 (reason, batch_id))
             c.execute(
                 "UPDATE batch_jobs SET status = 'FAILED', error_message = ?, finished_at = coalesce(finished_at, ?), "
                 "updated_at = ? WHERE id = ?", (reason, stamp, stamp, batch_id))
-            return cur.rowcount
+            return int(cur.rowcount)
 
 
     def retry_failed(self, now: float) -> int:
@@ -279,3 +288,8 @@ class ResultsMixin(StoreBase):
                 (iso(now),))
             return cur.rowcount
 
+
+def _in_flight(c: Any, batch_id: int) -> bool:
+    """Inside a write transaction: is the batch still PENDING or RUNNING (not closed by anyone yet)?"""
+    row = c.execute("SELECT status FROM batch_jobs WHERE id = ?", (batch_id,)).fetchone()
+    return row is not None and row[0] in ("PENDING", "RUNNING")

@@ -7,12 +7,16 @@ records the last one applied. They are append-only: a change to the schema is a 
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from batchd.store.connection import StoreBase, StoreError, quote_ident
+import structlog
+
+from batchd.store.connection import StoreBase, StoreError, claimed_before, iso, quote_ident
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
@@ -42,6 +46,70 @@ class SchemaMixin(StoreBase):
         self._check_app_table()
         self._check_vec_dimensions()
         self.instance_id = self._ensure_instance_id()
+        self._check_copy()
+
+    def _check_copy(self) -> None:
+        """Make a copied or restored database file an instance of its own (issue 9, item 4).
+
+        Two signs that this file is not the one its instance id has been working for:
+
+        - a copy — a restored backup, a staging clone, the file moved to another filesystem — is another file:
+          its inode differs from ``batchd_meta.database_file``, recorded when the instance id was made;
+        - a backup written over the original in place keeps the inode but goes back in time: the lock file
+          (keyed on the inode, see :func:`~batchd.store.connection.lock_path`) remembers a higher batch id
+          claimed for this instance than the database now holds.
+
+        Left alone, such a file would adopt, poll, cancel and clean up the original's jobs and staged files, and
+        label its own new jobs like the original's (reusing its batch ids). So it gets a new random instance id
+        (its jobs and staging paths are its own from now on) and its batches in flight are closed WITHOUT
+        touching their jobs, which belong to the original: their chunks are queued again, no attempt counted.
+        The same file under another name (a symlink, a hard link, a move within its filesystem) keeps its id.
+        """
+        path = self.config.database.path
+        if path == ":memory:":
+            return
+        inode = str(os.stat(os.path.realpath(path)).st_ino)
+        get = "SELECT value FROM batchd_meta WHERE key = 'database_file'"
+        row = self._conn.execute(get).fetchone()
+        if row is None or row[0] != inode:
+            with self.transaction() as c:
+                row = c.execute(get).fetchone()  # again, under the write lock: another process may have done it
+                c.execute("INSERT INTO batchd_meta(key, value) VALUES ('database_file', ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (inode,))
+                if row is not None and row[0] != inode:
+                    self._become_new_instance(c, "database copied or restored")
+            return
+        claimed = claimed_before(path)
+        if claimed and claimed[0] == self.instance_id:
+            with self.transaction() as c:
+                top = c.execute("SELECT coalesce(max(id), 0) FROM batch_jobs").fetchone()[0]
+                if top < claimed[1] and self._instance_in(c) == self.instance_id:
+                    self._become_new_instance(
+                        c, f"database restored to an earlier state (batch {claimed[1]} was claimed before, the "
+                           f"file now ends at batch {top})")
+
+    def _instance_in(self, c: Any) -> str:
+        return str(c.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()[0])
+
+    def _become_new_instance(self, c: Any, why: str) -> None:
+        """Inside a write transaction: a new instance id; in-flight batches closed, their jobs left alone."""
+        old, new, stamp = self._instance_in(c), secrets.token_hex(6), iso(time.time())
+        reason = (f"{why} (it was instance {old}, now {new}): this batch's job belongs to the original and was "
+                  "left alone; its chunks are queued again")
+        # The job name is moved into the message: nothing in the copy can reach the original's job any more.
+        batches = c.execute(
+            "UPDATE batch_jobs SET status = 'FAILED', "
+            "error_message = ? || coalesce(' (job ' || google_job_id || ')', ''), google_job_id = NULL, "
+            "finished_at = coalesce(finished_at, ?), updated_at = ? WHERE status IN ('PENDING', 'RUNNING')",
+            (reason, stamp, stamp)).rowcount
+        chunks = c.execute(f"UPDATE {self.q_table} SET batch_job_id = NULL WHERE batch_job_id IS NOT NULL").rowcount
+        c.execute("UPDATE batchd_meta SET value = ? WHERE key = 'instance_id'", (new,))
+        c.execute("INSERT INTO batchd_meta(key, value) VALUES ('copied_from', ?) "
+                  "ON CONFLICT(key) DO UPDATE SET value = value || ' ' || excluded.value", (old,))
+        self.instance_id = new
+        structlog.get_logger("batchd.store").warning(
+            "store.copy_detected", reason=why, previous_instance=old, instance=new, batches_closed=batches,
+            chunks_requeued=chunks, database=self.config.database.path)
 
     def _ensure_instance_id(self) -> str:
         row = self._conn.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()
@@ -141,8 +209,8 @@ def m001_initial(store: Store) -> None:
                       f"ON {t}(batch_job_id, content_hash) WHERE batch_job_id IS NOT NULL")
     if store.vec_dimensions() is None:
         # chunk_size=128 (default 1024): vec0 writes each vector into its chunk's blob, and each write walks
-        # that blob's overflow-page chain; at 768 dims a 1024-vector chunk is a 3 MB chain and inserts run
-        # ~4x slower. KNN time is the same (bench/, README "Benchmarks").
+        # that blob's overflow-page chain; at 768 dims a 1024-vector chunk is a 3 MB chain, and inserts slow
+        # down with it while KNN time does not change (bench/, README "Benchmarks").
         store.execute_ddl(
             f"CREATE VIRTUAL TABLE chunks_vec USING vec0(chunk_id integer primary key, "
             f"embedding float[{store.dimensions}] distance_metric=cosine, chunk_size=128)")
@@ -176,6 +244,43 @@ def m003_status_index(store: Store) -> None:
     store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_status')} ON {store.q_table}(embedding_status)")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index]
+def m004_triggers_never_fail(store: Store) -> None:
+    """The triggers again, written so that no application write can ever fail because of them (issue 9, item 1).
+
+    A statement with a conflict clause (an UPSERT's DO UPDATE, UPDATE OR ABORT / OR FAIL / OR ROLLBACK)
+    imposes its policy on every statement of the triggers it fires, overriding their own ``OR IGNORE``: the
+    tombstone insert then failed with "UNIQUE constraint failed: batchd_tombstones.chunk_id" whenever a
+    tombstone for that id was still waiting for batchd's next cycle (the text changed twice). Now no trigger
+    statement can hit a constraint at all, whatever policy is imposed: the tombstone insert is guarded by
+    NOT EXISTS, and the self-update only sets batchd's own unconstrained columns.
+
+    A third trigger covers ``INSERT OR REPLACE`` / ``REPLACE INTO`` over an existing id: SQLite deletes the old row
+    without firing delete triggers (recursive_triggers is off), so its vector stayed — stale, and kept for good if
+    the new text then failed. A BEFORE INSERT of an id that exists leaves a tombstone; the purge removes the
+    vector only if the chunk is not READY by then (an ``INSERT OR IGNORE`` or a no-op UPSERT leaves the row READY,
+    and its vector stays). Fresh inserts (no such id yet) pay one primary-key probe, nothing else.
+    """
+    t, i, x = store.q_table, store.q_id, store.q_text
+    p = store.config.database.chunks_table
+    changed, deleted = quote_ident("batchd_" + p + "_text_changed"), quote_ident("batchd_" + p + "_deleted")
+
+    def tombstone(ref: str) -> str:
+        return (f"INSERT INTO batchd_tombstones(chunk_id) SELECT {ref}.{i} "
+                f"WHERE NOT EXISTS (SELECT 1 FROM batchd_tombstones WHERE chunk_id = {ref}.{i});")
+
+    store.execute_ddl(f"DROP TRIGGER IF EXISTS {changed}")
+    store.execute_ddl(f"DROP TRIGGER IF EXISTS {deleted}")
+    store.execute_ddl(
+        f"CREATE TRIGGER {changed} AFTER UPDATE OF {x} ON {t} WHEN OLD.{x} IS NOT NEW.{x} BEGIN "
+        f"UPDATE {t} SET embedding_status = 'PENDING', batch_job_id = NULL, content_hash = NULL, attempts = 0, "
+        f"error_message = NULL, embedded_at = NULL, queued_at = NULL WHERE {i} = NEW.{i}; "
+        f"{tombstone('NEW')} END")
+    store.execute_ddl(f"CREATE TRIGGER {deleted} AFTER DELETE ON {t} BEGIN {tombstone('OLD')} END")
+    store.execute_ddl(
+        f"CREATE TRIGGER IF NOT EXISTS {quote_ident('batchd_' + p + '_replaced')} BEFORE INSERT ON {t} "
+        f"WHEN EXISTS (SELECT 1 FROM {t} WHERE {i} = NEW.{i}) BEGIN {tombstone('NEW')} END")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail]
 
 SCHEMA_VERSION = len(STEPS)

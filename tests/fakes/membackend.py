@@ -1,7 +1,7 @@
 """A complete Backend implementation for tests: it "embeds" by hashing text, keeping its jobs as files.
 
 It is a real backend, loaded through the real plugin hook
-(``[embedding] backend = "tests.fakes.membackend:MemoryBackend"``, with the repository on PYTHONPATH), so it
+(``[embedding] backend = "tests.fakes.membackend:ScriptedBackend"``, with the repository on PYTHONPATH), so it
 works inside a daemon subprocess too. State lives in a folder: ``$BATCHD_TEST_BACKEND_DIR``, else
 ``<database folder>/testbackend``. Jobs are JSON files there; nothing is kept only in memory, so a restarted
 process sees the same jobs.
@@ -22,6 +22,7 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``submit_permanent`` (str): every submit raises PermanentError with this message.
 - ``lose_create`` (int N): the next N submits create the job, then raise (the lost-response case).
 - ``status_errors`` (int N): the next N status() calls raise a transient error.
+- ``cancel_errors`` (int N): the next N cancel() calls raise a transient error (the job keeps running).
 - ``block`` (str): "submit" | "status" | "results" — that call blocks forever (a wedged worker).
 - ``hang_submits`` (int N): the next N submits hang until the process dies (a worker the watchdog must
   kill; unlike ``block``, the restarted process is not wedged again).
@@ -41,6 +42,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,8 @@ from batchd.backends import (
     Progress,
     ResultLine,
 )
+from batchd.config import SettingError
+from batchd.faults import crash_point
 
 _lock = threading.Lock()
 
@@ -102,11 +106,27 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-class MemoryBackend:
-    def __init__(self, config: Any, instance_id: str):
+@dataclass(frozen=True)
+class ScriptedSettings:
+    """``[plugin.scripted]``: a plugin backend's own section, built and validated by batchd's config rules."""
+
+    folder: str = ""  # where jobs, knobs and counters live (default: $BATCHD_TEST_BACKEND_DIR, else next to the db)
+
+    def validate(self) -> None:
+        if self.folder and not Path(self.folder).is_absolute():
+            raise SettingError("folder", f"{self.folder!r} is not an absolute path")
+
+
+class ScriptedBackend:
+    """The scripted test backend (formerly MemoryBackend: it never kept its jobs in memory, but in files)."""
+
+    settings_class = ScriptedSettings
+    settings_section = "scripted"
+
+    def __init__(self, config: Any, instance_id: str, settings: ScriptedSettings | None = None):
         self.dimensions = config.embedding.dimensions
         self.instance_id = instance_id
-        self.dir = backend_dir(config)
+        self.dir = Path(settings.folder) if settings and settings.folder else backend_dir(config)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # -------------------------------------------------------------- knobs and counters
@@ -150,6 +170,11 @@ class MemoryBackend:
             raise BackendError("503 simulated: service unavailable")
         rows = [[it.key, it.text] for it in items]
         progress()
+        # "Upload": stage the input, kept if an earlier attempt left it (like Vertex's ifGenerationMatch=0).
+        staged = self.dir / f"input-{self.instance_id}-{batch_id}.json"
+        if not staged.exists():
+            _write_json(staged, rows)
+        crash_point("submit.uploaded")
         n = len(list(self.dir.glob(f"job-{batch_id}-*.json")))
         name = f"memjobs/{self.instance_id}/{batch_id}/{n}"
         _write_json(self._path(name), {"name": name, "batch_id": batch_id, "instance": self.instance_id,
@@ -180,23 +205,32 @@ class MemoryBackend:
             return JobInfo(job_name, JobState.RUNNING)
         state = JobState(knobs.get("final_state", "SUCCEEDED"))
         error = None if state.has_results else f"simulated {state.value.lower()} job"
+        # Like Vertex's completionStats: the service counts the rows it answered, dropped lines included.
+        answers = self._answers(job, knobs, dropped=True) if state.has_results else []
+        failed = sum(1 for a in answers if a.error)
         # A failed job here exported nothing (tests/fakes/fake_vertex.py has jobs that fail after exporting).
-        return JobInfo(job_name, state, error=error, output=str(self._path(job_name)) if state.has_results else None)
+        return JobInfo(job_name, state, error=error, output=str(self._path(job_name)) if state.has_results else None,
+                       succeeded=len(answers) - failed if state.has_results else None,
+                       failed=failed if state.has_results else None)
 
-    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
-        self._block("results")
-        job = self._load(job_name)
-        knobs = self._knobs()
+    def _answers(self, job: dict[str, Any], knobs: dict[str, Any], dropped: bool = False) -> list[ResultLine]:
         fail_texts = knobs.get("fail_texts") or []
         drop_texts = set(knobs.get("drop_texts") or [])
         lines: list[ResultLine] = []
         for n, (key, text) in enumerate(job["items"], start=1):
-            if (knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0) or text in drop_texts:
+            if not dropped and ((knobs.get("drop_every") and n % int(knobs["drop_every"]) == 0) or text in drop_texts):
                 continue
             if (knobs.get("fail_every") and n % int(knobs["fail_every"]) == 0) or any(s in text for s in fail_texts):
                 lines.append(ResultLine((key,), error="status: simulated line failure"))
             else:
                 lines.append(ResultLine((key,), vector=fake_vector(text, self.dimensions), token_count=len(text.split())))
+        return lines
+
+    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
+        self._block("results")
+        job = self._load(job_name)
+        knobs = self._knobs()
+        lines = self._answers(job, knobs)
         if knobs.get("shuffle"):
             random.Random(job_name).shuffle(lines)
         delay = float(knobs.get("result_delay", 0) or 0)
@@ -208,6 +242,8 @@ class MemoryBackend:
                 progress()  # like a real download, report progress per block (may raise Stopped)
 
     def cancel(self, job_name: str) -> None:
+        if self._take("cancel_errors"):
+            raise BackendError("503 simulated: cancel failed")
         self._count("cancels")
         try:
             job = self._load(job_name)
@@ -233,3 +269,6 @@ class MemoryBackend:
             return json.loads(self._path(job_name).read_text())
         except (FileNotFoundError, ValueError):
             raise PermanentError(f"no such job {job_name}") from None
+
+
+MemoryBackend = ScriptedBackend  # the old name: configs and tests written for it keep loading

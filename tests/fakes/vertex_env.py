@@ -1,7 +1,9 @@
-"""Pytest fixtures for the Vertex tests: a storage emulator process, a fake JobService, and a "world"
-(config, store, the REAL VertexBackend, BatchManager) wired to them.
+"""The Google side for tests and the benchmark: a storage emulator process and a fake JobService.
 
-Test modules import the fixtures: ``from tests.fakes.vertex_env import gcs, fake_vertex, vworld  # noqa: F401``.
+:class:`VertexServices` starts both (the benchmark uses it as is). The pytest fixtures share its parts: ``gcs``
+(one emulator per module), ``fake_vertex`` and ``vworld`` (config, store, the REAL VertexBackend, BatchManager
+wired to them). Test modules import the fixtures:
+``from tests.fakes.vertex_env import gcs, fake_vertex, vworld  # noqa: F401``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,48 @@ PROJECT = "proj"
 LOCATION = "us-central1"
 
 
+def start_gcs(bucket: str) -> GCSEmulator:
+    emu = GCSEmulator().start()
+    emu.ensure_bucket(bucket)
+    return emu
+
+
+def vertex_settings(fake: FakeVertex, *, bucket: str = BUCKET, project: str = PROJECT,
+                    location: str = LOCATION) -> dict[str, Any]:
+    """The [vertex] section that points VertexBackend at the fakes."""
+    return {"project": project, "location": location, "staging_uri": f"gs://{bucket}/stage",
+            "api_endpoint": fake.url, "credentials": "anonymous"}
+
+
+class VertexServices:
+    """The storage emulator (a fake-gcs-server subprocess) with one bucket and the fake JobService (a thread of
+    this process), as one context manager. A child process running VertexBackend needs :attr:`env`."""
+
+    def __init__(self, *, bucket: str = BUCKET, project: str = PROJECT, location: str = LOCATION):
+        self.bucket, self.project, self.location = bucket, project, location
+
+    def __enter__(self) -> VertexServices:
+        self.gcs = start_gcs(self.bucket)
+        self.client = self.gcs.client()
+        self.fake = FakeVertex(self.client, project=self.project, location=self.location).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fake.stop()
+        self.gcs.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.gcs.url}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return vertex_settings(self.fake, bucket=self.bucket, project=self.project, location=self.location)
+
+
 @pytest.fixture(scope="module")
 def gcs() -> Iterator[GCSEmulator]:
-    emu = GCSEmulator().start()
-    emu.ensure_bucket(BUCKET)
+    emu = start_gcs(BUCKET)
     try:
         yield emu
     finally:
@@ -47,9 +87,7 @@ def vertex_config(tmp_path: Path, fake: FakeVertex, **sections: dict[str, Any]) 
         "database": {"path": str(tmp_path / "app.db")},
         "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
         "embedding": {"backend": "vertex", "model": "text-embedding-005", "dimensions": 8},
-        "vertex": {"project": PROJECT, "location": LOCATION, "staging_uri": f"gs://{BUCKET}/stage",
-                   "api_endpoint": fake.url, "credentials": "anonymous", "request_timeout": "10s",
-                   "retry_backoff": "5ms", "retry_deadline": "3s"},
+        "vertex": {**vertex_settings(fake), "request_timeout": "10s", "retry_backoff": "5ms", "retry_deadline": "3s"},
     }
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 

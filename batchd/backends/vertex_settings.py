@@ -1,0 +1,65 @@
+"""The Vertex AI backend's settings: the ``[vertex]`` section, built and validated by itself.
+
+Owned by the backend (batchd.config only lists the section); ``missing()`` is the one place that says which keys
+the backend cannot work without.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from batchd.settings import Duration, SettingError
+
+GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/[^\s]*)?$")
+_ENDPOINT = re.compile(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$")
+
+
+@dataclass(frozen=True)
+class VertexSettings:
+    project: str = ""
+    location: str = "us-central1"
+    staging_uri: str = ""
+    api_endpoint: str = ""
+    credentials: str = "default"
+    cleanup: bool = True
+    request_timeout: Duration = Duration(60)
+    retry_backoff: Duration = Duration(1)  # first wait after a 429/5xx; doubles, with jitter
+    retry_deadline: Duration = Duration(300)  # give up retrying one call after this long
+
+    @property
+    def bucket(self) -> str:
+        m = GS_URI.match(self.staging_uri)
+        return m.group(1) if m else ""
+
+    @property
+    def prefix(self) -> str:
+        m = GS_URI.match(self.staging_uri)
+        return (m.group(2) or "").strip("/") if m else ""
+
+    def validate(self) -> None:
+        """Raises SettingError for a value that can never work (a key left empty is :meth:`missing`)."""
+        if self.staging_uri and not GS_URI.match(self.staging_uri):
+            raise SettingError("staging_uri", f"{self.staging_uri!r} is not a gs://bucket/prefix URI")
+        if self.api_endpoint and not _ENDPOINT.match(self.api_endpoint):
+            raise SettingError("api_endpoint", f"{self.api_endpoint!r} is not a host[:port] or http(s):// URL")
+        if not self.location:
+            raise SettingError("location", "must not be empty")
+        if self.retry_backoff > self.retry_deadline:
+            raise SettingError("retry_backoff", f"{self.retry_backoff:g}s is longer than vertex.retry_deadline "
+                                                f"({self.retry_deadline:g}s)")
+        if not self.credentials:
+            raise SettingError("credentials",
+                               "must be \"default\", \"anonymous\" or the path of a service-account JSON file")
+
+    def missing(self) -> list[str]:
+        """Keys the backend needs that are not set, as human lines (``batchd check``, and before any call)."""
+        out = []
+        if not self.project:
+            out.append("vertex.project is not set (the Google Cloud project that runs the jobs)")
+        if not self.staging_uri:
+            out.append("vertex.staging_uri is not set (a gs://bucket/prefix for job input and output)")
+        return out
+
+
+__all__ = ["GS_URI", "VertexSettings"]
