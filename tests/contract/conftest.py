@@ -36,8 +36,8 @@ from batchd.backends import (
 from batchd.manager import BatchManager
 from batchd.store import Store
 from tests.conftest import MEMBACKEND, Clock, merge
-from tests.fakes.membackend import jobs_for_batch, set_knobs
 from tests.fakes.gemini_env import fake_gemini, gemini_config  # fixtures for the gemini-api rig
+from tests.fakes.membackend import jobs_for_batch, set_knobs
 from tests.fakes.vertex_env import fake_vertex, gcs, vertex_config  # fixtures for the vertex rig
 
 RIGS = ["scripted", "local", "vertex", "gemini-api"]
