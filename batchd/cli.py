@@ -1,23 +1,26 @@
 """The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
 
-Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check);
-2 usage error; 75 (EX_TEMPFAIL) another batchd process is flushing or syncing this database; 78 (EX_CONFIG)
-configuration error.
+Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check,
+a damaged or read-only database); 2 usage error; 75 (EX_TEMPFAIL) try again later: another batchd process is
+flushing or syncing this database, the application held the database's write lock for more than 10 s, or the
+disk is full; 78 (EX_CONFIG) configuration error.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any, NoReturn
 
 import click
 import orjson
+import structlog
 
-from batchd.backends import Backend, Checkable, make_backend
+from batchd.backends import Backend, Checkable, content_hash, make_backend
 from batchd.config import Config, ConfigError, format_duration, load, resolve_path, vertex_missing
 from batchd.errors import one_line
-from batchd.store import Busy, Store, StoreError
+from batchd.store import Busy, DiskFull, Store, StoreError, explain, is_sqlite_error
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -37,6 +40,7 @@ class App:
         self._store: Store | None = None
         self._backend: Backend | None = None
         self._manager: Any = None
+        self.stop = threading.Event()  # set by SIGTERM/SIGINT in the daemon
 
     @property
     def config(self) -> Config:
@@ -53,7 +57,7 @@ class App:
             try:
                 self._store = Store.open(self.config)
             except StoreError as e:
-                fail(f"database error: {self.config.database.path}: {e}")
+                fail_database(self.config.database.path, e)
         return self._store
 
     @property
@@ -75,6 +79,20 @@ class App:
             self._manager = BatchManager(self.store, self.backend, self.config)
         return self._manager
 
+    def wait_for_store(self, notifier: Any) -> None:
+        """The daemon's way to open the database: wait out a full disk or a busy database (startup.py says how);
+        exit 0 if stopped while waiting."""
+        from batchd.startup import wait_for_database
+
+        if self._store is None:
+            try:
+                store = wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
+            except StoreError as e:
+                fail_database(self.config.database.path, e)
+            if store is None:
+                sys.exit(0)
+            self._store = store
+
     def setup_logging(self, stream: Any = None) -> None:
         from batchd import logs
 
@@ -88,10 +106,37 @@ class App:
             self._store.close()
 
 
+def fail_database(path: str, problem: StoreError, note: str = "") -> NoReturn:
+    """One line for a database that cannot be used; 75 when trying again later can help (busy, disk full)."""
+    fail(f"database error: {path}: {problem}{note}", EX_TEMPFAIL if isinstance(problem, (Busy, DiskFull)) else 1)
+
+
+class _Commands(click.Group):
+    """Every command's database failures (busy, disk full, damaged, read-only) become one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            app = ctx.obj
+            config = getattr(app, "_config", None)
+            if config is None:
+                raise
+            problem = explain(e, config.database.path)
+            if problem is None and is_sqlite_error(e):
+                # Not a known state of the file (sqlite-vec's own errors, say): still one line; the traceback
+                # is there for `log_level = "debug"`.
+                structlog.get_logger("batchd.cli").debug("cli.database_error", exc_info=True)
+                problem = StoreError(f"{one_line(e)} (run `batchd check` to test the file)")
+            if problem is None:
+                raise
+            fail_database(config.database.path, problem)
+
+
 pass_app = click.make_pass_decorator(App)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH",
               help="Configuration file (default: $BATCHD_CONFIG, else /etc/batchd/batchd.toml).")
 @click.version_option(package_name="batchd")
@@ -132,7 +177,17 @@ def enqueue(app: App, file: Any) -> None:
         if show:
             click.echo(f"\r  queued {done:,} chunks", nl=False)
 
-    counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    try:
+        counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+    except Exception as e:
+        # Slices are transactions: say how far it got, so that lines without an id are not queued twice.
+        problem = explain(e, app.config.database.path)
+        if problem is None or not done:
+            raise
+        if show:
+            click.echo()
+        fail_database(app.config.database.path, problem, f" (the first {done:,} good lines were queued; "
+                      "the rest were not)")
     if show and done:
         click.echo()
     click.echo(f"inserted={counts.inserted} requeued={counts.requeued} unchanged={counts.unchanged} "
@@ -142,15 +197,18 @@ def enqueue(app: App, file: Any) -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size.")
+@click.option("--force", is_flag=True, help="Submit whatever is pending, even below min_batch_size (within the budget).")
+@click.option("--ignore-budget", is_flag=True, help="Submit even if [budget] says the money for today/this month is spent.")
 @pass_app
-def flush(app: App, force: bool) -> None:
+def flush(app: App, force: bool, ignore_budget: bool) -> None:
     """Claim pending chunks into batch jobs and submit them."""
     app.setup_logging()
     try:
-        s = app.manager.flush_queue(force=force)
+        s = app.manager.flush_queue(force=force, ignore_budget=ignore_budget)
     except Busy as e:
         fail(f"flush: {e}", EX_TEMPFAIL)
+    if s.over_budget:
+        click.echo(f"budget: {s.budget}; pending chunks wait (flush --ignore-budget to send anyway)")
     ids = s.created
     failed = [n for n in s.not_submitted if n.batch_id in ids]
     click.echo(f"submitted {len(ids) - len(failed)} batch(es)" + (f": {', '.join(map(str, ids))}" if ids else ""))
@@ -190,10 +248,73 @@ def stats(app: App, as_json: bool) -> None:
     click.echo(f"pending  {st['pending']:>10,}")
     click.echo(f"running  {st['running']:>10,}")
     click.echo(f"ready    {st['ready']:>10,}")
+    if st.get("truncated"):
+        click.echo(f"  {st['truncated']:>8,} x input truncated by the service (vector of the first tokens only)")
     click.echo(f"failed   {st['failed']:>10,}")
     for reason, n in app.store.failure_reasons() if st["failed"] else []:
         click.echo(f"  {n:>8,} x {reason}")
     click.echo("batches  " + "  ".join(f"{k.lower()}={v}" for k, v in st["batches"].items()))
+    from batchd.cost import spend_line
+
+    click.echo(spend_line(app.store, app.config, time.time()))
+
+
+@main.command()
+@click.option("--since", default="30d", show_default=True, metavar="PERIOD",
+              help="How far back: a duration (30d, 12h, 2w) or a UTC date (2026-11-01).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts at full precision).")
+@pass_app
+def cost(app: App, since: str, as_json: bool) -> None:
+    """What batchd cost and saved: batches, rows and characters sent, billed tokens/characters, USD by model."""
+    from batchd.cost import cost_report, parse_since, usd
+
+    app.setup_logging()
+    now = time.time()
+    try:
+        start = parse_since(since, now)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    r = cost_report(app.store, app.config, start)
+    if as_json:
+        click.echo(orjson.dumps(r).decode())
+        return
+    click.echo(f"since    {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(start))}")
+    click.echo(f"cost     {usd(r['cost_usd'])} (online would have been {usd(r['online_cost_usd'])}; "
+               f"saved {usd(r['saved_usd'])}, {r['rows_deduplicated']:,} rows deduplicated or copied locally)")
+    click.echo(f"sent     {r['batches']:,} batches, {r['rows']:,} rows, {r['characters']:,} characters; billed "
+               f"{r['billable_characters']:,} characters, {r['tokens']:,} tokens")
+    for model, m in r["by_model"].items():
+        click.echo(f"  {model or '(no model)'}: {usd(m['cost_usd'])}, {m['batches']:,} batches, {m['rows']:,} rows, "
+                   f"{m['tokens']:,} tokens, {m['billable_characters']:,} billable characters")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_app
+def estimate(app: App, as_json: bool) -> None:
+    """What flushing the pending chunks now would send and cost. Changes nothing."""
+    from batchd.cost import budget_state, usd
+    from batchd.cost import estimate as estimate_queue
+    from batchd.pricing import CHARS_PER_TOKEN, price_for
+
+    app.setup_logging()
+    emb = app.config.embedding
+    # Hashes as the manager makes them, without constructing a backend (no credentials needed, nothing sent).
+    e = estimate_queue(app.store, app.config, lambda t: content_hash(t, emb.model, emb.task_type, emb.dimensions))
+    if as_json:
+        click.echo(orjson.dumps(e.as_dict()).decode())
+        return
+    price = price_for(app.config)
+    click.echo(f"pending  {e.chunks:,} chunks: {e.to_send:,} distinct texts to send, {e.copied_locally:,} copied locally")
+    click.echo(f"size     {e.characters:,} characters ({e.billable_characters:,} billable), "
+               f"~{e.tokens_estimate:,} tokens, {e.jobs:,} job(s)")
+    how = {"1m_tokens": f"tokens estimated at {CHARS_PER_TOKEN} characters each; the service reports the real count",
+           "1k_characters": "billable characters: code points, white space excluded",
+           "none": "runs on this machine"}[price.unit]
+    click.echo(f"cost     {usd(e.cost_usd)} at the batch price of {app.config.embedding.model} ({how})")
+    st = budget_state(app.store, app.config, time.time())
+    if st.limited:
+        click.echo(f"budget   {st.describe()}")
 
 
 @main.command()
@@ -211,11 +332,13 @@ def jobs(app: App, as_json: bool, limit: int) -> None:
         for b in rows:
             click.echo(orjson.dumps(b.__dict__).decode())
         return
-    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  {'age':>6}  error")
+    click.echo(f"{'id':>6}  {'status':<9}  {'remote':<19}  {'chunks':>7}  {'done':>7}  {'failed':>6}  "
+               f"{'unmatched':>9}  {'age':>6}  error")
     for b in rows:
         created = parse_iso(b.created_at) or now
         click.echo(f"{b.id:>6}  {b.status:<9}  {(b.remote_state or '-'):<19}  {b.total_chunks:>7}  "
-                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
+                   f"{b.completed_chunks:>7}  {b.failed_chunks:>6}  {b.unmatched_lines:>9}  "
+                   f"{format_duration(now - created, exact=False):>6}  {b.error_message or ''}")
 
 
 @main.command()
@@ -249,9 +372,25 @@ def cancel(app: App, batch_id: int) -> None:
 
 
 @main.command()
+@click.option("--live", is_flag=True,
+              help="Also run a tiny real job (3 fixed texts, never your chunks) and verify what comes back.")
+@click.option("--timeout", "timeout", default="30m", show_default=True, metavar="DURATION",
+              help="With --live: how long to wait for the job (then it is cancelled).")
+@click.option("--keep", is_flag=True, help="With --live: leave the job's staged files for inspection.")
+@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
+              help="With --live: the pause between status checks.")
 @pass_app
-def check(app: App) -> None:
-    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well."""
+def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
+    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well.
+
+    With --live, a 3-text job runs end to end through the same code path as real batches; Ctrl-C cancels it
+    and deletes its files (exit 130)."""
+    from batchd.config import parse_duration
+
+    try:
+        timeout_s, poll_s = parse_duration(timeout), parse_duration(poll)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timeout/--poll") from None
     cfg = app.config  # exits 78 on a config error
     app.setup_logging()
     click.echo(f"ok    config {app.config_path}")
@@ -259,6 +398,13 @@ def check(app: App) -> None:
     store = app.store  # exits 1 with a one-line reason when the database cannot be used
     click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
                f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
+    how, found = store.integrity()
+    if found:
+        click.echo(f"FAIL  database integrity ({how}): {len(found)}{'+' if len(found) >= 20 else ''} problem(s), "
+                   f"first: {found[0]}; restore a backup or rebuild it with the sqlite3 shell's .recover")
+        problems += 1
+    else:
+        click.echo(f"ok    database integrity ({how}): no problems found")
     if cfg.embedding.backend == "vertex":
         for line in vertex_missing(cfg):
             click.echo(f"FAIL  vertex: {line}")
@@ -275,13 +421,49 @@ def check(app: App) -> None:
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):
         for r in backend.check():
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'}  {r.name}" + (f": {r.detail}" if r.detail else ""))
+            mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
+            click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
             problems += 0 if r.ok else 1
-    closer = getattr(backend, "close", None)
-    if callable(closer):
-        closer()
-    if problems:
-        sys.exit(1)
+    status = 1 if problems else 0
+    try:
+        if live and not problems:
+            status = _live_check(backend, cfg, timeout_s, keep, poll_s)
+        elif live:
+            click.echo("FAIL  live check: not run while the checks above fail")
+    finally:
+        closer = getattr(backend, "close", None)
+        if callable(closer):
+            closer()
+    if status:
+        sys.exit(status)
+
+
+def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:
+    from batchd.livecheck import run_live_check
+
+    show = sys.stderr.isatty()
+    last: list[str] = []
+
+    def waiting(state: str, elapsed: float) -> None:
+        if show:
+            click.echo(f"\r      waiting for the job: {state:<20} {format_duration(elapsed, exact=False):>6}",
+                       nl=False, err=True)
+        elif last != [state]:
+            click.echo(f"      waiting for the job: {state} after {format_duration(elapsed, exact=False)}", err=True)
+        last[:] = [state]
+
+    def echo(line: Any) -> None:
+        if show and last:
+            click.echo(err=True)
+            last.clear()
+        click.echo(str(line))
+
+    emb = cfg.embedding
+    res = run_live_check(backend, emb.model, emb.task_type, emb.dimensions, timeout=timeout, keep=keep, poll=poll,
+                         echo=echo, waiting=waiting)
+    if res.interrupted:
+        return 130
+    return 0 if res.ok else 1
 
 
 @main.command()
@@ -292,8 +474,6 @@ def check(app: App) -> None:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
-    import structlog
-
     from batchd import daemon, logs
     from batchd.config import parse_duration
     from batchd.systemd import Notifier
@@ -312,7 +492,16 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
     logs.configure(level, stream=sys.stdout)
-    worker = daemon.Worker(app.manager, notifier=Notifier())
+    notifier = Notifier()
+    if not once and not until_idle:
+        app.wait_for_store(notifier)
+    metrics = None
+    mc = app.config.metrics
+    if mc.textfile or mc.listen:
+        from batchd.metrics import Metrics
+
+        metrics = Metrics(mc.textfile)
+    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
         sys.exit(daemon.run_once(worker))
     if until_idle:
@@ -324,7 +513,7 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
                            f"failed={st['failed']:,}", err=True)
 
         sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
-    sys.exit(daemon.serve(worker))
+    sys.exit(daemon.serve(worker, listen=mc.address))
 
 
 @main.command("search")

@@ -7,6 +7,7 @@ Parsing has no side effects: it reads one file and returns data or raises
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -51,25 +52,56 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
+# Every duration lies in [1ms, 365d]: below, it is a typo ("0.0000001ms"); above, it is a typo too
+# ("100000000000000000000d" overflowed the scheduler's timedelta and crashed `run`).
+MIN_DURATION = 0.001
+MAX_DURATION = 365 * 86400.0
+# Every integer key is at most this: SQLite binds 64-bit integers, and no sane queue setting comes close.
+MAX_INT = 1_000_000_000
+# Columns batchd adds to the application's table and tables it owns (store migrations create exactly these;
+# tests/test_config.py checks they agree). The configured id/text column or table must not be one of them.
+BATCHD_COLUMNS = ("embedding_status", "batch_job_id", "error_message", "attempts", "content_hash", "embedded_at",
+                  "queued_at")
+BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones")
 class ConfigError(BatchdError):
-    """A configuration problem. ``str()`` is one line: ``file: key: reason``."""
+    """A configuration problem. ``str()`` is one line: ``file: key: reason``.
+
+    Characters that are not printable (a newline in a quoted TOML key, a NUL) are shown escaped, so the
+    message stays one line whatever the file holds.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None, key: str | None, reason: str):
         self.path = str(path) if path is not None else "<config>"
         self.key = key
         self.reason = reason
         where = f"{self.path}: {key}: " if key else f"{self.path}: "
-        super().__init__(where + reason)
+        super().__init__(_printable(where + reason))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_duration(value: str) -> float:
-    """'30s', '5m', '24h', '2d', '500ms' -> seconds. Raises ValueError."""
+    """'30s', '5m', '24h', '2d', '500ms' -> seconds. Raises ValueError (also outside 1ms..365d)."""
     m = _DURATION.match(value)
     if not m:
         raise ValueError(f"{value!r} is not a duration like '30s', '5m' or '24h'")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    secs = float(m.group(1)) * _UNITS[m.group(2)]
+    check_duration(secs, value)
+    return secs
+
+
+def check_duration(secs: float, shown: object) -> None:
+    """Raise ValueError unless ``secs`` is a finite number of seconds in [MIN_DURATION, MAX_DURATION]."""
+    if not math.isfinite(secs):
+        raise ValueError(f"{shown!r} is not a finite duration")
+    if secs <= 0:
+        raise ValueError("must be greater than zero")
+    if secs < MIN_DURATION:
+        raise ValueError(f"{shown!r} is shorter than 1ms")
+    if secs > MAX_DURATION:
+        raise ValueError(f"{shown!r} is longer than 365d")
 
 
 def format_duration(seconds: float, *, exact: bool = True) -> str:
@@ -103,6 +135,7 @@ class QueueConfig:
     max_attempts: int = 3
     job_timeout: Duration = Duration(48 * 3600)
     max_running_jobs: int = 4
+    max_batch_characters: int = 0  # 0 = only the model's own limits
 
 
 @dataclass(frozen=True)
@@ -111,6 +144,7 @@ class EmbeddingConfig:
     model: str = "text-embedding-005"
     dimensions: int = 768
     task_type: str = "RETRIEVAL_DOCUMENT"
+    auto_truncate: bool = True  # False: a text over the model's input limit is FAILED instead of sent
 
     @property
     def family(self) -> str:
@@ -136,6 +170,33 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: str = ""  # a .prom file rewritten after every step (node_exporter's textfile collector)
+    listen: str = ""  # "127.0.0.1:9464": serve /metrics and /healthz over HTTP (daemon only)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    daily_usd: float = 0.0  # 0 = no limit; UTC days
+    monthly_usd: float = 0.0  # 0 = no limit; UTC calendar months
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    model: str = ""  # empty: the built-in prices (batchd/pricing.py) for every model
+    unit: str = "1m_tokens"  # "1k_characters" | "1m_tokens"
+    batch_usd: float = 0.0
+    online_usd: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -144,6 +205,9 @@ class Config:
     gemini_api: GeminiApiSettings = field(default_factory=GeminiApiSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     # [plugin.<name>] tables, as written: each belongs to the plugin backend that declares that section, and is
     # built and validated by the plugin's own settings class when the backend is made (make_backend).
     plugin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -248,23 +312,30 @@ def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
     if typ is Duration:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(source, key, f"expected a duration like \"30s\", got {_tname(value)}")
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, str):
                 secs = parse_duration(value)
-            except ValueError as e:
-                raise ConfigError(source, key, str(e)) from None
-        else:
-            secs = float(value)
-        if secs <= 0:
-            raise ConfigError(source, key, "must be greater than zero")
+            else:
+                secs = float(value)
+                check_duration(secs, value)
+        except (ValueError, OverflowError) as e:
+            raise ConfigError(source, key, str(e)) from None
         return Duration(secs)
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(source, key, f"expected true or false, got {_tname(value)}")
         return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, f"expected a number, got {_tname(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(source, key, "must be a finite number")
+        return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(source, key, f"expected an integer, got {_tname(value)}")
+        if value > MAX_INT:
+            raise ConfigError(source, key, f"{value} is too large (at most {MAX_INT})")
         return value
     if typ is str:
         if not isinstance(value, str):
@@ -286,9 +357,22 @@ def _validate(cfg: Config) -> None:
 
     if not db.path:
         raise ConfigError(src, "database.path", "must not be empty")
+    if "\x00" in db.path:
+        raise ConfigError(src, "database.path", "must not contain a NUL character")
     for key in ("chunks_table", "id_column", "text_column"):
         if not _IDENT.match(getattr(db, key)):
             raise ConfigError(src, f"database.{key}", "must be a plain SQL identifier (letters, digits, _)")
+    for key in ("id_column", "text_column"):
+        if getattr(db, key).lower() in BATCHD_COLUMNS:
+            raise ConfigError(src, f"database.{key}", f"{getattr(db, key)!r} is one of the columns batchd adds "
+                              f"to {db.chunks_table} ({', '.join(BATCHD_COLUMNS)}): name the application's own column")
+    if db.text_column.lower() == db.id_column.lower():
+        raise ConfigError(src, "database.text_column", f"{db.text_column!r} is also database.id_column: "
+                          "the text and the id must be two columns")
+    table = db.chunks_table.lower()
+    if table in BATCHD_TABLES or table.startswith(("chunks_vec_", "sqlite_")):
+        raise ConfigError(src, "database.chunks_table",
+                          f"{db.chunks_table!r} is a table batchd or SQLite owns: name the application's table")
 
     for key in ("min_batch_size", "max_batch_size", "max_attempts", "max_running_jobs"):
         if getattr(q, key) < 1:
@@ -317,6 +401,30 @@ def _validate(cfg: Config) -> None:
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+    if q.max_batch_characters < 0:
+        raise ConfigError(src, "queue.max_batch_characters", "must be 0 (no limit) or more")
+    _validate_money(cfg)
+
+
+def _validate_money(cfg: Config) -> None:
+    src, m, b, p = cfg.source, cfg.metrics, cfg.budget, cfg.pricing
+    if m.listen:
+        host, sep, port = m.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(src, "metrics.listen", f"{m.listen!r} is not host:port, like \"127.0.0.1:9464\"")
+    if m.textfile and not m.textfile.endswith(".prom"):
+        raise ConfigError(src, "metrics.textfile",
+                          f"{m.textfile!r} must end in .prom (node_exporter's textfile collector reads only those)")
+    for key in ("daily_usd", "monthly_usd"):
+        if getattr(b, key) < 0:
+            raise ConfigError(src, f"budget.{key}", "must be 0 (no limit) or more")
+    if p.model:
+        if p.unit not in ("1k_characters", "1m_tokens"):
+            raise ConfigError(src, "pricing.unit", f"must be \"1k_characters\" or \"1m_tokens\", got {p.unit!r}")
+        for key in ("batch_usd", "online_usd"):
+            if getattr(p, key) < 0:
+                raise ConfigError(src, f"pricing.{key}", "must be 0 or more")
 
 
 def _validate_gemini_api(cfg: Config) -> None:

@@ -8,6 +8,10 @@ Three ways to run a :class:`Worker` (one BatchManager, one Store connection):
 - :func:`run_until_idle` — ``batchd run --until-idle``: flush + sync every ``poll`` seconds until nothing is
   pending or running.
 
+Start-up waits out a full disk or a busy database (:func:`batchd.startup.wait_for_database`) instead of exiting. A
+wall-clock jump makes every step due at once (:class:`~batchd.clock.JumpWatch`): the scheduler's run times are
+wall-clock.
+
 Shutdown: SIGTERM/SIGINT only set a flag. The manager's ``progress`` hook (called at every slice boundary)
 raises :class:`~batchd.backends.Stopped` once the flag is set, so the running step stops between two
 committed slices; the scheduler is shut down, STOPPING=1 is sent and the process exits 0. A second signal
@@ -28,8 +32,9 @@ from typing import Any
 import structlog
 
 from batchd.backends import Stopped
+from batchd.clock import JumpWatch
 from batchd.errors import is_expected, one_line
-from batchd.store import Busy
+from batchd.store import Busy, describe_problem, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
@@ -55,6 +60,9 @@ class StepState:
     first_failure: float | None = None
     retry_at: float = 0.0
     last_error: str = ""
+    last_ok: float | None = None  # worker clock: the last success (or skip because another process was busy)
+    last_ok_at: float | None = None  # the same, Unix time (for batchd_last_success_timestamp_seconds)
+    problem: str = ""  # why the last run was not a success though it did not raise (a sync's remote errors)
 
     def failed(self, now: float, error: str) -> float:
         """Record a failure; return the backoff (seconds) before the step runs again."""
@@ -70,6 +78,9 @@ class StepState:
 
     def succeeded(self) -> None:
         self.consecutive, self.first_failure, self.retry_at, self.last_error = 0, None, 0.0, ""
+
+    def ok_now(self, now: float) -> None:
+        self.last_ok, self.last_ok_at, self.problem = now, time.time(), ""
 
 
 @dataclass
@@ -102,8 +113,10 @@ class Worker:
     """
 
     def __init__(self, manager: Any, *, notifier: Notifier | None = None, health: Health | None = None,
-                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic):
+                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 metrics: Any = None):
         self.manager = manager
+        self.metrics = metrics  # batchd.metrics.Metrics, refreshed after every step (None: no metrics)
         self.notifier = notifier or Notifier({})
         self.health = health or Health()
         self.stop = stop or threading.Event()
@@ -116,6 +129,7 @@ class Worker:
         }
         self.last = LastResults()
         self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
+        self.started = clock()
         manager.progress = self.progress
 
     # ------------------------------------------------------------------ hooks
@@ -152,7 +166,9 @@ class Worker:
         return out
 
     def sync(self) -> Outcome:
-        out = self._step("sync", self.manager.sync_status)
+        # A sync in which a batch's remote call failed returned normally but did not succeed (health, metrics).
+        out = self._step("sync", self.manager.sync_status,
+                         judge=lambda s: "; ".join(s.errors)[:300] if not s.ok else "")
         if out.ok and not out.skipped and out.value is not None:
             summary = out.value
             self.last.sync_at, self.last.applied = time.time(), summary.applied
@@ -163,7 +179,24 @@ class Worker:
                 log.info("sync.done", duration_ms=out.duration_ms, **summary.as_dict())
         return out
 
-    def _step(self, name: str, fn: Callable[[], Any]) -> Outcome:
+    def _step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None = None) -> Outcome:
+        started = time.monotonic()
+        out = self._run_step(name, fn, judge)
+        if self.metrics is not None and not out.skipped:
+            self.metrics.observe(name, time.monotonic() - started)
+        self.refresh_metrics()
+        return out
+
+    def refresh_metrics(self) -> None:
+        """Recompute the metrics (textfile, /metrics) on this thread. A failure here never fails a step."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.refresh(self)
+        except Exception as e:  # metrics are not worth failing the worker for
+            log.warning("metrics.refresh_failed", error=one_line(e), exc_info=True)
+
+    def _run_step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None) -> Outcome:
         state = self.steps[name]
         if self.stop.is_set():
             return Outcome(skipped=True, stopped=True)
@@ -183,12 +216,25 @@ class Worker:
                 # Another batchd process (a hand-run `batchd sync`, a timer) holds the worker lock: not a
                 # failure of this one, so no backoff; the next tick tries again.
                 log.warning("daemon.step_busy", step=name, reason=str(e))
+                state.ok_now(self.clock())  # not this worker's failure: healthy (see batchd.metrics)
                 return Outcome(ok=False, skipped=True)
             except Exception as e:  # the one place a failing step is caught
-                delay = state.failed(self.clock(), one_line(e))
-                log.error("daemon.step_failed", step=name, error=one_line(e),
+                database = self.manager.config.database.path
+                problem = explain(e, database)
+                if isinstance(problem, Busy):
+                    # The application held the database's write lock past the busy timeout: not a failure of
+                    # batchd either; the next tick tries again.
+                    log.warning("daemon.step_busy", step=name, reason=str(problem))
+                    state.ok_now(self.clock())  # skipped because busy: healthy
+                    return Outcome(ok=False, skipped=True)
+                # A known state of the database file (disk full, damaged) is said as such, in one line and without
+                # a traceback; everything else keeps its traceback (a bug must be diagnosable).
+                error = describe_problem(e, database)
+                delay = state.failed(self.clock(), error)
+                log.error("daemon.step_failed", step=name, error=error,
                           consecutive_failures=state.consecutive, failures_total=state.failures,
-                          retry_in_s=round(max(delay, state.interval), 1), exc_info=True)
+                          retry_in_s=round(max(delay, state.interval), 1),
+                          exc_info=problem is None and not is_expected(e))
                 return Outcome(ok=False)
             finally:
                 self.health.end()
@@ -198,8 +244,19 @@ class Worker:
             log.info("daemon.step_recovered", step=name, after_failures=state.consecutive,
                      down_s=round(self.clock() - since, 1))
         state.succeeded()
+        problem = judge(value) if judge is not None else ""
+        if problem:
+            state.problem = problem
+        else:
+            state.ok_now(self.clock())
         log.debug("daemon.step_done", step=name, duration_ms=duration_ms)
         return Outcome(value=value, duration_ms=duration_ms)
+
+    def healthy(self) -> tuple[bool, str]:
+        """(True, "") while flush and sync last succeeded recently enough; else (False, why). See batchd.metrics."""
+        from batchd.metrics import health
+
+        return health(self)
 
     def cycle(self) -> dict[str, Any] | None:
         """One round of ``--until-idle``: flush (forced if anything is pending) + sync, then STATUS=; the
@@ -239,7 +296,19 @@ class Worker:
         for st in self.steps.values():
             if st.consecutive:
                 parts.append(f"{st.name} failing ({st.consecutive}x): {st.last_error}"[:160])
+        spend = self._spend()
+        if spend:
+            parts.append(spend)
         return "; ".join(parts) or "starting"
+
+    def _spend(self) -> str:
+        from batchd.cost import status_text
+
+        try:
+            return status_text(self.manager.store, self.manager.config, self.manager.clock())
+        except Exception as e:  # noqa: BLE001 - a status line is not worth failing for
+            log.warning("daemon.stats_failed", error=one_line(e))
+            return ""
 
     def report(self) -> dict[str, Any] | None:
         """Send STATUS= with the counts and last results; return the counts."""
@@ -280,8 +349,11 @@ class Signals:
 # ---------------------------------------------------------------------------------------------- modes
 
 
-def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
-    """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status."""
+def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[str, int] | None = None) -> int:
+    """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status.
+
+    ``listen``: serve ``/metrics`` and ``/healthz`` there (needs ``worker.metrics``).
+    """
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers import SchedulerNotRunningError
     from apscheduler.schedulers.blocking import BlockingScheduler
@@ -294,7 +366,20 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
              sync_interval_s=float(q.sync_interval), notify=notifier.enabled,
              watchdog_s=watchdog.interval if watchdog else None)
 
+    worker.manager.accounting.warn_once = True  # a declined flush is said once per budget period, not every tick
     worker.recover()
+    server = None
+    if listen is not None and worker.metrics is not None:
+        from batchd.metrics import MetricsServer
+
+        try:
+            server = MetricsServer(worker.metrics, worker, *listen).start()
+        except OSError as e:
+            log.error("metrics.listen_failed", host=listen[0], port=listen[1], error=one_line(e))
+            signals.restore()
+            if watchdog:
+                watchdog.stop()
+            return EXIT_FAILED
     scheduler = BlockingScheduler(
         executors={"default": ThreadPoolExecutor(max_workers=1)},  # one thread: one SQLite connection user
         job_defaults={
@@ -310,6 +395,16 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     scheduler.add_job(lambda: _tick(worker, worker.sync), "interval", seconds=float(q.sync_interval),
                       id="sync", name="sync", next_run_time=now)
 
+    def on_jump(seconds: float) -> None:
+        # Run times are wall-clock: make every step due now, so the schedule restarts from the new time.
+        log.warning("daemon.clock_jumped", jump_s=round(seconds, 1))
+        for job in scheduler.get_jobs():
+            try:
+                job.modify(next_run_time=datetime.now(UTC))
+            except Exception as e:  # noqa: BLE001 - the scheduler may be shutting down
+                log.debug("daemon.reschedule_failed", job=job.id, error=one_line(e))
+
+    clock_watch = JumpWatch(on_jump).start()
     done = threading.Event()
     stopper = threading.Thread(target=_stop_scheduler,
                                args=(worker, scheduler, signals, done, SchedulerNotRunningError),
@@ -321,6 +416,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
         notifier.ready(worker.status_line(stats))
         scheduler.start()  # blocks until _stop_scheduler shuts it down
     done.set()
+    clock_watch.stop()
 
     # The scheduler no longer starts steps; wait for the one running to reach a slice boundary.
     if not worker.busy.acquire(timeout=stop_timeout):
@@ -330,6 +426,8 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT) -> int:
     worker.busy.release()
     if watchdog:
         watchdog.stop()
+    if server is not None:
+        server.stop()
     log.info("daemon.stopped", signal=_signame(signals.received))
     notifier.close()
     signals.restore()
@@ -393,6 +491,9 @@ def run_until_idle(worker: Worker, poll: float,
                                     on_round=on_cycle, give_up=worker.broken)
         if done.idle:
             log.info("daemon.idle", **(done.stats or {}))
+            return EXIT_OK
+        if done.why == "over_budget":
+            log.warning("daemon.idle_over_budget", **(done.stats or {}))  # nothing more may be sent now
             return EXIT_OK
         if done.why == "gave_up":
             broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]

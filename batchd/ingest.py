@@ -8,6 +8,8 @@ from typing import BinaryIO
 
 import orjson
 
+ID_MIN, ID_MAX = -(2**63), 2**63 - 1  # what SQLite can store in an INTEGER PRIMARY KEY
+
 
 @dataclass(frozen=True)
 class Rejected:
@@ -19,7 +21,7 @@ def read_jsonl(stream: BinaryIO, on_reject: Callable[[Rejected], None]) -> Itera
     """Yield (id or None, text) for every good line; report each bad line through ``on_reject``.
 
     A bad line is: not JSON, not an object, no "text", text not a string or empty, or an id that is not an
-    integer. Blank lines are ignored. Reading never stops at a bad line.
+    integer (or outside SQLite's 64-bit range). Blank lines are ignored. Reading never stops at a bad line.
     """
     for number, raw in enumerate(stream, start=1):
         if not raw.strip():
@@ -45,5 +47,8 @@ def read_jsonl(stream: BinaryIO, on_reject: Callable[[Rejected], None]) -> Itera
         cid = obj.get("id")
         if cid is not None and (isinstance(cid, bool) or not isinstance(cid, int)):
             on_reject(Rejected(number, '"id" is not an integer'))
+            continue
+        if cid is not None and not ID_MIN <= cid <= ID_MAX:
+            on_reject(Rejected(number, '"id" is out of range (SQLite ids are 64-bit signed integers)'))
             continue
         yield cid, text

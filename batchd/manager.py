@@ -6,6 +6,9 @@ It knows no SQL text and no HTTP. Every method is safe to call again after a cra
 - recover adopts a job created before a crash (found by its labels) or submits the batch again;
 - sync_status applies results in slices, each its own transaction, and finishing a batch twice changes nothing.
 
+How a finished (or failed, cancelled, expired, timed-out) job's output becomes chunk states is in
+:mod:`batchd.endings`, a mixin of this class.
+
 The failure policy is written once, as two moves every path uses:
 
 - :meth:`BatchManager._close` ends a batch for good with a status and a reason (its remaining chunks count an
@@ -17,29 +20,33 @@ Exceptions become words in one place (:func:`batchd.errors.one_line`). Shutdown 
 BaseException that no ``except Exception`` here can swallow. Each step returns a summary (:class:`FlushSummary`,
 :class:`SyncSummary`) that the CLI and the daemon read instead of querying the database again.
 
-Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping.
+Time is passed in (``clock``) so tests step ``max_wait`` and ``job_timeout`` without sleeping. Ages are measured
+with :class:`~batchd.clock.Ages`: a wall-clock jump while the process runs neither times jobs out nor delays
+``max_wait`` (``monotonic`` is the clock that does not jump; an injected ``clock`` serves as both by default).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from batchd.accounting import Accounting
 from batchd.backends import (
     Backend,
     BackendError,
     Cleanable,
-    JobInfo,
     JobState,
     PermanentError,
-    ResultLine,
     Stopped,
     content_hash,
 )
-from batchd.config import Config, format_duration
+from batchd.clock import Ages
+from batchd.config import Config
+from batchd.endings import JobEndings
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
 from batchd.store import Store, parse_iso
@@ -47,23 +54,28 @@ from batchd.summary import Drained, FlushSummary, NotSubmitted, SyncSummary
 
 log = structlog.get_logger("batchd.manager")
 
-RESULT_SLICE = 2_000  # lines parsed per spool transaction
-SPOOL_MAX_BYTES = 1 << 30  # a bigger job (1M rows x 3,072 dims is ~12 GB) is spooled and applied in rounds
 
 
-class BatchManager:
+class BatchManager(JobEndings):
     """The core of batchd: ``BatchManager(store, backend, config)``, usable without the CLI or the daemon."""
 
     def __init__(self, store: Store, backend: Backend, config: Config, *,
-                 clock: Callable[[], float] = time.time, progress: Callable[[], None] | None = None):
+                 clock: Callable[[], float] = time.time, progress: Callable[[], None] | None = None,
+                 monotonic: Callable[[], float] | None = None):
         self.store = store
         self.backend = backend
         self.config = config
         self.clock = clock
+        self.ages = Ages(clock, monotonic or (time.monotonic if clock is time.time else clock))
         # Called at every slice boundary: feeds the watchdog, and raises Stopped when shutdown was asked.
         self.progress = progress or (lambda: None)
         emb = config.embedding
         self._model, self._task, self._dims = emb.model, emb.task_type, emb.dimensions
+        # Remote calls that failed, by call (submit, find_job, status, results, cancel): process-lifetime counts
+        # for the metrics (batchd_remote_errors_total{kind}).
+        self.remote_errors: Counter[str] = Counter()
+        # Money and size: what each batch may hold and cost, what it sent and what it was billed.
+        self.accounting = Accounting(store, config, clock)
 
     # ------------------------------------------------------------------ helpers
 
@@ -85,9 +97,10 @@ class BatchManager:
         purged = self.store.purge_tombstones()
         hashed, empty = self.store.prepare_pending(self.hash_text, now)
         copied = self.store.copy_known_vectors(now)
-        if purged or empty or copied:
+        too_long = self.accounting.fail_too_long()
+        if purged or empty or copied or too_long:
             log.info("queue.prepared", vectors_removed=purged, hashed=hashed, failed_empty=empty,
-                     copied_locally=copied)
+                     copied_locally=copied, failed_too_long=too_long)
 
     # ------------------------------------------------------------------ flush
 
@@ -100,28 +113,35 @@ class BatchManager:
         if pending >= q.min_batch_size:
             return True
         oldest_ts = parse_iso(oldest)
-        return oldest_ts is not None and self.clock() - oldest_ts >= q.max_wait
+        return oldest_ts is not None and self.ages.age("oldest_pending", oldest_ts) >= q.max_wait
 
-    def flush_queue(self, min_size: int | None = None, force: bool = False) -> FlushSummary:
+    def flush_queue(self, min_size: int | None = None, force: bool = False,
+                    ignore_budget: bool = False) -> FlushSummary:
         """Recover earlier batches, then claim pending chunks into batches and submit them.
 
         Below the threshold (``min_size`` or ``queue.min_batch_size``, or ``max_wait``) and not ``force``:
-        claims nothing. Splits at ``max_batch_size``; never has more than ``max_running_jobs`` batches in
-        flight. A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent
+        claims nothing. Splits at ``max_batch_size``, ``queue.max_batch_characters`` and the model's input
+        bytes; never has more than ``max_running_jobs`` batches in flight. With a ``[budget]``, a batch is only
+        submitted if its estimated cost fits what is left today and this month (fewer chunks are claimed to
+        fit); otherwise the chunks stay pending, ``flush.over_budget`` is logged and the summary says so
+        (``over_budget``; not an error). ``force`` does not bypass the budget; ``ignore_budget`` does, and logs
+        that it did. A submit that fails transiently leaves the batch PENDING for :meth:`recover`; a permanent
         failure closes the batch FAILED and counts an attempt on its chunks. Shutdown (``progress`` raising
         Stopped) ends the flush with ``stopped`` set. Raises Busy when another process holds the worker lock.
         """
         summary = FlushSummary()
         with self.store.worker_lock():
             try:
-                self._flush_queue(min_size, force, summary)
+                self._flush_queue(min_size, force, summary, ignore_budget)
             except Stopped:
                 summary.stopped = True
                 log.info("flush.stopped", created=len(summary.created), submitted=len(summary.submitted))
         return summary
 
-    def _flush_queue(self, min_size: int | None, force: bool, summary: FlushSummary) -> None:
+    def _flush_queue(self, min_size: int | None, force: bool, summary: FlushSummary,
+                     ignore_budget: bool = False) -> None:
         q = self.config.queue
+        self.accounting.declined = False
         self._recover(summary)
         self.prepare()
         pending, _ = self.store.pending_summary()
@@ -129,10 +149,18 @@ class BatchManager:
         if not force and pending < threshold and not self.should_flush():
             log.debug("flush.below_threshold", pending=pending, min_batch_size=threshold)
             return
+        if ignore_budget and self.config.budget.daily_usd + self.config.budget.monthly_usd > 0:
+            log.warning("flush.budget_ignored", daily_usd=self.config.budget.daily_usd,
+                        monthly_usd=self.config.budget.monthly_usd)
         while self.store.count_active_batches() < q.max_running_jobs:
-            claimed = self.store.claim_batch(q.max_batch_size, self._model, self.clock())
+            size, estimated = self.accounting.next_batch(ignore_budget, pending)
+            if size == 0:
+                break
+            claimed = self.store.claim_batch(size, self._model, self.clock())
             if claimed is None:
                 break
+            if estimated is not None:
+                self.store.set_estimate(claimed[0], estimated)  # spent from now on, for the next batch's budget
             batch_id, n = claimed
             crash_point("claim.committed")
             summary.created.append(batch_id)
@@ -145,6 +173,10 @@ class BatchManager:
                 break
         if not summary.created and pending and self.store.count_active_batches() >= q.max_running_jobs:
             log.info("flush.at_capacity", pending=pending, max_running_jobs=q.max_running_jobs)
+        budget = self.accounting.budget
+        if budget is not None and budget.limited:
+            summary.over_budget = self.accounting.declined
+            summary.budget = budget.describe()
 
     def _submit(self, batch_id: int, summary: FlushSummary) -> str | None:
         """Submit a claimed batch. The batch row was committed before this call (rule 1)."""
@@ -152,9 +184,12 @@ class BatchManager:
             self._close(summary, batch_id, None, "COMPLETED", "batch.empty", reason=_EMPTY)
             return None
         started = time.monotonic()
+        counted: dict[str, Any] = {}
         try:
-            job = self.backend.submit(batch_id, self.store.batch_items(batch_id), progress=self.progress)
+            job = self.backend.submit(batch_id, self.accounting.counting(self.store.batch_items(batch_id), counted),
+                                      progress=self.progress)
         except PermanentError as e:
+            self.remote_errors["submit"] += 1
             self._close(summary, batch_id, None, "FAILED", "batch.submit_failed", reason=f"submit rejected: {e}",
                         error=str(e), permanent=True)
             return None
@@ -168,6 +203,7 @@ class BatchManager:
             self._cancel_remote(batch_id, job)
             log.warning("batch.closed_during_submit", batch_id=batch_id, google_job_id=job)
             return None
+        self.accounting.sent(batch_id, counted)
         summary.note_submitted(batch_id)
         log.info("batch.submitted", batch_id=batch_id, google_job_id=job,
                  chunks=self.store.batch_chunk_count(batch_id),
@@ -199,6 +235,7 @@ class BatchManager:
             crash_point("recover.found")
             if found:
                 if self.store.mark_submitted(b.id, found, self.clock()):
+                    self.accounting.adopted(b.id)  # sent before the crash: count what it holds
                     summary.note_submitted(b.id)
                     log.info("batch.adopted", batch_id=b.id, google_job_id=found)
                 else:
@@ -223,7 +260,9 @@ class BatchManager:
             self.store.wipe_spools()
             self.store.purge_tombstones()
             try:
-                for b in self.store.batches(["RUNNING"]):
+                running = self.store.batches(["RUNNING"])
+                self.ages.keep_only([("batch", b.id) for b in running], "batch")
+                for b in running:
                     self._sync_one(b, summary)
                     self.progress()
             except Stopped:
@@ -238,6 +277,7 @@ class BatchManager:
         except PermanentError as e:
             # The job is gone (deleted remotely, or a name the service no longer knows): waiting until
             # job_timeout would only delay the retry of its chunks.
+            self.remote_errors["status"] += 1
             self._close(summary, b.id, job, "FAILED", "job.lost", reason=f"remote job lost: {e}", error=str(e))
             return
         except Exception as e:  # noqa: BLE001 - one batch's trouble must not stop the others
@@ -249,94 +289,11 @@ class BatchManager:
             if info.state.value != b.remote_state:
                 log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)
 
-        if not info.state.terminal:
-            created = parse_iso(b.created_at) or self.clock()
-            if self.clock() - created > self.config.queue.job_timeout:
-                self._time_out(b, summary)
+        if not info.state.terminal:  # PAUSED and UPDATING too: keep polling, bounded by job_timeout
+            if self._timed_out(b):
+                self._time_out(b, info, summary)
             return
-
-        if not info.state.has_results:
-            # A FAILED/CANCELLED/EXPIRED job may still export (and bill) the rows it completed: apply them first,
-            # so only rows without a result go back to the queue.
-            if info.output and self._apply_all(b.id, job, summary) is None:
-                return  # deferred (or closed: its results can never be read)
-            reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
-            self._close(summary, b.id, job, "FAILED", "job.failed", reason=reason, state=info.state.value,
-                        error=info.error)
-            return
-        lines = self._apply_all(b.id, job, summary)
-        if lines is None:
-            return  # deferred (the next sync re-reads and applies the rest), or closed: never readable
-        self._compare_counts(b.id, job, info, lines)
-        row = self.store.batch(b.id)
-        self._close(summary, b.id, job, "COMPLETED", "batch.synced", state=info.state.value,
-                    applied=row.completed_chunks if row else None, chunks_key="missing",
-                    failed=row.failed_chunks if row else None, lines=lines,
-                    service_succeeded=info.succeeded, service_failed=info.failed)
-        self._cleanup(b.id, job)
-
-    def _compare_counts(self, batch_id: int, job: str, info: JobInfo, lines: int) -> None:
-        """The service's own count of the rows it answered against the lines read: fewer lines means output
-        files batchd did not find (a changed output layout, a listing cut short) — their chunks come back as
-        missing and are retried, and the operator should know why."""
-        if info.succeeded is None or info.failed is None:
-            return
-        if lines < info.succeeded + info.failed:
-            log.warning("job.output_short", batch_id=batch_id, google_job_id=job, lines=lines,
-                        service_succeeded=info.succeeded, service_failed=info.failed)
-
-    def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> int | None:
-        """Read every result line into a spool, then apply the spool in chunk-id order. Returns the lines read,
-        None when reading failed (the batch is deferred) — or can never succeed (a PermanentError, like an
-        expired result file: what was read is applied and the batch is closed FAILED, its other chunks back in
-        the queue now rather than deferred at every sync).
-
-        Two phases (store/spool.py): parsing holds no lock on the shared database; applying in id order
-        writes neighbouring pages in each short transaction instead of ~40% of the table per slice. A job
-        whose spool would pass SPOOL_MAX_BYTES is applied in rounds of that size. Stopped while spooling
-        leaves nothing applied; while applying, whole slices (the next sync re-reads and applies the rest).
-        """
-        q = self.config.queue
-        started = time.monotonic()
-        lines = 0
-        with self.store.open_spool(batch_id) as spool:
-            try:
-                for chunk in _slices(self.backend.results(job, progress=self.progress), RESULT_SLICE):
-                    spool.add(chunk)
-                    lines += len(chunk)
-                    self.progress()
-                    if spool.size_bytes() >= SPOOL_MAX_BYTES:
-                        self._apply_spool(batch_id, spool, summary)
-                        spool.clear()
-            except PermanentError as e:
-                self._apply_spool(batch_id, spool, summary)
-                self._close(summary, batch_id, job, "FAILED", "job.results_lost", reason=f"results unavailable: {e}",
-                            error=str(e), lines=lines)
-                return None
-            except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
-                self._defer(summary, batch_id, job, "reading results failed", e, "job.results_failed", lines=lines)
-                return None
-            read_ms = round((time.monotonic() - started) * 1000)
-            self._apply_spool(batch_id, spool, summary)
-        log.debug("job.results_read", batch_id=batch_id, google_job_id=job, lines=lines, read_ms=read_ms,
-                  duration_ms=round((time.monotonic() - started) * 1000), max_attempts=q.max_attempts)
-        return lines
-
-    def _apply_spool(self, batch_id: int, spool: Any, summary: SyncSummary) -> None:
-        def on_slice(applied: int) -> None:
-            summary.applied += applied
-            crash_point("results.slice_applied")
-            self.progress()
-
-        counts = self.store.apply_spool(batch_id, spool, self.config.queue.max_attempts, self.clock(),
-                                        on_slice=on_slice)
-        summary.errored += counts.errored
-        summary.failed += counts.failed
-
-    def _time_out(self, b: Any, summary: SyncSummary) -> None:
-        self._cancel_remote(b.id, b.google_job_id)
-        self._close(summary, b.id, b.google_job_id, "FAILED", "job.timed_out",
-                    reason=f"job timed out after {format_duration(self.config.queue.job_timeout)} and was cancelled")
+        self._finish_job(b, info, summary)
 
     def _cleanup(self, batch_id: int, job: str) -> None:
         if not isinstance(self.backend, Cleanable):
@@ -351,6 +308,7 @@ class BatchManager:
         try:
             self.backend.cancel(job)
         except Exception as e:  # cancel is best effort
+            self.remote_errors["cancel"] += 1
             log.warning("job.cancel_failed", batch_id=batch_id, google_job_id=job, error=one_line(e),
                         exc_info=not is_expected(e))
 
@@ -363,6 +321,7 @@ class BatchManager:
         (``event``: info when COMPLETED, error when FAILED)."""
         n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status=status,
                                             error=reason)
+        self.accounting.closed(batch_id)  # priced at the figure in force now (the cost ledger)
         summary.note_closed(batch_id, status, reason, n, failed)
         emit = log.info if status == "COMPLETED" else log.error
         if reason is not None:
@@ -375,6 +334,7 @@ class BatchManager:
         traceback goes to the log when ``e`` is not an operational error: a bug in a backend must not hide
         behind an endless "will retry"."""
         error = one_line(e)
+        self.remote_errors[_REMOTE_CALL.get(event, "other")] += 1
         reason = f"{what}, will retry: {error}"
         self.store.note_batch_error(batch_id, reason, self.clock())
         summary.note_deferred(batch_id, reason, error)
@@ -406,6 +366,8 @@ class BatchManager:
                     on_round(stats)
                 if stats["pending"] == 0 and stats["running"] == 0:
                     return Drained("idle", rounds, stats)
+                if stats["running"] == 0 and self.accounting.declined:
+                    return Drained("over_budget", rounds, stats)  # nothing more may be sent: waiting is useless
                 counts = tuple(stats.get(k) for k in ("pending", "running", "ready", "failed"))
                 stalled = stalled + 1 if counts == before else 0
                 before = counts
@@ -469,10 +431,16 @@ class BatchManager:
                 raise
             except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
                 raise BackendError(one_line(e)) from None
+            else:
+                # Under the worker lock (Busy while a step runs: the operator tries again, and a sync that
+                # gets there first applies the export itself); the spool is one per batch.
+                with self.store.worker_lock():
+                    self._apply_cancelled_export(batch_id, job)
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
         if n is None:
             log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)
             return False
+        self.accounting.closed(batch_id)
         log.info("batch.cancelled", batch_id=batch_id, google_job_id=job, chunks=n)
         return True
 
@@ -484,17 +452,9 @@ class BatchManager:
 
 
 _EMPTY = "every chunk changed or was deleted before submit"
-
-
-def _slices(lines: Iterator[ResultLine], size: int) -> Iterator[list[ResultLine]]:
-    buf: list[ResultLine] = []
-    for line in lines:
-        buf.append(line)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
+# The remote call behind each deferral event (batchd_remote_errors_total{kind}).
+_REMOTE_CALL = {"batch.submit_retry": "submit", "batch.recover_failed": "find_job", "job.status_failed": "status",
+                "job.results_failed": "results"}
 
 
 __all__ = ["BackendError", "BatchManager", "Drained", "FlushSummary", "JobState", "NotSubmitted", "SyncSummary"]

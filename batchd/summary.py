@@ -28,6 +28,11 @@ class SyncSummary:
                 "errored": self.errored, "failed": self.failed, "stopped": self.stopped,
                 "errors": list(self.errors)}
 
+    @property
+    def ok(self) -> bool:
+        """False when any batch's remote call failed this time: the sync returned, but did not succeed (health)."""
+        return not self.errors
+
     def note_closed(self, batch_id: int, status: str, reason: str | None, chunks: int, chunks_failed: int) -> None:
         self.finished += 1
         self.errored += chunks
@@ -56,6 +61,8 @@ class FlushSummary:
     errored: int = 0  # chunks sent back (or FAILED) with a closed batch
     failed: int = 0  # chunks that reached max_attempts
     stopped: bool = False  # shutdown interrupted the flush
+    over_budget: bool = False  # [budget] held pending chunks back (not an error: they wait for the next period)
+    budget: str = ""  # the budget as this flush saw it ("today $0.0123 of $5.00", "over budget until ..."), if capped
 
     @property
     def errors(self) -> list[str]:
@@ -70,7 +77,8 @@ class FlushSummary:
     def as_dict(self) -> dict[str, Any]:
         return {"created": list(self.created), "submitted": list(self.submitted),
                 "not_submitted": [n.batch_id for n in self.not_submitted], "errored": self.errored,
-                "failed": self.failed, "stopped": self.stopped}
+                "failed": self.failed, "stopped": self.stopped,
+                **({"over_budget": self.over_budget, "budget": self.budget} if self.budget else {})}
 
     def note_closed(self, batch_id: int, status: str, reason: str | None, chunks: int, chunks_failed: int) -> None:
         self.errored += chunks
@@ -92,7 +100,8 @@ class FlushSummary:
 
 @dataclass(frozen=True)
 class Drained:
-    """How :meth:`BatchManager.drain` ended: ``why`` is "idle", "stalled", "stopped" or "gave_up"."""
+    """How :meth:`BatchManager.drain` ended: ``why`` is "idle", "stalled", "stopped", "gave_up" or "over_budget"
+    (nothing running and the budget holds the pending chunks back)."""
 
     why: str
     rounds: int

@@ -19,12 +19,15 @@ Pure functions: no I/O, no SQL.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from array import array
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 FLOAT32_MAX = 3.4028234663852886e38
+_NUMBER_TYPES = frozenset({float, int})
 
 
 class VectorError(ValueError):
@@ -41,26 +44,24 @@ def fit_vector(values: Sequence[Any], dimensions: int, *, renormalise: bool = Fa
         raise VectorError("empty vector")
     if n < dimensions:
         raise VectorError(f"vector has {n} dimensions, expected {dimensions}")
-    for v in values:
-        # bool is an int subclass; JSON true must not become 1.0
-        if type(v) is not float and type(v) is not int:
-            raise VectorError("embedding values are not numbers")
+    # bool is an int subclass; JSON true must not become 1.0. (C-level loops throughout: this runs once per
+    # output line, and a Python loop over 768 values cost more than parsing the line's JSON.)
+    if not set(map(type, values)) <= _NUMBER_TYPES:
+        raise VectorError("embedding values are not numbers")
     cut = n > dimensions
     vals = values[:dimensions] if cut else values
     try:
         vec = array("f", vals)
     except OverflowError:
         raise VectorError("embedding values are not finite") from None
-    sq = 0.0
-    for x in vec:
-        if not math.isfinite(x):
-            raise VectorError("embedding values are not finite")
-        sq += x * x
-    if sq == 0.0 or not math.isfinite(sq):
+    # The norm is finite exactly when every value is (1e39 became inf; float32 squares cannot overflow a double).
+    norm = math.hypot(*vec)
+    if not math.isfinite(norm):
+        raise VectorError("embedding values are not finite")
+    if norm == 0.0:
         raise VectorError("vector has zero length (norm 0)")
     if cut or renormalise:
-        norm = math.sqrt(sq)
-        vec = array("f", (x / norm for x in vec))
+        vec = array("f", map(operator.truediv, vec, repeat(norm, len(vec))))
     if sys.byteorder != "little":  # pragma: no cover - sqlite-vec blobs are little-endian
         vec.byteswap()
     return vec.tobytes(), cut

@@ -157,8 +157,8 @@ def download(db: str, vertex: dict[str, Any], bucket: str, prefix: str) -> dict[
     _import_google()
     started = time.perf_counter()
     total = 0
-    for blob in backend.storage.list_blobs(bucket, prefix=prefix):
-        for block in backend._read_blocks(blob):
+    for blob in backend.gcs.client.list_blobs(bucket, prefix=prefix):
+        for block in backend.gcs.read_blocks(blob):
             total += len(block)
     return {"bytes": total, "seconds": time.perf_counter() - started}
 

@@ -71,7 +71,7 @@ def test_flush_sync_stats_jobs_retry_cancel(cfg, batchd_env, tmp_path):
     texts = "".join(json.dumps({"text": f"chunk {i}"}) + "\n" for i in range(10))
     assert run(batchd_env, cfg, "enqueue", stdin=texts).returncode == 0
     r = run(batchd_env, cfg, "stats", "--json")
-    assert json.loads(r.stdout) == {"pending": 10, "running": 0, "ready": 0, "failed": 0,
+    assert json.loads(r.stdout) == {"pending": 10, "running": 0, "ready": 0, "failed": 0, "truncated": 0,
                                     "batches": {"PENDING": 0, "RUNNING": 0, "COMPLETED": 0, "FAILED": 0}}
     r = run(batchd_env, cfg, "flush")
     assert r.returncode == 0, r.stderr

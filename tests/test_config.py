@@ -59,6 +59,22 @@ def test_shipped_config_documents_every_key():
         ("[database]\nchunks_table = \"chunks; drop\"\n", "database.chunks_table", "plain SQL identifier"),
         ("[daemon]\nlog_level = \"loud\"\n", "daemon.log_level", "must be one of"),
         ("queue = 3\n", "queue", "must be a table"),
+        # issue 9 item 7: input that used to pass and crash later, or was nonsense accepted
+        ("[database]\ntext_column = \"embedding_status\"\n", "database.text_column", "columns batchd adds"),
+        ("[database]\ntext_column = \"Content_Hash\"\n", "database.text_column", "columns batchd adds"),
+        ("[database]\nid_column = \"batch_job_id\"\n", "database.id_column", "columns batchd adds"),
+        ("[database]\ntext_column = \"id\"\n", "database.text_column", "also database.id_column"),
+        ("[database]\nchunks_table = \"batch_jobs\"\n", "database.chunks_table", "batchd or SQLite owns"),
+        ("[database]\npath = \"/tmp/a\\u0000b.db\"\n", "database.path", "NUL character"),
+        ("[queue]\nsync_interval = \"100000000000000000000d\"\n", "queue.sync_interval", "longer than 365d"),
+        ("[queue]\nmax_wait = 1e300\n", "queue.max_wait", "longer than 365d"),
+        ("[queue]\nflush_interval = inf\n", "queue.flush_interval", "not a finite duration"),
+        ("[queue]\nflush_interval = nan\n", "queue.flush_interval", "not a finite duration"),
+        ("[queue]\njob_timeout = \"0.0000001ms\"\n", "queue.job_timeout", "shorter than 1ms"),
+        ("[queue]\nmax_attempts = 9223372036854775807\n", "queue.max_attempts", "too large"),
+        ("[vertex]\napi_endpoint = \"0s\"\n", "vertex.api_endpoint", "is not a host[:port]"),
+        ("[vertex]\napi_endpoint = \"http://127.0.0.1:70000\"\n", "vertex.api_endpoint", "is not a host[:port]"),
+        ("[queue]\n\"max\\nwait\" = 3\n", "queue.max\\nwait", "unknown key"),
     ],
 )
 def test_bad_values_name_the_file_key_and_reason(tmp_path, body, key, reason):
@@ -69,6 +85,20 @@ def test_bad_values_name_the_file_key_and_reason(tmp_path, body, key, reason):
     assert msg.startswith(f"{p}: {key}: "), msg
     assert reason in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:8080", "http://127.0.0.1:9", "https://[::1]:8443",
+                                      "europe-west4-aiplatform.googleapis.com", "fake-vertex:8080"])
+def test_real_endpoints_are_accepted(tmp_path, endpoint):
+    assert load(write(tmp_path, f"[vertex]\napi_endpoint = \"{endpoint}\"\n")).vertex.api_endpoint == endpoint
+
+
+def test_batchd_owned_names_match_the_store():
+    """The names config refuses for the app's columns and table are exactly the ones the migrations create."""
+    from batchd import config
+    from batchd.store import schema
+
+    assert {name for name, _ in schema._CHUNK_COLUMNS} == set(config.BATCHD_COLUMNS)
 
 
 def test_gemini_allows_big_batches(tmp_path):
@@ -88,6 +118,29 @@ def test_durations():
     assert parse_duration("500ms") == 0.5 and parse_duration("2d") == 172800
     with pytest.raises(ValueError):
         parse_duration("5 minutes")
+    assert parse_duration("1ms") == 0.001 and parse_duration("365d") == 365 * 86400
+    for absurd in ("0.0000001ms", "366d", "100000000000000000000d"):
+        with pytest.raises(ValueError):
+            parse_duration(absurd)
+
+
+@pytest.mark.parametrize("body, key", [
+    ("[database]\npath = \"/tmp/a\\u0000b.db\"\n", "database.path"),
+    ("[queue]\nsync_interval = \"100000000000000000000d\"\n", "queue.sync_interval"),
+])
+def test_run_exits_78_on_what_used_to_crash_it(tmp_path, batchd_env, body, key):
+    """`run` loads the config itself (its error is a log event on stdout for the journal): exit 78, one line,
+    no traceback, for the inputs that used to give ValueError/OverflowError tracebacks (exit 1)."""
+    import json
+
+    p = write(tmp_path, body)
+    r = subprocess.run([*batchd_cmd(), "--config", str(p), "run", "--once"], capture_output=True, text=True,
+                       env=batchd_env, timeout=60)
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "config.invalid" and f": {key}: " in event["error"]
 
 
 @pytest.mark.parametrize("command", [["stats"], ["check"], ["flush"], ["enqueue", "/dev/null"]])

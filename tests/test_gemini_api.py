@@ -48,9 +48,10 @@ def test_end_to_end(gworld) -> None:
 
     rows = w.store.chunks()
     bad = [r for r in rows if r["text"] in fail or r["text"] in drop]
-    assert {r["error_message"] for r in bad} == {"400 fake: content blocked", "missing from the job's output"}
+    assert {r["error_message"] for r in bad} == {"fake: content blocked", "missing from the job's output"}
     assert all(r["embedding_status"] == "PENDING" and r["attempts"] == 1 and r["batch_job_id"] is None for r in bad)
     assert_ready(w, [r for r in rows if r not in bad])
+    assert w.store.batch(1).unmatched_lines == 2  # the two garbage lines, counted, never applied
     assert w.store.batch(1).token_count == 6 * 298  # "tokenCount": "6" (a string) on each of the 298 answers
     # cleanup: the uploaded input, the result file and the finished batch are gone
     assert fake.files == {} and batch.deleted

@@ -87,22 +87,21 @@ def _values(blob: bytes) -> list[float]:
 
 def test_output_lines() -> None:
     lines = GeminiApiLines("RETRIEVAL_DOCUMENT", 2)
-    ok, cut = lines.parse(b'{"key": "a", "response": {"embedding": {"values": [3, 4, 12]}, "tokenCount": "7"}}')
-    assert ok.keys == ("a",) and ok.token_count == 7 and cut
+    ok = lines.parse(b'{"key": "a", "response": {"embedding": {"values": [3, 4, 12]}, "tokenCount": "7"}}')
+    assert ok.keys == ("a",) and ok.token_count == 7 and ok.cut and ok.answered_dims == 3
     assert _values(ok.vector) == pytest.approx([0.6, 0.8])  # cut to 2 and renormalised
-    ok, cut = lines.parse(b'{"key": "b", "response": {"embedding": {"values": [1, 1]}, "tokenCount": 3}}')
-    assert not cut and ok.token_count == 3 and _values(ok.vector) == pytest.approx([1 / math.sqrt(2)] * 2)
-    err, _ = lines.parse(b'{"key": "c", "error": {"code": 400, "message": "blocked", "status": "INVALID_ARGUMENT"}}')
-    assert err.error == "400 blocked" and err.vector is None
-    err, _ = lines.parse(b'{"key": "d", "status": {"code": 13, "message": "internal"}}')
-    assert err.error == "13 internal"
+    ok = lines.parse(b'{"key": "b", "response": {"embedding": {"values": [1, 1]}, "tokenCount": 3}}')
+    assert not ok.cut and ok.token_count == 3 and _values(ok.vector) == pytest.approx([1 / math.sqrt(2)] * 2)
+    err = lines.parse(b'{"key": "c", "error": {"code": 400, "message": "blocked", "status": "INVALID_ARGUMENT"}}')
+    assert err.error == "blocked" and err.vector is None
+    assert lines.parse(b'{"key": "d", "status": {"code": 13, "message": "internal"}}').error == "internal"
     for raw, reason in [(b'{"key": "e", "response": {}}', "no embedding"),
                         (b'{"key": "f", "response": {"embedding": {"values": [1]}}}', "expected 2"),
                         (b'{"key": "g", "response": {"embedding": {"values": [0, 0]}}}', "zero length"),
                         (b'{"key": "h", "response": {"embedding": {"values": [true, 1]}}}', "not numbers")]:
-        line, _ = lines.parse(raw)
+        line = lines.parse(raw)
         assert line.keys and reason in line.error, raw
     for raw in (b"{not json", b"[1, 2]", b'{"response": {"embedding": {"values": [1, 1]}}}'):
-        assert lines.parse(raw) == (None, False)
+        assert lines.parse(raw) is None
     full = GeminiApiLines("RETRIEVAL_DOCUMENT", 3072)
     assert not full.renormalise  # only the full 3,072-value output comes unit length

@@ -30,17 +30,19 @@ from batchd.manager import BatchManager
 from batchd.search import search
 from batchd.store import Store
 
+FROZEN = Path(__file__).parent / "data" / "frozen_docs"
 LOCAL = {"embedding": {"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 384},
          "local": {"slice_size": 16}}
 
 
 def sentences() -> list[str]:
-    """~200 real sentences: batchd's design notes, style guide, Vertex notes and config comments (frozen copies
-    shipped in batchd/demo_corpus)."""
+    """~200 real sentences: batchd's design notes, style guide, Vertex notes and config comments as they were on
+    2026-11-30 (tests/data/frozen_docs: frozen on purpose, so the paraphrase targets below stay put while the
+    living docs change)."""
     out: list[str] = []
     seen: set[str] = set()
     for name in ("design.md", "vertex.md", "style.md", "batchd.toml"):
-        text = resources.files("batchd.demo_corpus").joinpath(name).read_text(encoding="utf-8")
+        text = (FROZEN / name).read_text(encoding="utf-8")
         for chunk in (split_toml_comments(text) if name.endswith(".toml") else split_markdown(text)):
             for s in re.split(r"(?<=[.!?;])\s+", chunk):
                 if len(s.split()) >= 5 and s not in seen:
@@ -281,3 +283,37 @@ def test_sigkill_during_a_local_job_then_restart_finishes_every_chunk_once(
     assert read[0]["replayed"] == 30 and read[0]["computed"] == 90  # resumed, not redone
     all_ready_once(store, 120)
     assert BatchManager(store, backend, cfg).sync_status().applied == 0  # a second sync changes nothing
+
+
+def test_odd_vectors_in_the_output_never_reach_chunks_vec(local: Callable[..., Any]) -> None:
+    """Issue 9 item 8, local backend: vectors replayed from a job's output file (or computed) go through
+    fit_vector: +inf, NaN and all-zero vectors become error lines for their chunks, never rows of chunks_vec.
+    Every line is replayed here, so the model is never loaded."""
+    import base64
+
+    cfg, store, backend = local()
+    manager = BatchManager(store, backend, cfg)
+    texts = ["fine", "infinite", "not a number", "all zeros"]
+    manager.enqueue([(None, t) for t in texts])
+    [batch_id] = manager.flush_queue().created
+    job = store.batch(batch_id).google_job_id
+    inp = cfg.state_dir / (job + ".in.jsonl")
+    good = np.full(384, 0.05, dtype="<f4")
+    odd = {"fine": good, "infinite": np.where(np.arange(384) == 3, np.inf, 0.05).astype("<f4"),
+           "not a number": np.where(np.arange(384) == 9, np.nan, 0.05).astype("<f4"),
+           "all zeros": np.zeros(384, dtype="<f4")}
+    with open(cfg.state_dir / (job + ".out.jsonl"), "wb") as out:
+        for raw in inp.read_text().splitlines():
+            line = json.loads(raw)
+            vec = base64.b64encode(odd[line["text"]].tobytes()).decode()
+            out.write((json.dumps({"key": line["key"], "vector": vec}) + "\n").encode())
+    manager.sync_status()
+    rows = {c["text"]: c for c in store.chunks()}
+    assert rows["fine"]["embedding_status"] == "READY"
+    assert store.vector(rows["fine"]["id"]) == good.tobytes()
+    assert store.vector_count() == 1
+    for text, reason in (("infinite", "embedding values are not finite"),
+                         ("not a number", "embedding values are not finite"),
+                         ("all zeros", "vector has zero length (norm 0)")):
+        assert (rows[text]["embedding_status"], rows[text]["attempts"], rows[text]["error_message"]) == \
+            ("PENDING", 1, reason), rows[text]

@@ -69,7 +69,7 @@ def test_happy_path_out_of_order_every_chunk_ready_with_its_vector(world):
     again = w.manager.sync_status()
     assert again.applied == 0 and again.checked == 0
     assert snapshot(w) == before
-    assert w.manager.get_queue_stats() == {"pending": 0, "running": 0, "ready": 300, "failed": 0,
+    assert w.manager.get_queue_stats() == {"pending": 0, "running": 0, "ready": 300, "failed": 0, "truncated": 0,
                                            "batches": {"PENDING": 0, "RUNNING": 0, "COMPLETED": 1, "FAILED": 0}}
 
 

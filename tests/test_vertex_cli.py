@@ -64,7 +64,7 @@ def test_cli_on_vertex(tmp_path: Path, fake_vertex, gcs) -> None:
     try:
         rows = store.chunks()
         assert [r["embedding_status"] for r in rows] == ["READY"] * 50
-        assert all(store.vector(r["id"]) == fake_vector(r["text"], 8) for r in rows)
+        assert all(store.vector(r["id"]) == fake_vector(r["text"], 8, unit=True) for r in rows)  # Gemini: unit
     finally:
         store.close()
 

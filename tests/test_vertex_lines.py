@@ -3,6 +3,7 @@ the UNCONFIRMED variants and broken lines."""
 
 from __future__ import annotations
 
+import math
 from array import array
 
 import orjson
@@ -35,7 +36,7 @@ CLASSIC_OK = {"instance": {"content": "hi", "task_type": "RETRIEVAL_DOCUMENT"},
 
 
 def test_classic_success_maps_by_echoed_content() -> None:
-    assert backend("text-embedding-005").parse(line(CLASSIC_OK)) == ResultLine((key("hi"),), BLOB, None, 3)
+    assert backend("text-embedding-005").parse(line(CLASSIC_OK)) == ResultLine((key("hi"),), BLOB, None, 3, answered_dims=4)
 
 
 def test_classic_echo_without_task_type_uses_the_configured_one() -> None:
@@ -54,11 +55,17 @@ def test_classic_echo_without_task_type_uses_the_configured_one() -> None:
 ])
 def test_classic_failed_lines(obj: dict, error: str) -> None:
     r = backend("text-embedding-005").parse(line(obj))
-    assert r == ResultLine((key("hi"),), None, error)
+    assert (r.keys, r.vector, r.error) == ((key("hi"),), None, error)
 
 
 GEMINI_REQ = {"content": {"parts": [{"text": "hi"}]},
               "embed_content_config": {"task_type": "RETRIEVAL_DOCUMENT", "output_dimensionality": DIMS}}
+
+
+def unit(values: list[float]) -> bytes:
+    vec = array("f", values)
+    norm = math.hypot(*vec)
+    return array("f", [v / norm for v in vec]).tobytes()
 
 
 @pytest.mark.parametrize("response", [
@@ -66,14 +73,86 @@ GEMINI_REQ = {"content": {"parts": [{"text": "hi"}]},
     {"embeddings": [{"values": VALUES}]},  # the UNCONFIRMED alternative shape
 ])
 def test_gemini_success_maps_by_key(response: dict) -> None:
+    """A Gemini vector smaller than 3,072 does not come normalised: batchd renormalises it."""
     obj = {"key": "k1", "request": GEMINI_REQ, "response": response, "status": ""}
-    assert backend("gemini-embedding-001").parse(line(obj)) == ResultLine(("k1",), BLOB)
+    assert backend("gemini-embedding-001").parse(line(obj)) == ResultLine(("k1",), unit(VALUES), answered_dims=4)
 
 
 def test_gemini_without_key_falls_back_to_the_request_text() -> None:
     obj = {"request": GEMINI_REQ, "response": {"embedding": {"values": VALUES}}}
     r = backend("gemini-embedding-001").parse(line(obj))
-    assert r.keys == (key("hi", "gemini-embedding-001"),) and r.vector == BLOB
+    assert r.keys == (key("hi", "gemini-embedding-001"),) and r.vector == unit(VALUES)
+
+
+def test_gemini_parent_vector_is_cut_and_renormalised() -> None:
+    """Vertex batch answers the 3,072-value parent vector for a smaller output_dimensionality (issue 10.1)."""
+    parent = [0.01 * ((i % 7) - 3) for i in range(3072)]
+    parent[:4] = [0.3, -0.4, 0.0, 0.0]
+    obj = {"key": "k1", "request": GEMINI_REQ, "response": {"tokenCount": "2", "embedding": {"values": parent}}}
+    r = backend("gemini-embedding-001").parse(line(obj))
+    assert r.error is None and r.cut and r.answered_dims == 3072
+    assert r.vector == array("f", [0.6, -0.8, 0.0, 0.0]).tobytes()
+    assert r.token_count == 2  # an int64 tokenCount arrives as a JSON string (issue 10.4)
+
+
+def test_classic_longer_vector_is_cut_and_renormalised_exact_length_kept() -> None:
+    obj = dict(CLASSIC_OK, predictions=[{"embeddings": {"values": [3.0, 0.0, 0.0, 4.0, 9.0, 9.0]}}])
+    r = backend("text-embedding-005").parse(line(obj))
+    assert r.cut and r.vector == array("f", [0.6, 0.0, 0.0, 0.8]).tobytes()
+    assert backend("text-embedding-005").parse(line(CLASSIC_OK)).vector == BLOB  # classic: kept as answered
+
+
+@pytest.mark.parametrize("values, error", [
+    ([1e39, 0.0, 0.0, 0.0], "embedding values are not finite"),
+    ([True, False, True, True], "embedding values are not numbers"),
+    ([0.0, 0.0, 0.0, 0.0], "vector has zero length (norm 0)"),
+    ([None, 1.0, 1.0, 1.0], "embedding values are not numbers"),
+    ([], "empty vector"),
+])
+@pytest.mark.parametrize("model", ["text-embedding-005", "gemini-embedding-001"])
+def test_odd_vectors_are_error_lines(values: list, error: str, model: str) -> None:
+    """Issue 9 item 8: never stored as +inf, 1.0s or zeros."""
+    if model.startswith("gemini"):
+        obj = {"key": key("hi"), "request": GEMINI_REQ, "response": {"embedding": {"values": values}}}
+    else:
+        obj = dict(CLASSIC_OK, predictions=[{"embeddings": {"values": values}}])
+    r = backend(model).parse(line(obj))
+    assert r.vector is None and r.error == error and r.keys == (key("hi"),)
+
+
+def test_truncated_statistics_and_token_counts() -> None:
+    stats = {"token_count": "2048", "truncated": True}
+    obj = dict(CLASSIC_OK, predictions=[{"embeddings": {"statistics": stats, "values": VALUES}}])
+    r = backend("text-embedding-005").parse(line(obj))
+    assert r.truncated and r.token_count == 2048
+    assert not backend("text-embedding-005").parse(line(CLASSIC_OK)).truncated
+
+
+@pytest.mark.parametrize("obj, error", [
+    # an errors-file line that is the bare instance plus "error"
+    ({"content": "hi", "task_type": "RETRIEVAL_DOCUMENT", "error": {"code": 3, "message": "bad"}}, "bad"),
+    # an error with only a status
+    ({"instance": {"content": "hi"}, "error": {"status": "INVALID_ARGUMENT"}}, "INVALID_ARGUMENT"),
+    ({"instance": {"content": "hi"}, "status": {"code": 8, "message": "quota"}}, "quota"),
+])
+def test_alternative_error_shapes(obj: dict, error: str) -> None:
+    assert backend("text-embedding-005").parse(line(obj)) == ResultLine((key("hi"),), None, error)
+
+
+def test_singular_prediction_object() -> None:
+    obj = {"instance": {"content": "hi"}, "prediction": {"embeddings": {"values": VALUES}}}
+    assert backend("text-embedding-005").parse(line(obj)).vector == BLOB
+
+
+@pytest.mark.parametrize("instance", [
+    {"content": "hi", "task_type": "retrieval_document"},
+    {"content": "hi", "taskType": "RETRIEVAL_DOCUMENT"},
+    {"content": "hi", "task_type": "RETRIEVAL_QUERY"},
+])
+def test_echoed_task_type_spelling_never_changes_the_key(instance: dict) -> None:
+    """Hash with the configured task type (the only one sent), never with an echoed spelling."""
+    obj = dict(CLASSIC_OK, instance=instance)
+    assert backend("text-embedding-005").parse(line(obj)).keys == (key("hi"),)
 
 
 def test_gemini_failed_line() -> None:

@@ -46,7 +46,10 @@ class JobState(enum.Enum):
 
     @property
     def has_results(self) -> bool:
-        """True for final states whose output files should be read."""
+        """True for the final states that count as success (the batch ends COMPLETED).
+
+        Not the only states with output: a job that ended FAILED, CANCELLED or EXPIRED may have exported (and
+        billed) rows; its output is read too when :attr:`JobInfo.output` names one."""
         return self in (JobState.SUCCEEDED, JobState.PARTIALLY_SUCCEEDED)
 
 
@@ -78,7 +81,7 @@ class JobInfo:
     error: str | None = None
     succeeded: int | None = None
     failed: int | None = None
-    output: str | None = None  # where results live (a gs:// folder, a file path)
+    output: str | None = None  # where results live (a gs:// folder, a file path); also for a failed job that exported
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,22 +90,33 @@ class ResultLine:
 
     ``keys`` are the content hashes the line answers (classic Vertex lines answer
     every row with the same text). Exactly one of ``vector`` / ``error`` is set.
-    ``vector`` is a little-endian float32 blob of length ``4 * dimensions``.
+    ``vector`` is a little-endian float32 blob of length ``4 * dimensions`` (made by
+    :func:`batchd.vectors.fit_vector`). A line with no ``keys`` is an output line that names no row
+    (unparseable, or not tied to any text): it changes no chunk and is counted as unmatched.
+    ``token_count`` is what the service billed for the line's input, when it says; ``truncated`` that the
+    service cut the input to its token limit; ``answered_dims`` the vector length it answered with and
+    ``cut`` whether that was longer than asked (and so cut and renormalised).
     """
 
     keys: tuple[str, ...]
     vector: bytes | None = None
     error: str | None = None
     token_count: int | None = None
+    truncated: bool = False
+    answered_dims: int | None = None
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """One line of ``batchd check``: what was checked, whether it passed, and why not."""
+    """One line of ``batchd check``: what was checked, whether it passed, and why not.
+
+    ``warning``: it passed, but something deserves the operator's attention (printed ``warn``; exit 0)."""
 
     name: str
     ok: bool
     detail: str = ""
+    warning: bool = False
 
 
 class BackendError(BatchdError):
@@ -161,8 +175,10 @@ class Backend(Protocol):
     def results(self, job_name: str, progress: Progress = _noop) -> Iterator[ResultLine]:
         """Stream every result line of a finished job, in any order, in bounded memory.
 
-        Lines that cannot be parsed are skipped (their rows count as missing). May be called
-        again from the start after an interruption.
+        Called for every final job that has results or names an output (see :attr:`JobState.has_results`).
+        A line that cannot be tied to any row is yielded with no keys (counted as unmatched; its rows count
+        as missing). Vectors go through :func:`batchd.vectors.fit_vector`. May be called again from the start
+        after an interruption.
         """
 
     def cancel(self, job_name: str) -> None:

@@ -65,6 +65,7 @@ from batchd.backends.gemini_api_client import (
 )
 from batchd.backends.gemini_api_lines import GeminiApiLines
 from batchd.backends.models import GEMINI_API_SERVICE
+from batchd.faults import crash_point
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,6 +128,7 @@ class GeminiApiBackend:
         display name and adopted, else BackendError.
         """
         file_name = self._ensure_input(batch_id, items, progress)
+        crash_point("submit.uploaded")
         from google.genai import _common
 
         try:
@@ -307,25 +309,18 @@ class GeminiApiBackend:
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=".batchd-gemini-") as tmp:
             path = Path(tmp) / "results.jsonl"
             self._download(file_name, path, progress)
-            n = cut = unmatched = 0
             with path.open("rb") as f:
-                for raw in f:
-                    n += 1
-                    if n % PROGRESS_LINES == 0:
+                for lineno, raw in enumerate(f, 1):
+                    if lineno % PROGRESS_LINES == 0:
                         progress()
                     if not raw.strip():
                         continue
-                    line, was_cut = self.lines.parse(raw)
-                    if line is None:
-                        unmatched += 1
-                        continue
-                    cut += was_cut
+                    line = self.lines.parse(raw)
+                    if line is None:  # yielded without keys: the manager counts it as unmatched
+                        log.warning("job.output_malformed", google_job_id=job_name, file=file_name, line=lineno)
+                        line = ResultLine((), error=f"{file_name}:{lineno}: an output line tied to no row")
                     yield line
             progress()
-        if cut:
-            log.info("job.vectors_cut", google_job_id=job_name, vectors=cut, dimensions=self.dimensions)
-        if unmatched:
-            log.warning("job.output_malformed", google_job_id=job_name, file=file_name, lines=unmatched)
 
     def _download(self, file_name: str, path: Path, progress: Progress) -> None:
         def once() -> None:
@@ -386,8 +381,8 @@ class GeminiApiBackend:
     def live_notes(self) -> list[str]:
         """What is not settled by a primary source, for the first real run to look at (``check --live``)."""
         return [
-            "where an output line's token count sits: response.tokenCount (a string) is read, then "
-            "response.usageMetadata.promptTokenCount; 'token counts' above shows which one came",
+            "where an output line's token count sits: response.tokenCount (an int64, so a string) is read; "
+            "'token counts' above shows whether it came",
             "whether a FAILED or EXPIRED batch exports a result file (undocumented): batchd reads one whenever "
             "the batch names it",
             "input lines carry task_type and output_dimensionality flat in the request (Google's Sept 2025 "

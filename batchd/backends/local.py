@@ -37,6 +37,7 @@ import json
 import os
 import re
 import threading
+from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ from batchd.backends import (
 from batchd.backends.models import is_google_model
 from batchd.config import ConfigError
 from batchd.errors import one_line
+from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.config import Config
@@ -181,7 +183,7 @@ class LocalBackend:
             raise BackendError(f"cannot read local job input {inp}: {e.strerror or e}") from None
         with fin, _locked_output(out) as fout:
             done = 0
-            for line in _replay(fin, fout):
+            for line in _replay(fin, fout, self.config.embedding.dimensions):
                 done += 1
                 yield line
                 if done % slice_size == 0:
@@ -194,14 +196,14 @@ class LocalBackend:
                 vectors = self._embed([it.text for it in batch], query=False)
                 fout.write(b"".join(
                     orjson.dumps({"key": it.key, "vector": base64.b64encode(v).decode()}) + b"\n"
-                    for it, v in zip(batch, vectors)))
+                    for it, v in zip(batch, vectors)))  # as computed: checked below, on replay too
                 fout.flush()
                 os.fsync(fout.fileno())
                 computed += len(batch)
                 log.debug("local.slice_embedded", job=job_name, texts=len(batch), computed=computed, replayed=done)
                 progress()
                 for it, v in zip(batch, vectors):
-                    yield ResultLine(keys=(it.key,), vector=v)
+                    yield _checked(it.key, v, self.config.embedding.dimensions)
             log.info("local.job_read", job=job_name, replayed=done, computed=computed)
 
     def cancel(self, job_name: str) -> None:
@@ -222,8 +224,13 @@ class LocalBackend:
             p.unlink(missing_ok=True)
 
     def embed_query(self, text: str) -> bytes:
-        """Embed one search query (the model's "query" prompt when it has one); a normalized float32 blob."""
-        return self._embed([text], query=True)[0]
+        """Embed one search query (the model's "query" prompt when it has one); a normalized float32 blob.
+
+        Raises BackendError when the model answers a vector :func:`fit_vector` refuses."""
+        line = _checked("query", self._embed([text], query=True)[0], self.config.embedding.dimensions)
+        if line.vector is None:
+            raise BackendError(f"the local model returned an unusable query vector: {line.error}")
+        return line.vector
 
     def check(self) -> list[CheckResult]:
         out = [CheckResult("local model", True, f"{self.model_name} at {self.model_path}"),
@@ -374,7 +381,19 @@ def _locked_output(path: Path) -> Iterator[IO[bytes]]:
         f.close()
 
 
-def _replay(fin: IO[bytes], fout: IO[bytes]) -> Iterator[ResultLine]:
+def _checked(key: str, blob: bytes, dimensions: int) -> ResultLine:
+    """A computed (or replayed) float32 blob through :func:`fit_vector`: NaN/inf/zero vectors and wrong
+    lengths become an error line for their rows, never a row in chunks_vec (issue 9 item 8)."""
+    if len(blob) % 4:
+        return ResultLine((key,), error=f"vector of {len(blob)} bytes is not float32")
+    try:
+        vec, cut = fit_vector(array("f", blob).tolist(), dimensions)
+    except VectorError as e:
+        return ResultLine((key,), error=str(e))
+    return ResultLine((key,), vector=vec, answered_dims=len(blob) // 4, cut=cut)
+
+
+def _replay(fin: IO[bytes], fout: IO[bytes], dimensions: int) -> Iterator[ResultLine]:
     """Yield the output lines that match the input line by line; truncate the output at the first that does
     not (a line torn by a kill, or output left from another input). Leaves ``fin`` after the last match."""
     good = 0
@@ -384,7 +403,7 @@ def _replay(fin: IO[bytes], fout: IO[bytes]) -> Iterator[ResultLine]:
             break
         pos = fin.tell()
         in_line = fin.readline()
-        parsed = _parse_output(out_line, in_line)
+        parsed = _parse_output(out_line, in_line, dimensions)
         if parsed is None:
             fin.seek(pos)
             break
@@ -394,16 +413,17 @@ def _replay(fin: IO[bytes], fout: IO[bytes]) -> Iterator[ResultLine]:
     fout.seek(good)
 
 
-def _parse_output(out_line: bytes, in_line: bytes) -> ResultLine | None:
+def _parse_output(out_line: bytes, in_line: bytes, dimensions: int) -> ResultLine | None:
     if not out_line.endswith(b"\n") or not in_line:
         return None
     try:
         out, inp = orjson.loads(out_line), orjson.loads(in_line)
         if out["key"] != inp["key"]:
             return None
-        return ResultLine(keys=(out["key"],), vector=base64.b64decode(out["vector"], validate=True))
+        blob = base64.b64decode(out["vector"], validate=True)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
+    return _checked(out["key"], blob, dimensions)
 
 
 def _read_items(fin: IO[bytes], n: int) -> list[Item]:

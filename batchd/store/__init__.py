@@ -7,6 +7,8 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 - intake.py      enqueue, hashing, copying known vectors, claiming a batch, its items
 - results.py     applying results, finishing / cancelling a batch, retry: every later chunk state change
 - reads.py       queue counts, batches, failure reasons, search
+- ledger.py      the cost ledger: what each batch sent, answered and cost; spend for budgets; metric totals
+- problems.py    what a failure of the file means: busy, disk full, damaged, read-only (one line each)
 """
 
 from __future__ import annotations
@@ -22,17 +24,28 @@ from batchd.store.connection import (
     quote_ident,
 )
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
+from batchd.store.ledger import FAILURE_REASONS, LedgerMixin, ModelLedger, Sent
+from batchd.store.problems import (
+    Damaged,
+    DatabaseBusy,
+    DiskFull,
+    ReadOnly,
+    describe_problem,
+    explain,
+    is_sqlite_error,
+)
 from batchd.store.reads import BatchRow, ReadsMixin
 from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
 
 
-class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, StoreBase):
+class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, LedgerMixin, StoreBase):
     """One SQLite connection to the shared database file, with batchd's schema in place."""
 
 
 __all__ = [
     "ENQUEUE_SLICE",
+    "FAILURE_REASONS",
     "HASH_SLICE",
     "IN_SLICE",
     "SCHEMA_VERSION",
@@ -40,11 +53,20 @@ __all__ = [
     "ApplyCounts",
     "BatchRow",
     "Busy",
+    "Damaged",
+    "DatabaseBusy",
+    "DiskFull",
     "EnqueueCounts",
+    "ModelLedger",
+    "ReadOnly",
+    "Sent",
     "Store",
     "StoreBase",
     "StoreError",
     "_sqlite_module",
+    "describe_problem",
+    "explain",
+    "is_sqlite_error",
     "iso",
     "lock_path",
     "parse_iso",

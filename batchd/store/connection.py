@@ -122,14 +122,18 @@ class StoreBase:
         self.instance_id = ""
         self._lock_file: Any = None
         self._lock_depth = 0
+        self._wrote = False  # a write transaction ran: close() may then run PRAGMA optimize
 
     @classmethod
     def open(cls, config: Config, *, create: bool = True) -> Store:
         """Connect (WAL, busy_timeout, foreign keys, sqlite-vec) and create or migrate the schema.
 
         Raises StoreError with a one-line reason (no extension support, unreadable file, a chunks_vec
-        of another dimension, an app table lacking the configured columns).
+        of another dimension, an app table lacking the configured columns); the subclasses of
+        batchd.store.problems for a busy, full, damaged or read-only database.
         """
+        from batchd.store.problems import explain
+
         sqlite = _sqlite_module()
         path = config.database.path
         if path != ":memory:":
@@ -144,7 +148,7 @@ class StoreBase:
         try:
             conn = sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         except sqlite.Error as e:
-            raise StoreError(f"cannot open database {path}: {e}") from None
+            raise explain(e, path) or StoreError(f"cannot open database {path}: {e}") from None
         try:
             _load_vec(conn)
             conn.execute("PRAGMA busy_timeout = 10000")
@@ -160,7 +164,7 @@ class StoreBase:
             store._migrate()  # type: ignore[attr-defined]
         except sqlite.DatabaseError as e:
             conn.close()
-            raise StoreError(f"cannot use database {path}: {e}") from None
+            raise explain(e, path) or StoreError(f"cannot use database {path}: {e}") from None
         except BaseException:
             conn.close()
             raise
@@ -193,8 +197,15 @@ class StoreBase:
                 raise Busy(f"another batchd process (pid {holder}) is flushing or syncing {path}; "
                            "try again when it is done") from None
             self._lock_file = f
-            f.seek(0)
-            self._write_lock_file(_parse_claimed(f.read()))
+            try:
+                f.seek(0)
+                self._write_lock_file(_parse_claimed(f.read()))
+            except BaseException:
+                # A full disk, say: let go of the lock, or this process would hold it against itself for good
+                # (every later step "busy" with its own leaked descriptor).
+                self._lock_file = None
+                f.close()
+                raise
         self._lock_depth += 1
         try:
             yield
@@ -224,21 +235,33 @@ class StoreBase:
             self._write_lock_file((self.instance_id, batch_id))
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.execute("PRAGMA optimize")
+        """Close the connection. Never waits for the write lock: a reader (stats, jobs, search) must not be held
+        up by the application's long transaction, so PRAGMA optimize (which may write statistics) runs only
+        after this connection wrote, and gives up at once if the lock is taken."""
+        if self._wrote:
+            with contextlib.suppress(Exception):
+                self._conn.execute("PRAGMA busy_timeout = 0")
+                self._conn.execute("PRAGMA optimize")
         self._conn.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (also when COMMIT itself fails).
+
+        The exception that caused the rollback is the one raised: on a full disk SQLite may already have rolled
+        back by itself, and "no transaction is active" would hide the reason. The connection is left usable
+        (no transaction open) either way, so a daemon can try again once the problem is gone.
+        """
+        self._wrote = True
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        else:
             self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                with contextlib.suppress(Exception):
+                    self._conn.execute("ROLLBACK")
+            raise
 
     @property
     def sqlite_module(self) -> Any:

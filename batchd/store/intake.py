@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from batchd.backends import Item
+from batchd.pricing import billable_characters
 from batchd.store.connection import StoreBase, iso
 
 HASH_SLICE = 5_000
@@ -140,7 +141,7 @@ class IntakeMixin(StoreBase):
         t, i = self.q_table, self.q_id
         copied = 0
         find = (
-            f"SELECT p.{i}, r.{i} FROM {t} p JOIN {t} r ON r.content_hash = p.content_hash "
+            f"SELECT p.{i}, r.{i}, p.{self.q_text} FROM {t} p JOIN {t} r ON r.content_hash = p.content_hash "
             f"AND r.embedding_status = 'READY' "
             f"WHERE p.embedding_status = 'PENDING' AND p.batch_job_id IS NULL AND p.content_hash IS NOT NULL "
             f"GROUP BY p.{i} LIMIT 2000"
@@ -151,14 +152,21 @@ class IntakeMixin(StoreBase):
                 pairs = c.execute(find).fetchall()
                 if not pairs:
                     break
-                vecs = []
-                for dst, src in pairs:
+                vecs, sources = [], []
+                chars = billable = 0
+                for dst, src, text in pairs:
                     row = c.execute("SELECT embedding FROM chunks_vec WHERE chunk_id = ?", (src,)).fetchone()
                     if row is not None:
                         vecs.append((dst, row[0]))
+                        sources.append((src, dst))
+                        chars += len(text)
+                        billable += billable_characters(text)
                 if not vecs:
                     break
                 self._write_vectors(c, vecs, stamp)
+                c.executemany(f"UPDATE {t} SET truncated = (SELECT truncated FROM {t} WHERE {i} = ?) WHERE {i} = ?",
+                              sources)  # a copy of a vector made from a truncated input is one too
+                self._add_copies(c, now, len(vecs), chars, billable)  # type: ignore[attr-defined]
                 copied += len(vecs)
             if len(pairs) < 2000:
                 break
@@ -236,3 +244,56 @@ class IntakeMixin(StoreBase):
                 "WHERE id = ? AND status IN ('PENDING', 'RUNNING')",
                 (job_name, input_uri, output_uri, iso(now), batch_id))
             return cur.rowcount > 0
+
+    # ------------------------------------------------------------------ sizing (budget, size limits, estimate)
+
+    def _claimable_where(self) -> str:
+        t = self.q_table
+        return (f"p.embedding_status = 'PENDING' AND p.batch_job_id IS NULL AND p.content_hash IS NOT NULL "
+                f"AND NOT EXISTS (SELECT 1 FROM {t} f WHERE f.content_hash = p.content_hash "
+                f"AND +f.batch_job_id IS NOT NULL)")
+
+    def claimable_texts(self, limit: int) -> Iterator[tuple[str, str]]:
+        """(content_hash, text) of the chunks the next :meth:`claim_batch` would take, in its order (streamed)."""
+        cur = self._conn.execute(
+            f"SELECT p.content_hash, p.{self.q_text} FROM {self.q_table} p WHERE {self._claimable_where()} "
+            f"ORDER BY p.{self.q_id} LIMIT ?", (limit,))
+        yield from cur
+
+    def pending_texts(self) -> Iterator[tuple[str | None, object]]:
+        """(content_hash or None when not hashed yet, text) of every chunk waiting for a batch (streamed)."""
+        cur = self._conn.execute(
+            f"SELECT content_hash, {self.q_text} FROM {self.q_table} "
+            "WHERE embedding_status = 'PENDING' AND batch_job_id IS NULL")
+        yield from cur
+
+    def hashes_with_vectors(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` that some READY chunk holds (their chunks would be copied locally)."""
+        return self._hashes_where(keys, "embedding_status = 'READY'")
+
+    def hashes_in_flight(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` that a chunk in a batch holds (their chunks wait for that batch's vector)."""
+        return self._hashes_where(keys, "embedding_status = 'PENDING' AND batch_job_id IS NOT NULL")
+
+    def _hashes_where(self, keys: list[str], cond: str) -> set[str]:
+        out: set[str] = set()
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            out.update(r[0] for r in self._conn.execute(
+                f"SELECT DISTINCT content_hash FROM {self.q_table} WHERE {cond} "
+                f"AND content_hash IN ({', '.join('?' * len(part))})", part))
+        return out
+
+    def fail_too_long(self, max_characters: int, reason: str) -> int:
+        """Pending chunks whose text is longer than ``max_characters`` become FAILED with ``reason``."""
+        with self.transaction() as c:
+            return int(c.execute(
+                f"UPDATE {self.q_table} SET embedding_status = 'FAILED', error_message = ? "
+                f"WHERE embedding_status = 'PENDING' AND batch_job_id IS NULL AND length({self.q_text}) > ?",
+                (reason[:2000], max_characters)).rowcount)
+
+    def count_too_long(self, batch_id: int, max_characters: int) -> int:
+        """Chunks of a batch whose text is longer than ``max_characters`` (sent; the service truncates them)."""
+        return int(self._conn.execute(
+            f"SELECT count(*) FROM {self.q_table} WHERE batch_job_id = ? AND length({self.q_text}) > ?",
+            (batch_id, max_characters)).fetchone()[0])

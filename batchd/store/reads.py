@@ -1,12 +1,17 @@
-"""Reads: queue counts, batches, failure reasons and KNN search. Nothing here writes or takes the write lock."""
+"""Reads: queue counts, batches, failure reasons, KNN search, the file's integrity check. Nothing here writes or
+takes the write lock."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from batchd.store.connection import StoreBase
+
+INTEGRITY_FULL_BELOW = 512 * 1024 * 1024  # bytes; a full integrity_check of a bigger file takes minutes
+INTEGRITY_MAX_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -26,11 +31,12 @@ class BatchRow:
     created_at: str
     updated_at: str
     finished_at: str | None
+    unmatched_lines: int = 0  # output lines of the job that named no row
 
 
 _BATCH_COLS = ("id", "google_job_id", "status", "total_chunks", "completed_chunks", "failed_chunks", "error_message",
                "model", "input_uri", "output_uri", "remote_state", "token_count", "created_at", "updated_at",
-               "finished_at")
+               "finished_at", "unmatched_lines")
 
 
 class ReadsMixin(StoreBase):
@@ -65,13 +71,14 @@ class ReadsMixin(StoreBase):
             f"(SELECT count(*) FROM {t} WHERE embedding_status = 'PENDING'), "
             f"(SELECT count(*) FROM {t} WHERE embedding_status = 'PENDING' AND batch_job_id IS NOT NULL), "
             f"(SELECT count(*) FROM {t} WHERE embedding_status = 'FAILED'), "
-            f"(SELECT count(*) FROM {t})").fetchone()
+            f"(SELECT count(*) FROM {t}), "
+            f"(SELECT count(*) FROM {t} WHERE truncated = 1 AND embedding_status = 'READY')").fetchone()
         batches = {"PENDING": 0, "RUNNING": 0, "COMPLETED": 0, "FAILED": 0}
         for status, n in self._conn.execute("SELECT status, count(*) FROM batch_jobs GROUP BY status"):
             batches[status] = n
-        all_pending, running, failed, total = row
+        all_pending, running, failed, total, truncated = row
         return {"pending": all_pending - running, "running": running, "ready": total - all_pending - failed,
-                "failed": failed, "batches": batches}
+                "failed": failed, "truncated": truncated, "batches": batches}
 
     def chunk(self, chunk_id: int) -> dict[str, Any] | None:
         cur = self._conn.execute(
@@ -115,3 +122,23 @@ class ReadsMixin(StoreBase):
             "WHERE embedding_status = 'FAILED' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?", (limit,)).fetchall()
         return [(str(r[0]), int(r[1])) for r in rows]
 
+
+    def integrity(self, full_below_bytes: int = INTEGRITY_FULL_BELOW) -> tuple[str, list[str]]:
+        """SQLite's own check of the file: ``integrity_check`` (every b-tree, index and constraint) for files up
+        to ``full_below_bytes``, ``quick_check`` (the same without cross-checking indexes; linear time) above.
+
+        Returns (which check ran, problems found, at most INTEGRITY_MAX_PROBLEMS); no problems = the file is whole.
+        A read: never takes the write lock.
+        """
+        path = self.config.database.path
+        try:
+            size = os.path.getsize(path) if path != ":memory:" else 0
+        except OSError:
+            size = 0
+        pragma = "integrity_check" if size < full_below_bytes else "quick_check"
+        rows = self._conn.execute(f"PRAGMA {pragma}({INTEGRITY_MAX_PROBLEMS})").fetchall()
+        # A row may hold several lines; "*** in database main ***" heads the problems of a database and is not
+        # one itself.
+        lines = [line.strip() for r in rows for line in str(r[0]).splitlines()]
+        found = [line for line in lines if line and line.lower() != "ok" and not line.startswith("***")]
+        return pragma, found

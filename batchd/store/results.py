@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchd.backends import ResultLine
+from batchd.pricing import billable_characters
 from batchd.store.connection import StoreBase, iso
 from batchd.store.spool import Spool, spool_path, wipe_spools
 
@@ -47,6 +48,8 @@ class ApplyCounts:
     errored: int = 0  # chunks sent back for retry (or FAILED) because their line failed
     failed: int = 0  # of those, chunks that reached max_attempts
     tokens: int = 0
+    unmatched: int = 0  # lines that named no row: no key, or a key no chunk of the table has
+    truncated: int = 0  # chunks that became READY from an input the service truncated
 
 
 class ResultsMixin(StoreBase):
@@ -74,11 +77,16 @@ class ResultsMixin(StoreBase):
         vec_size = 4 * self.dimensions
         ok_keys: list[tuple[str, bytes]] = []
         err_keys: list[tuple[str, str]] = []
-        tokens = 0
+        cut_keys: set[str] = set()
+        tokens = unmatched = 0
         for line in lines:
-            if line.vector is not None and len(line.vector) == vec_size:
+            if not line.keys:
+                unmatched += 1
+            elif line.vector is not None and len(line.vector) == vec_size:
                 ok_keys.extend((k, line.vector) for k in line.keys)
                 tokens += line.token_count or 0
+                if line.truncated:
+                    cut_keys.update(line.keys)
             else:
                 reason = line.error or (
                     f"vector has {len(line.vector) // 4} dimensions, expected {self.dimensions}"
@@ -92,17 +100,24 @@ class ResultsMixin(StoreBase):
         with self.transaction() as c:
             # One IN query per IN_SLICE keys (through the batch index), not one SELECT per key.
             vecs: list[tuple[int, bytes]] = []
+            trunc: list[int] = []
+            matched: set[str] = set()
             for start in range(0, len(keys), IN_SLICE):
                 part = keys[start:start + IN_SLICE]
                 rows = c.execute(
                     f"SELECT {i}, content_hash FROM {t} WHERE batch_job_id = ? AND embedding_status = 'PENDING' "
                     f"AND content_hash IN ({', '.join('?' * len(part))})", (batch_id, *part))
-                vecs.extend((cid, blobs[key]) for cid, key in rows)
+                found = [(cid, key) for cid, key in rows]
+                vecs.extend((cid, blobs[key]) for cid, key in found)
+                trunc.extend(cid for cid, key in found if key in cut_keys)
+                matched.update(key for _, key in found)
             vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
             seen: set[str] = set(keys)
             if vecs:
                 self._write_vectors(c, vecs, stamp)
                 applied = len(vecs)
+            if trunc:
+                c.executemany(f"UPDATE {t} SET truncated = 1 WHERE {i} = ?", [(cid,) for cid in trunc])
             for key, reason in err_keys:
                 if key in seen:
                     continue  # a success for the same text already landed in this slice
@@ -111,11 +126,36 @@ class ResultsMixin(StoreBase):
                                           (batch_id, key), reason, max_attempts)
                 errored += e
                 failed += f
+                if e:
+                    matched.add(key)
+            unmatched += self._unknown_keys(c, seen - matched)
             c.execute(
                 "UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, failed_chunks = failed_chunks + ?, "
                 "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
                 (applied, errored, tokens, stamp, batch_id))
-        return ApplyCounts(applied, errored, failed, tokens)
+        return ApplyCounts(applied, errored, failed, tokens, unmatched, len(trunc))
+
+    def _unknown_keys(self, c: Any, keys: set[str]) -> int:
+        """How many of ``keys`` (answered, but claimed by no chunk of the batch) no chunk of the table has at all.
+
+        A key some chunk has is a text answered twice or a row applied already: not a mismatch. (A row whose
+        text the application changed while in flight has a new hash: its old answer counts as unmatched.)"""
+        if not keys:
+            return 0
+        known: set[str] = set()
+        todo = list(keys)
+        for start in range(0, len(todo), IN_SLICE):
+            part = todo[start:start + IN_SLICE]
+            known.update(r[0] for r in c.execute(
+                f"SELECT DISTINCT content_hash FROM {self.q_table} WHERE content_hash IN ({', '.join('?' * len(part))})",
+                part))
+        return len(keys) - len(known)
+
+    def record_unmatched(self, batch_id: int, lines: int, now: float) -> None:
+        """The number of output lines of the batch's job that named no row (set after a full read; idempotent)."""
+        with self.transaction() as c:
+            c.execute("UPDATE batch_jobs SET unmatched_lines = ?, updated_at = ? WHERE id = ?",
+                      (lines, iso(now), batch_id))
 
     def open_spool(self, batch_id: int) -> Spool:
         """A fresh spool file for ``batch_id``'s parsed results, beside the database (see spool.py)."""
@@ -149,7 +189,8 @@ class ResultsMixin(StoreBase):
             c.execute("PRAGMA batchd_spool.cache_size = -32768")
             c.execute("DELETE FROM batchd_spool.plan")
             # Reads the shared database (a WAL snapshot, no write lock) and writes only the spool.
-            c.execute(f"INSERT INTO batchd_spool.plan(id, key, line) SELECT c.{i}, c.content_hash, s.rowid "
+            c.execute(f"INSERT INTO batchd_spool.plan(id, key, line, truncated) "
+                      f"SELECT c.{i}, c.content_hash, s.rowid, s.truncated "
                       f"FROM {t} c JOIN batchd_spool.lines s ON s.key = c.content_hash AND s.vector IS NOT NULL "
                       "WHERE c.batch_job_id = ? AND c.embedding_status = 'PENDING'", (batch_id,))
             rows_per_slice, last = SLICE_ROWS_START, None
@@ -178,6 +219,11 @@ class ResultsMixin(StoreBase):
             errors = c.execute("SELECT key, error FROM batchd_spool.lines WHERE vector IS NULL").fetchall()
             tokens = c.execute(
                 "SELECT coalesce(sum(tokens), 0) FROM batchd_spool.lines WHERE vector IS NOT NULL").fetchone()[0]
+            # Cost ledger: the billable characters of every answered text (counted once per complete apply, like
+            # the tokens; a text no chunk holds any more cannot be counted).
+            billable = sum(billable_characters(text) for (text,) in c.execute(
+                f"SELECT (SELECT c.{self.q_text} FROM {t} c WHERE c.content_hash = s.key LIMIT 1) "
+                "FROM batchd_spool.lines s WHERE s.vector IS NOT NULL") if isinstance(text, str))
             for start in range(0, max(len(errors), 1), IN_SLICE):
                 with self.transaction() as w:
                     part_errored = 0
@@ -190,11 +236,20 @@ class ResultsMixin(StoreBase):
                     errored += part_errored
                     w.execute(
                         "UPDATE batch_jobs SET failed_chunks = failed_chunks + ?, "
-                        "token_count = coalesce(token_count, 0) + ?, updated_at = ? WHERE id = ?",
-                        (part_errored, tokens if start == 0 else 0, stamp, batch_id))
+                        "token_count = coalesce(token_count, 0) + ?, billable_characters = billable_characters + ?, "
+                        "updated_at = ? WHERE id = ?",
+                        (part_errored, tokens if start == 0 else 0, billable if start == 0 else 0, stamp, batch_id))
+            # Lines whose text no chunk of the table has (through the hash index; normally none): a mismatch
+            # between what was sent and what came back, or a row rewritten or deleted while in flight.
+            unmatched = c.execute(
+                f"SELECT count(*) FROM batchd_spool.lines s WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {t} c WHERE c.content_hash = s.key)").fetchone()[0]
+            truncated = c.execute(
+                f"SELECT count(*) FROM batchd_spool.plan p JOIN {t} c ON c.{i} = p.id "
+                "WHERE p.truncated = 1 AND c.truncated = 1").fetchone()[0]
         finally:
             c.execute("DETACH DATABASE batchd_spool")
-        return ApplyCounts(applied, errored, failed, int(tokens))
+        return ApplyCounts(applied, errored, failed, int(tokens), int(unmatched), int(truncated))
 
     def _mark_ready(self, w: Any, batch_id: int, lo: int, hi: int, stamp: str) -> list[int]:
         """READY for the planned chunks in [lo, hi] that have a vector and are still this batch's, with the
@@ -205,6 +260,7 @@ class ResultsMixin(StoreBase):
                  f"AND content_hash = (SELECT p.key FROM batchd_spool.plan p WHERE p.id = {t}.{i})")
         params = (lo, hi, batch_id)
         mark = (f"UPDATE {t} SET embedding_status = 'READY', batch_job_id = NULL, error_message = NULL, "
+                f"truncated = (SELECT p.truncated FROM batchd_spool.plan p WHERE p.id = {t}.{i}), "
                 f"embedded_at = ? WHERE ")
         if self._sqlite.sqlite_version_info >= (3, 35, 0):
             return [r[0] for r in w.execute(mark + where + f" RETURNING {i}", (stamp, *params)).fetchall()]
@@ -226,7 +282,7 @@ class ResultsMixin(StoreBase):
         c.executemany("INSERT INTO chunks_vec(chunk_id, embedding) VALUES (?, ?)", vecs)
         c.executemany(
             f"UPDATE {self.q_table} SET embedding_status = 'READY', batch_job_id = NULL, error_message = NULL, "
-            f"embedded_at = ? WHERE {self.q_id} = ?", [(stamp, cid) for cid, _ in vecs])
+            f"truncated = 0, embedded_at = ? WHERE {self.q_id} = ?", [(stamp, cid) for cid, _ in vecs])
         c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", ids)
 
     def _retry_chunks(self, c: Any, where: str, params: tuple, reason: str, max_attempts: int) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from batchd.store.connection import StoreBase, StoreError, claimed_before, iso, quote_ident
+from batchd.store.ledger import LEDGER_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchd.store import Store
@@ -81,8 +82,11 @@ class SchemaMixin(StoreBase):
             return
         claimed = claimed_before(path)
         if claimed and claimed[0] == self.instance_id:
+            top_sql = "SELECT coalesce(max(id), 0) FROM batch_jobs"
+            if self._conn.execute(top_sql).fetchone()[0] >= claimed[1]:
+                return  # the usual case, decided by a read: opening for stats or jobs never waits for the write lock
             with self.transaction() as c:
-                top = c.execute("SELECT coalesce(max(id), 0) FROM batch_jobs").fetchone()[0]
+                top = c.execute(top_sql).fetchone()[0]  # again, under the write lock
                 if top < claimed[1] and self._instance_in(c) == self.instance_id:
                     self._become_new_instance(
                         c, f"database restored to an earlier state (batch {claimed[1]} was claimed before, the "
@@ -281,6 +285,33 @@ def m004_triggers_never_fail(store: Store) -> None:
         f"WHEN EXISTS (SELECT 1 FROM {t} WHERE {i} = NEW.{i}) BEGIN {tombstone('NEW')} END")
 
 
-STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail]
+def m005_cost_ledger(store: Store) -> None:
+    """The cost ledger: per-batch counts and prices on batch_jobs, local copies per day and model."""
+    have = {c.lower() for c in store.table_columns("batch_jobs")}
+    for name, decl in LEDGER_COLUMNS:
+        if name not in have:
+            store.execute_ddl(f"ALTER TABLE batch_jobs ADD COLUMN {name} {decl}")
+    store.execute_ddl("CREATE INDEX IF NOT EXISTS batch_jobs_created_at ON batch_jobs(created_at)")
+    store.execute_ddl(
+        "CREATE TABLE IF NOT EXISTS batchd_copies (day TEXT NOT NULL, model TEXT NOT NULL, "
+        "rows INTEGER NOT NULL DEFAULT 0, characters INTEGER NOT NULL DEFAULT 0, "
+        "billable_characters INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, model))")
+
+
+def m006_output_accounting(store: Store) -> None:
+    """What a job's output says beyond vectors (issue 10): ``truncated`` per chunk (the service cut its input to
+    the model's token limit; a partial index keeps counting them cheap) and ``unmatched_lines`` per batch
+    (output lines that named no row: a silent mismatch would look like missing lines forever)."""
+    t, p = store.q_table, store.config.database.chunks_table
+    if "truncated" not in {c.lower() for c in store.table_columns(p)}:
+        store.execute_ddl(f"ALTER TABLE {t} ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_truncated')} "
+                      f"ON {t}(embedding_status) WHERE truncated = 1")
+    if "unmatched_lines" not in {c.lower() for c in store.table_columns("batch_jobs")}:
+        store.execute_ddl("ALTER TABLE batch_jobs ADD COLUMN unmatched_lines INTEGER NOT NULL DEFAULT 0")
+
+
+STEPS: list[Callable[[Store], None]] = [m001_initial, m002_triggers, m003_status_index, m004_triggers_never_fail,
+                                      m005_cost_ledger, m006_output_accounting]
 
 SCHEMA_VERSION = len(STEPS)

@@ -45,20 +45,24 @@ class Spool:
         c.execute("PRAGMA cache_size = -16384")
         # A rowid table (not WITHOUT ROWID): its rows carry ~3 KB vectors, which belong in overflow pages of a
         # table, not in the leaves of an index.
-        c.execute("CREATE TABLE lines (key TEXT NOT NULL UNIQUE, vector BLOB, error TEXT, tokens INTEGER)")
+        # truncated: the service cut the input to the model's token limit (classic statistics.truncated).
+        c.execute("CREATE TABLE lines (key TEXT NOT NULL UNIQUE, vector BLOB, error TEXT, tokens INTEGER, "
+                  "truncated INTEGER NOT NULL DEFAULT 0)")
         # The apply plan: the batch's chunks that have a vector here, in id order (filled by apply_spool).
-        c.execute("CREATE TABLE plan (id INTEGER PRIMARY KEY, key TEXT NOT NULL, line INTEGER NOT NULL)")
+        c.execute("CREATE TABLE plan (id INTEGER PRIMARY KEY, key TEXT NOT NULL, line INTEGER NOT NULL, "
+                  "truncated INTEGER NOT NULL DEFAULT 0)")
 
     def add(self, lines: Iterable[ResultLine]) -> int:
         """Store a slice of parsed lines in one transaction. Returns how many were added."""
         rows = [(key, line.vector, None if line.vector is not None else (line.error or "no vector in result"),
-                 line.token_count) for line in lines for key in line.keys]
+                 line.token_count, 1 if line.truncated else 0) for line in lines for key in line.keys]
         c = self._conn
         c.execute("BEGIN")
         try:
             c.executemany(
-                "INSERT INTO lines(key, vector, error, tokens) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                "vector = excluded.vector, error = NULL, tokens = excluded.tokens "
+                "INSERT INTO lines(key, vector, error, tokens, truncated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET "
+                "vector = excluded.vector, error = NULL, tokens = excluded.tokens, truncated = excluded.truncated "
                 "WHERE lines.vector IS NULL AND excluded.vector IS NOT NULL", rows)
         except BaseException:
             c.execute("ROLLBACK")

@@ -9,6 +9,16 @@ Knobs (plain attributes, set them before ``finish``): ``shuffle``, ``split``, ``
 ``errors_file``, ``final_state``, ``echo_unknown``, ``output_dims``, ``malformed``, ``auto_finish``; and
 :meth:`FakeVertex.fail_next` (answer N requests with 429/503/400...), ``lose_create`` (create the job, then
 answer 503 or reset the connection).
+
+What real jobs do that the documentation glosses over (issue 10; VERTEX.md), each behind a switch:
+``gemini_parent`` (3,072-value unit parent vectors whatever ``output_dimensionality`` asks),
+``export_fraction`` (a job ending FAILED/CANCELLED/EXPIRED — also by a cancel — exports its first rows),
+``incremental`` (copies of the rows under ``incremental_predictions/`` in the output folder),
+``token_count_string`` (Gemini ``"tokenCount": "2"``), ``truncate`` (classic ``statistics.truncated``),
+``error_shape`` ("status", "errors_file", "bare_instance", "status_only"), ``singular_prediction``,
+``echo_task`` (classic echo of ``task_type``: "lower", "camel", "drop"), ``mangle_echo`` (an echo that names
+no sent text), ``hold`` ("PAUSED"/"UPDATING": a running job stops there until cleared), ``cancel_lag`` (a
+cancel goes through CANCELLING first). :meth:`FakeVertex.resent_after_answer` is the "never pay twice" figure.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import random
 import threading
 import urllib.parse
@@ -37,9 +48,17 @@ def fake_values(text: str, dims: int) -> list[float]:
     return [((b % 17) - 8) / 8 for b in digest]
 
 
-def fake_vector(text: str, dims: int) -> bytes:
-    """:func:`fake_values` as the little-endian float32 blob batchd stores."""
-    return array("f", fake_values(text, dims)).tobytes()
+def fake_vector(text: str, dims: int, *, unit: bool = False) -> bytes:
+    """:func:`fake_values` as the little-endian float32 blob batchd stores; ``unit``: renormalised, as batchd
+    stores Gemini vectors (and every vector it had to cut from a longer one)."""
+    values = fake_values(text, dims)
+    return array("f", _unit(values) if unit else values).tobytes()
+
+
+def _unit(values: list[float]) -> list[float]:
+    vec = array("f", values)  # as batchd computes it (vectors.fit_vector): the float32 values' norm, then x / norm
+    norm = math.hypot(*vec)
+    return [x / norm for x in vec]
 
 
 def _now() -> dt.datetime:
@@ -69,6 +88,22 @@ class FakeVertex:
         self.lose_create = 0  # creates whose response is lost after the job was made
         self.lose_create_mode = "503"  # or "reset": close the connection without an answer
         self.auto_finish = False  # a get of an unfinished job runs it to its end first (for CLI/daemon tests)
+        self.gemini_parent = False
+        self.export_fraction: float | None = None
+        self.incremental = False
+        self.token_count_string = False
+        self.truncate: Callable[[str], bool] = lambda text: False
+        self.error_shape = "status"
+        self.singular_prediction = False
+        self.echo_task: str | None = None
+        self.mangle_echo: Callable[[str], str] | None = None
+        self.hold: str | None = None
+        self.cancel_lag = False
+        self.answered: dict[str, int] = {}  # text -> when (self._clock) an output first answered it with a vector
+        self.created: dict[str, int] = {}  # job name -> when (self._clock) it was created
+        self.sent: dict[str, list[str]] = {}  # job name -> the texts of its input (recorded when it ran)
+        self.resent: list[tuple[str, str]] = []  # filled by resent_after_answer()
+        self._clock = 0  # orders creates and exports
         self._faults: list[tuple[int, str | None, str]] = []
         self._seq = 0
         self._server: ThreadingHTTPServer | None = None
@@ -131,6 +166,28 @@ class FakeVertex:
         with self.lock:
             return self.jobs[name].state.name.removeprefix("JOB_STATE_")
 
+    def resent_after_answer(self) -> int:
+        """Texts sent again after the service had answered them (and billed them): must be 0.
+
+        Reads every job's staged input: ``resent`` lists each (job, text) sent in a job created after an
+        earlier output had answered that text with a vector."""
+        with self.lock:
+            jobs = sorted(self.created.items(), key=lambda kv: kv[1])
+            answered = dict(self.answered)
+        resent = []
+        for name, created in jobs:
+            texts = self.sent.get(name)
+            if texts is None:  # a job that never ran: its input is still staged
+                texts = []
+                for uri in self.jobs[name].input_config.gcs_source.uris:
+                    try:
+                        texts += [_text(orjson.loads(raw)) for raw in self._read_lines(uri)]
+                    except Exception:  # noqa: BLE001 - no input staged (bench jobs): nothing sent
+                        pass
+            resent += [(name, t) for t in texts if answered.get(t, created) < created]
+        self.resent = resent
+        return len(resent)
+
     def step(self, name: str | None = None) -> None:
         """Move each (or one) unfinished job one state on: QUEUED, PENDING, RUNNING, then final_state."""
         for job_name in [name] if name else list(self.jobs):
@@ -139,6 +196,12 @@ class FakeVertex:
                 continue
             if st == "CANCELLING":
                 self._set_final(job_name, "CANCELLED")
+                continue
+            if self.hold and st in ("RUNNING", self.hold):
+                self._set_state(job_name, self.hold)
+                continue
+            if st in ("PAUSED", "UPDATING"):
+                self._set_state(job_name, "RUNNING")
                 continue
             i = _FLOW.index(st) if st in _FLOW else len(_FLOW) - 1
             if i + 1 < len(_FLOW):
@@ -173,12 +236,16 @@ class FakeVertex:
     def _set_final(self, name: str, state: str) -> None:
         with self.lock:
             job = self.jobs[name]
-        if state in ("SUCCEEDED", "PARTIALLY_SUCCEEDED"):
-            ok, failed = self._write_output(job)
+        if state in ("SUCCEEDED", "PARTIALLY_SUCCEEDED") or self.export_fraction is not None:
+            # A terminated job still exports (and bills) the rows it completed (issue 10).
+            fraction = None if state in ("SUCCEEDED", "PARTIALLY_SUCCEEDED") else self.export_fraction
+            ok, failed, incomplete = self._write_output(job, fraction)
             with self.lock:
                 job.completion_stats.successful_count = ok
                 job.completion_stats.failed_count = failed
-                job.completion_stats.incomplete_count = 0
+                job.completion_stats.incomplete_count = incomplete
+        if state in ("SUCCEEDED", "PARTIALLY_SUCCEEDED"):
+            pass
         elif state == "FAILED":
             job.error.code = 13
             job.error.message = "fake: the job failed"
@@ -194,7 +261,8 @@ class FakeVertex:
 
     # ------------------------------------------------------------------ output
 
-    def _write_output(self, job: aiplatform_v1.BatchPredictionJob) -> tuple[int, int]:
+    def _write_output(self, job: aiplatform_v1.BatchPredictionJob,
+                      fraction: float | None = None) -> tuple[int, int, int]:
         prefix = job.output_config.gcs_destination.output_uri_prefix
         stamp = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         folder = prefix.rstrip("/") + f"/prediction-model-{stamp}/"
@@ -202,7 +270,14 @@ class FakeVertex:
         bucket = self.storage.bucket(bucket_name)
         job.output_info.gcs_output_directory = folder
 
-        lines: Iterator[bytes] = (ln for uri in job.input_config.gcs_source.uris for ln in self._read_lines(uri))
+        every = [ln for uri in job.input_config.gcs_source.uris for ln in self._read_lines(uri)]
+        with self.lock:
+            self.sent.setdefault(job.name, [_text(orjson.loads(raw)) for raw in every])
+        lines: Iterator[bytes] = iter(every)
+        incomplete = 0
+        if fraction is not None:  # the job ended early: only its first rows were completed
+            done = int(len(every) * fraction)
+            lines, incomplete = iter(every[:done]), len(every) - done
         if self.shuffle:
             buffered = list(lines)
             random.Random(len(buffered)).shuffle(buffered)
@@ -210,7 +285,10 @@ class FakeVertex:
         names = ["predictions.jsonl"] if self.split <= 1 else \
             [f"predictions_{i:04d}.jsonl" for i in range(1, self.split + 1)]
         writers = [bucket.blob(base + n).open("wb", chunk_size=8 * 1024 * 1024) for n in names]
-        errors = bucket.blob(base + "errors_0001.jsonl").open("wb") if self.errors_file else None
+        to_errors = self.errors_file or self.error_shape in ("errors_file", "bare_instance")
+        errors = bucket.blob(base + "errors_0001.jsonl").open("wb") if to_errors else None
+        copies = bucket.blob(base + "incremental_predictions/predictions_0001.jsonl").open("wb") \
+            if self.incremental else None
         dims_default = int(dict(job.model_parameters or {}).get("outputDimensionality", 768)) \
             if job.model_parameters else 768
         ok = failed = 0
@@ -229,37 +307,64 @@ class FakeVertex:
                 else:
                     ok += 1
                     writers[i % len(writers)].write(orjson.dumps(out) + b"\n")
+                    with self.lock:
+                        self._clock += 1
+                        self.answered.setdefault(text, self._clock)
+                if copies is not None:
+                    copies.write(orjson.dumps(out if err_out is None else err_out) + b"\n")
         finally:
             for w in writers:
                 w.close()
-            if errors is not None:
-                errors.close()
-        return ok, failed
+            for f in (errors, copies):
+                if f is not None:
+                    f.close()
+        return ok, failed, incomplete
 
     def _answer(self, obj: dict[str, Any], dims_default: int) -> tuple[str, Any, Any]:
         """(text, success line, error line) for one input line; exactly one of the lines is set."""
-        reason_file = self.errors_file
+        shape = "errors_file" if self.errors_file and self.error_shape == "status" else self.error_shape
         if "request" in obj:  # Gemini
             req = obj["request"]
             text = req["content"]["parts"][0]["text"]
             dims = self.output_dims or int(req.get("embed_content_config", {}).get("output_dimensionality", 3072))
             reason = self.fail(text)
             if reason:
-                if reason_file:
+                if shape == "status_only":
+                    return text, None, {"key": obj["key"], "request": req, "error": {"status": reason}}
+                if shape in ("errors_file", "bare_instance"):
                     return text, None, {"key": obj["key"], "request": req, "error": {"code": 3, "message": reason}}
-                return text, None, {"key": obj["key"], "request": req, "status": reason}
-            return text, {"key": obj["key"], "request": req,
-                          "response": {"embedding": {"values": fake_values(text, dims)}}, "status": ""}, None
+                return text, None, {"key": obj["key"], "request": req, "status": reason, "response": {}}
+            values = _unit(fake_values(text, 3072)) if self.gemini_parent else fake_values(text, dims)
+            resp: dict[str, Any] = {"embedding": {"values": values}}
+            if self.token_count_string:
+                resp["tokenCount"] = str(len(text.split()))
+            return text, {"key": obj["key"], "request": req, "response": resp, "status": ""}, None
         text = obj["content"]
         dims = self.output_dims or dims_default
-        instance = obj if self.echo_unknown else {"content": text}
+        instance = dict(obj) if self.echo_unknown else {"content": text}
+        if self.echo_task == "drop":
+            instance.pop("task_type", None)
+        elif self.echo_task == "lower" and "task_type" in instance:
+            instance["task_type"] = instance["task_type"].lower()
+        elif self.echo_task == "camel" and "task_type" in instance:
+            instance["taskType"] = instance.pop("task_type")
+        if self.mangle_echo is not None:
+            instance["content"] = self.mangle_echo(text)
         reason = self.fail(text)
         if reason:
-            if reason_file:
+            if shape == "bare_instance":
+                return text, None, dict(instance, error={"code": 3, "message": reason})
+            if shape == "status_only":
+                return text, None, {"instance": instance, "error": {"status": reason}}
+            if shape == "errors_file":
                 return text, None, {"instance": instance, "error": {"code": 3, "message": reason}}
             return text, None, {"instance": instance, "predictions": [], "status": reason}
-        pred = {"embeddings": {"statistics": {"token_count": len(text.split()), "truncated": False},
+        truncated = self.truncate(text)
+        pred = {"embeddings": {"statistics": {"token_count": 2048 if truncated else len(text.split()),
+                                              "truncated": truncated},
                                "values": fake_values(text, dims)}}
+        if self.singular_prediction:
+            return text, {"instance": instance, "prediction": pred, "status": ""}, None
         return text, {"instance": instance, "predictions": [pred], "status": ""}, None
 
     def _read_lines(self, uri: str) -> Iterator[bytes]:
@@ -298,6 +403,8 @@ class FakeVertex:
             job.state = aiplatform_v1.JobState.JOB_STATE_QUEUED
             job.create_time = job.update_time = _now()
             self.jobs[job.name] = job
+            self._clock += 1
+            self.created[job.name] = self._clock
         return job
 
     def list(self, parent: str, query: dict[str, str]) -> dict[str, Any]:
@@ -340,6 +447,9 @@ class FakeVertex:
             st = job.state.name.removeprefix("JOB_STATE_")
             if st in FINAL_STATES:
                 raise _HTTPError(400, f"fake: job {name} is already {st}", "FAILED_PRECONDITION")
+        if self.cancel_lag:
+            self._set_state(name, "CANCELLING")
+            return
         self._set_final(name, "CANCELLED")
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +458,11 @@ class FakeVertex:
                                  "statistics": {"token_count": 1, "truncated": False}}}
                  for inst in body.get("instances", [])]
         return {"predictions": preds, "deployedModelId": "", "model": "", "modelVersionId": ""}
+
+
+def _text(line: dict[str, Any]) -> str:
+    """The text of one input line of either family."""
+    return str(line["request"]["content"]["parts"][0]["text"] if "request" in line else line["content"])
 
 
 def _job_dict(job: aiplatform_v1.BatchPredictionJob) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def test_a_copy_gets_its_own_instance_and_leaves_the_originals_jobs_alone(world:
                                                                          shared_project: Path) -> None:
     original = world()
     original.manager.enqueue([(None, f"shared text {i}") for i in range(50)])
-    assert original.manager.flush_queue(force=True) == [1]
+    assert original.manager.flush_queue(force=True).created == [1]
     copy_path = tmp_path / "staging" / "app.db"
     backup(original.config.database.path, copy_path)
 
