@@ -114,3 +114,26 @@ def test_check_names_what_fails(tmp_path: Path) -> None:
     assert code == 1
     assert "ok    gemini api key: read from systemd credential gemini-api-key" in out
     assert "FAIL  gemini api batches: listing batches at http://127.0.0.1:9 failed" in out
+
+
+def test_check_live_runs_a_three_text_batch_end_to_end(tmp_path: Path, fake_gemini) -> None:
+    cfg = write_config(tmp_path, fake_gemini.url)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "gemini-api-key").write_text(API_KEY)
+    fake_gemini.auto_finish = True
+    fake_gemini.add_foreign_batch("batchd-live-check-of-another-app")
+    code, out, err = batchd(cfg, creds, "check", "--live", "--poll", "50ms")
+    assert code == 0, out + err
+    for name in ("input accepted", "job finished", "output files", "each line parsed", "vector length",
+                 "unit length", "token counts", "job counts", "cleaned up"):
+        assert any(ln.startswith(f"ok    {name}") for ln in out.splitlines()), (name, out)
+    [batch] = fake_gemini.ours()
+    assert batch.deleted and fake_gemini.files == {}  # the input, the result file and the batch are gone
+    assert fake_gemini.texts_sent == 3
+
+    fake_gemini.token_count = None  # a quirk it reports: no token count on the lines
+    code, out, _ = batchd(cfg, creds, "check", "--live", "--poll", "50ms")
+    assert code == 1 and "FAIL  token counts" in out
+    assert all(b.deleted for b in fake_gemini.ours()) and fake_gemini.files == {}
+    assert [b.state for b in fake_gemini.batches.values() if b.foreign] == ["RUNNING"]
