@@ -73,7 +73,9 @@ class Faults:
 
     def status(self, job_name: str) -> JobInfo:
         if self.hold:
-            return JobInfo(job_name, JobState.RUNNING)
+            # A held job still ends when it is cancelled (as a real one does, exporting what it completed).
+            info = self.inner.status(job_name)
+            return info if info.state is JobState.CANCELLED else JobInfo(job_name, JobState.RUNNING)
         if self.end_as is not None:
             return JobInfo(job_name, self.end_as, error=f"injected {self.end_as.value.lower()} job")
         return self.inner.status(job_name)
