@@ -52,7 +52,6 @@ class Faults:
         self.submit_errors = 0  # submits that fail transiently before creating anything
         self.lookup_errors = False  # find_job fails transiently
         self.hold = False  # jobs stay RUNNING (until cancelled: a held job still honours a cancel)
-        self._cancelled: set[str] = set()
         self.end_as: JobState | None = None  # jobs end in this state instead of the backend's own
         self.fail_texts: set[str] = set()  # these texts get an error line
         self.break_after: int | None = None  # results() raises after yielding this many lines
@@ -76,8 +75,10 @@ class Faults:
         return self.inner.find_job(batch_id)
 
     def status(self, job_name: str) -> JobInfo:
-        if self.hold and job_name not in self._cancelled:
-            return JobInfo(job_name, JobState.RUNNING)
+        if self.hold:
+            # A held job still ends when it is cancelled (as a real one does, exporting what it completed).
+            info = self.inner.status(job_name)
+            return info if info.state is JobState.CANCELLED else JobInfo(job_name, JobState.RUNNING)
         if self.end_as is not None:
             return JobInfo(job_name, self.end_as, error=f"injected {self.end_as.value.lower()} job")
         return self.inner.status(job_name)
@@ -91,7 +92,6 @@ class Faults:
             yield line
 
     def cancel(self, job_name: str) -> None:
-        self._cancelled.add(job_name)
         self.inner.cancel(job_name)
 
     def cleanup(self, batch_id: int, job_name: str) -> None:
