@@ -184,19 +184,9 @@ class Worker:
     def _step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None = None) -> Outcome:
         started = time.monotonic()
         out = self._run_step(name, fn, judge)
-        if self.metrics is not None and not out.skipped:
-            self.metrics.observe(name, time.monotonic() - started)
-        self.refresh_metrics()
+        if self.metrics is not None:  # on this thread (the database's); a failure here never fails the step
+            self.metrics.after_step(self, name, None if out.skipped else time.monotonic() - started)
         return out
-
-    def refresh_metrics(self) -> None:
-        """Recompute the metrics (textfile, /metrics) on this thread. A failure here never fails a step."""
-        if self.metrics is None:
-            return
-        try:
-            self.metrics.refresh(self)
-        except Exception as e:  # metrics are not worth failing the worker for
-            log.warning("metrics.refresh_failed", error=one_line(e), exc_info=True)
 
     def _run_step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None) -> Outcome:
         state = self.steps[name]
@@ -378,18 +368,12 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
 
     worker.manager.accounting.warn_once = True  # a declined flush is said once per budget period, not every tick
     worker.recover()
-    server = None
-    if listen is not None and worker.metrics is not None:
-        from batchd.metrics import MetricsServer
-
-        try:
-            server = MetricsServer(worker.metrics, worker, *listen).start()
-        except OSError as e:
-            log.error("metrics.listen_failed", host=listen[0], port=listen[1], error=one_line(e))
-            signals.restore()
-            if watchdog:
-                watchdog.stop()
-            return EXIT_FAILED
+    server = worker.metrics.serve(worker, listen) if listen is not None and worker.metrics is not None else None
+    if server is False:  # the port could not be bound (logged): a daemon asked to serve must not run blind
+        signals.restore()
+        if watchdog:
+            watchdog.stop()
+        return EXIT_FAILED
     scheduler = BlockingScheduler(
         executors={"default": ThreadPoolExecutor(max_workers=1)},  # one thread: one SQLite connection user
         job_defaults={
@@ -436,7 +420,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
     worker.busy.release()
     if watchdog:
         watchdog.stop()
-    if server is not None:
+    if server:
         server.stop()
     log.info("daemon.stopped", signal=_signame(signals.received), exit_status=worker.fatal or EXIT_OK)
     notifier.close()
