@@ -37,6 +37,7 @@ request_timeout = "10s"
 retry_backoff = "10ms"
 retry_deadline = "2s"
 """)
+    Store.open(load(path)).close()  # the database exists: `batchd check` reports a missing one, creates nothing
     return path
 
 
