@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -38,10 +37,7 @@ request_timeout = "10s"
 retry_backoff = "10ms"
 retry_deadline = "2s"
 """)
-    # The application's database exists before batchd is pointed at it (`check` never creates one).
-    app = sqlite3.connect(tmp_path / "app.db")
-    app.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL)")
-    app.close()
+    Store.open(load(path)).close()  # the database exists: `batchd check` reports a missing one, creates nothing
     return path
 
 
