@@ -11,6 +11,7 @@ import pytest
 
 from tests.fakes.fake_gemini_api import API_KEY, decode, expected_values
 from tests.fakes.gemini_env import fake_gemini, gworld
+from tests.storehelp import store_chunks, store_vector
 
 DIMS = 8
 
@@ -22,7 +23,7 @@ def texts(n: int, prefix: str = "chunk") -> list[str]:
 def assert_ready(w, rows, dims: int = DIMS, out_dims: int | None = None) -> None:
     for row in rows:
         assert row["embedding_status"] == "READY", row
-        got, want = decode(w.store.vector(row["id"])), expected_values(row["text"], dims, out_dims)
+        got, want = decode(store_vector(w.store, row["id"])), expected_values(row["text"], dims, out_dims)
         assert len(got) == dims and max(abs(a - b) for a, b in zip(got, want)) < 1e-6, row["text"]
 
 
@@ -46,7 +47,7 @@ def test_end_to_end(gworld) -> None:
     summary = w.manager.sync_status()
     assert summary.finished == 1 and not summary.errors
 
-    rows = w.store.chunks()
+    rows = store_chunks(w.store)
     bad = [r for r in rows if r["text"] in fail or r["text"] in drop]
     assert {r["error_message"] for r in bad} == {"fake: content blocked", "missing from the job's output"}
     assert all(r["embedding_status"] == "PENDING" and r["attempts"] == 1 and r["batch_job_id"] is None for r in bad)
@@ -56,15 +57,15 @@ def test_end_to_end(gworld) -> None:
     # cleanup: the uploaded input, the result file and the finished batch are gone
     assert fake.files == {} and batch.deleted
 
-    before = (w.store.chunks(), w.store.vector_count())
+    before = (store_chunks(w.store), w.store.vector_count())
     assert w.manager.sync_status().checked == 0
-    assert (w.store.chunks(), w.store.vector_count()) == before
+    assert (store_chunks(w.store), w.store.vector_count()) == before
 
     fake.fail, fake.drop = (lambda t: None), (lambda t: False)
     assert w.manager.flush_queue().created == [2]
     fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks())
+    assert_ready(w, store_chunks(w.store))
     assert fake.sent_again_after_answer == 0
 
 
@@ -86,7 +87,7 @@ def test_lost_create_is_adopted_and_others_batches_untouched(gworld, mode: str) 
 
     fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks())
+    assert_ready(w, store_chunks(w.store))
     for name in foreign:
         assert fake.touched(name) == [], name
         assert fake.state(name) == "RUNNING"
@@ -108,7 +109,7 @@ def test_lost_create_found_at_the_next_cycle(gworld) -> None:
     assert w.store.batch(1).google_job_id == f"batches/{fake.ours()[0].id}"
     fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks())
+    assert_ready(w, store_chunks(w.store))
 
 
 def test_429_is_a_deferral(gworld) -> None:
@@ -123,7 +124,7 @@ def test_429_is_a_deferral(gworld) -> None:
         b = w.store.batch(1)
         assert b.status == "PENDING" and b.google_job_id is None
         assert "quota" in b.error_message and "429" in b.error_message
-        assert {r["attempts"] for r in w.store.chunks()} == {0}
+        assert {r["attempts"] for r in store_chunks(w.store)} == {0}
     assert fake.count("create") == 2  # one request per cycle: never retried in a loop
     w.manager.flush_queue()
     assert w.store.batch(1).status == "RUNNING" and fake.count("create") == 3
@@ -131,8 +132,8 @@ def test_429_is_a_deferral(gworld) -> None:
     fake.finish()
     fake.fail_next(429, times=3, op="get")
     assert w.manager.sync_status().finished == 1
-    assert_ready(w, w.store.chunks())
-    assert {r["attempts"] for r in w.store.chunks()} == {0}
+    assert_ready(w, store_chunks(w.store))
+    assert {r["attempts"] for r in store_chunks(w.store)} == {0}
 
 
 def test_failed_batch_partial_results_applied_rest_resent(gworld) -> None:
@@ -145,7 +146,7 @@ def test_failed_batch_partial_results_applied_rest_resent(gworld) -> None:
     fake.finish()
     w.manager.sync_status()
 
-    rows = w.store.chunks()
+    rows = store_chunks(w.store)
     done = [r for r in rows if r["embedding_status"] == "READY"]
     rest = [r for r in rows if r["embedding_status"] != "READY"]
     assert len(done) == 30 and len(rest) == 20
@@ -158,7 +159,7 @@ def test_failed_batch_partial_results_applied_rest_resent(gworld) -> None:
     assert w.manager.flush_queue().created == [2]
     fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks())
+    assert_ready(w, store_chunks(w.store))
     assert fake.sent_again_after_answer == 0
     assert fake.texts_sent == 50 + 20  # the 20 without a result, and only those
 
@@ -174,7 +175,7 @@ def test_expired_result_file_sends_the_batch_back(gworld) -> None:
     assert summary.finished == 1
     b = w.store.batch(1)
     assert b.status == "FAILED" and "result file" in b.error_message and "48 hours" in b.error_message
-    rows = w.store.chunks()
+    rows = store_chunks(w.store)
     assert all(r["embedding_status"] == "PENDING" and r["batch_job_id"] is None for r in rows)
     assert all("48 hours" in r["error_message"] for r in rows)
 
@@ -182,7 +183,7 @@ def test_expired_result_file_sends_the_batch_back(gworld) -> None:
     assert w.manager.flush_queue().created == [2]
     fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks())
+    assert_ready(w, store_chunks(w.store))
 
 
 def test_parent_vectors_cut_and_renormalised(gworld) -> None:
@@ -193,7 +194,7 @@ def test_parent_vectors_cut_and_renormalised(gworld) -> None:
     w.manager.flush_queue()
     w.fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks(), dims=768, out_dims=3072)
+    assert_ready(w, store_chunks(w.store), dims=768, out_dims=3072)
 
 
 def test_cancel_and_timeout_cancel_remotely(gworld, clock) -> None:
@@ -204,7 +205,7 @@ def test_cancel_and_timeout_cancel_remotely(gworld, clock) -> None:
     [b] = fake.ours()
     assert w.manager.cancel(1)
     assert fake.state(f"batches/{b.id}") == "CANCELLED"
-    assert {r["attempts"] for r in w.store.chunks()} == {0}
+    assert {r["attempts"] for r in store_chunks(w.store)} == {0}
 
     w.manager.flush_queue()  # the chunks go out again
     b2 = fake.ours()[-1]
@@ -220,7 +221,7 @@ def test_cleanup_off_keeps_files(gworld) -> None:
     w.manager.flush_queue()
     w.fake.finish()
     w.manager.sync_status()
-    assert_ready(w, w.store.chunks())
+    assert_ready(w, store_chunks(w.store))
     assert len(w.fake.files) == 2 and not w.fake.ours()[0].deleted
 
 
@@ -231,7 +232,7 @@ def test_bad_key_waits_without_attempts_and_is_never_shown(gworld, tmp_path, cap
     w.manager.flush_queue()
     b = w.store.batch(1)
     assert b.status == "PENDING" and "refused the API key" in b.error_message
-    assert {r["attempts"] for r in w.store.chunks()} == {0}
+    assert {r["attempts"] for r in store_chunks(w.store)} == {0}
     checks = w.backend.check()
     assert [c.ok for c in checks] == [True, False]
     assert "gemini_api.api_key_file" in checks[0].detail

@@ -18,6 +18,7 @@ from batchd.store import Store
 from tests.conftest import batchd_cmd
 from tests.fakes.fake_gemini_api import API_KEY, decode, expected_values
 from tests.fakes.gemini_env import fake_gemini
+from tests.storehelp import store_chunks, store_vector
 
 
 def write_config(tmp_path: Path, base_url: str) -> Path:
@@ -91,10 +92,10 @@ def test_cli_on_gemini_api(tmp_path: Path, fake_gemini) -> None:
 
     store = Store.open(load(cfg))
     try:
-        rows = store.chunks()
+        rows = store_chunks(store)
         assert [r["embedding_status"] for r in rows] == ["READY"] * 50
         for row in rows:
-            got, want = decode(store.vector(row["id"])), expected_values(row["text"], 8)
+            got, want = decode(store_vector(store, row["id"])), expected_values(row["text"], 8)
             assert max(abs(a - b) for a, b in zip(got, want)) < 1e-6
     finally:
         store.close()
