@@ -1,9 +1,11 @@
 """The `batchd` command: parses arguments, calls the library, prints. No logic of its own.
 
 Exit status: 0 success; 1 the operation failed or was partial (rejected lines, a failed step, a failed check,
-a damaged or read-only database); 2 usage error; 75 (EX_TEMPFAIL) try again later: another batchd process is
-flushing or syncing this database, the application held the database's write lock for more than 10 s, or the
-disk is full; 78 (EX_CONFIG) configuration error.
+a missing database file: only `enqueue`, `run` and `demo` create one; a damaged or read-only database);
+2 usage error; 75 (EX_TEMPFAIL) try again later: another batchd process is flushing or syncing this
+database, the application held the database's write lock for more than 10 s, or the disk is full;
+78 (EX_CONFIG) configuration error, including a config that does not fit the database (another
+chunks_vec size, an id column that is not an INTEGER PRIMARY KEY).
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import click
 import orjson
 import structlog
 
-from batchd.backends import Backend, Checkable, content_hash, make_backend
-from batchd.config import Config, ConfigError, format_duration, load, resolve_path, vertex_missing
+from batchd.backends import Backend, make_backend
+from batchd.config import Config, ConfigError, format_duration, load, resolve_path
 from batchd.errors import one_line
-from batchd.store import Busy, DiskFull, Store, StoreError, explain, is_sqlite_error
+from batchd.store import Busy, DiskFull, Missing, SchemaMismatch, Store, StoreError, explain, is_sqlite_error
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -40,6 +42,7 @@ class App:
         self._store: Store | None = None
         self._backend: Backend | None = None
         self._manager: Any = None
+        self.may_create = False  # only enqueue, run and demo create a missing database file
         self.stop = threading.Event()  # set by SIGTERM/SIGINT in the daemon
 
     @property
@@ -51,13 +54,20 @@ class App:
                 fail(f"config error: {e}", EX_CONFIG)
         return self._config
 
+    def open_store(self, **options: Any) -> Store:
+        """Open the database (see Store.open for ``options``); raises StoreError. Kept for the command."""
+        if self._store is None:
+            self._store = Store.open(self.config, create=self.may_create, **options)
+        return self._store
+
     @property
     def store(self) -> Store:
         if self._store is None:
             try:
-                self._store = Store.open(self.config)
+                self.open_store()
             except StoreError as e:
-                fail_database(self.config.database.path, e)
+                fail_store(e, self.config)
+        assert self._store is not None
         return self._store
 
     @property
@@ -81,14 +91,11 @@ class App:
 
     def wait_for_store(self, notifier: Any) -> None:
         """The daemon's way to open the database: wait out a full disk or a busy database (startup.py says how);
-        exit 0 if stopped while waiting."""
+        exit 0 if stopped while waiting. Other StoreErrors are raised (the caller reports them)."""
         from batchd.startup import wait_for_database
 
         if self._store is None:
-            try:
-                store = wait_for_database(lambda: Store.open(self.config), notifier, self.stop)
-            except StoreError as e:
-                fail_database(self.config.database.path, e)
+            store = wait_for_database(lambda: Store.open(self.config, create=self.may_create), notifier, self.stop)
             if store is None:
                 sys.exit(0)
             self._store = store
@@ -104,6 +111,15 @@ class App:
             closer()
         if self._store is not None:
             self._store.close()
+
+
+def fail_store(e: StoreError, config: Config) -> NoReturn:
+    """The one line (and exit status) for a database that cannot be used as configured."""
+    if isinstance(e, SchemaMismatch):
+        fail(f"config error: {config.source}: {e.key}: {e}", EX_CONFIG)
+    if isinstance(e, Missing):
+        fail(str(e))
+    fail_database(config.database.path, e)
 
 
 def fail_database(path: str, problem: StoreError, note: str = "") -> NoReturn:
@@ -160,6 +176,7 @@ def enqueue(app: App, file: Any) -> None:
     from batchd.ingest import Rejected, read_jsonl
 
     app.setup_logging()
+    app.may_create = True
     rejected = 0
     name = getattr(file, "name", "-")
 
@@ -260,64 +277,6 @@ def stats(app: App, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--since", default="30d", show_default=True, metavar="PERIOD",
-              help="How far back: a duration (30d, 12h, 2w) or a UTC date (2026-11-01).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (amounts at full precision).")
-@pass_app
-def cost(app: App, since: str, as_json: bool) -> None:
-    """What batchd cost and saved: batches, rows and characters sent, billed tokens/characters, USD by model."""
-    from batchd.cost import cost_report, parse_since, usd
-
-    app.setup_logging()
-    now = time.time()
-    try:
-        start = parse_since(since, now)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--since") from None
-    r = cost_report(app.store, app.config, start)
-    if as_json:
-        click.echo(orjson.dumps(r).decode())
-        return
-    click.echo(f"since    {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(start))}")
-    click.echo(f"cost     {usd(r['cost_usd'])} (online would have been {usd(r['online_cost_usd'])}; "
-               f"saved {usd(r['saved_usd'])}, {r['rows_deduplicated']:,} rows deduplicated or copied locally)")
-    click.echo(f"sent     {r['batches']:,} batches, {r['rows']:,} rows, {r['characters']:,} characters; billed "
-               f"{r['billable_characters']:,} characters, {r['tokens']:,} tokens")
-    for model, m in r["by_model"].items():
-        click.echo(f"  {model or '(no model)'}: {usd(m['cost_usd'])}, {m['batches']:,} batches, {m['rows']:,} rows, "
-                   f"{m['tokens']:,} tokens, {m['billable_characters']:,} billable characters")
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@pass_app
-def estimate(app: App, as_json: bool) -> None:
-    """What flushing the pending chunks now would send and cost. Changes nothing."""
-    from batchd.cost import budget_state, usd
-    from batchd.cost import estimate as estimate_queue
-    from batchd.pricing import CHARS_PER_TOKEN, price_for
-
-    app.setup_logging()
-    emb = app.config.embedding
-    # Hashes as the manager makes them, without constructing a backend (no credentials needed, nothing sent).
-    e = estimate_queue(app.store, app.config, lambda t: content_hash(t, emb.model, emb.task_type, emb.dimensions))
-    if as_json:
-        click.echo(orjson.dumps(e.as_dict()).decode())
-        return
-    price = price_for(app.config)
-    click.echo(f"pending  {e.chunks:,} chunks: {e.to_send:,} distinct texts to send, {e.copied_locally:,} copied locally")
-    click.echo(f"size     {e.characters:,} characters ({e.billable_characters:,} billable), "
-               f"~{e.tokens_estimate:,} tokens, {e.jobs:,} job(s)")
-    how = {"1m_tokens": f"tokens estimated at {CHARS_PER_TOKEN} characters each; the service reports the real count",
-           "1k_characters": "billable characters: code points, white space excluded",
-           "none": "runs on this machine"}[price.unit]
-    click.echo(f"cost     {usd(e.cost_usd)} at the batch price of {app.config.embedding.model} ({how})")
-    st = budget_state(app.store, app.config, time.time())
-    if st.limited:
-        click.echo(f"budget   {st.describe()}")
-
-
-@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one batch per line.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="How many recent batches.")
 @pass_app
@@ -372,101 +331,6 @@ def cancel(app: App, batch_id: int) -> None:
 
 
 @main.command()
-@click.option("--live", is_flag=True,
-              help="Also run a tiny real job (3 fixed texts, never your chunks) and verify what comes back.")
-@click.option("--timeout", "timeout", default="30m", show_default=True, metavar="DURATION",
-              help="With --live: how long to wait for the job (then it is cancelled).")
-@click.option("--keep", is_flag=True, help="With --live: leave the job's staged files for inspection.")
-@click.option("--poll", default="10s", show_default=True, metavar="DURATION",
-              help="With --live: the pause between status checks.")
-@pass_app
-def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
-    """Validate the config, open the database with sqlite-vec, and check the backend. Exit 0 when all is well.
-
-    With --live, a 3-text job runs end to end through the same code path as real batches; Ctrl-C cancels it
-    and deletes its files (exit 130)."""
-    from batchd.config import parse_duration
-
-    try:
-        timeout_s, poll_s = parse_duration(timeout), parse_duration(poll)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--timeout/--poll") from None
-    cfg = app.config  # exits 78 on a config error
-    app.setup_logging()
-    click.echo(f"ok    config {app.config_path}")
-    problems = 0
-    store = app.store  # exits 1 with a one-line reason when the database cannot be used
-    click.echo(f"ok    database {cfg.database.path} (sqlite {store.sqlite_version}, sqlite-vec {store.vec_version()}, "
-               f"schema {store.schema_version()}, instance {store.instance_id}, {store.dimensions} dimensions)")
-    how, found = store.integrity()
-    if found:
-        click.echo(f"FAIL  database integrity ({how}): {len(found)}{'+' if len(found) >= 20 else ''} problem(s), "
-                   f"first: {found[0]}; restore a backup or rebuild it with the sqlite3 shell's .recover")
-        problems += 1
-    else:
-        click.echo(f"ok    database integrity ({how}): no problems found")
-    if cfg.embedding.backend == "vertex":
-        for line in vertex_missing(cfg):
-            click.echo(f"FAIL  vertex: {line}")
-            problems += 1
-        if problems:
-            sys.exit(1)
-    try:
-        backend = make_backend(cfg, store.instance_id)
-    except ConfigError as e:
-        fail(f"config error: {e}", EX_CONFIG)
-    except Exception as e:  # noqa: BLE001
-        click.echo(f"FAIL  backend {cfg.embedding.backend}: {one_line(e)}")
-        sys.exit(1)
-    click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
-    if isinstance(backend, Checkable):
-        for r in backend.check():
-            mark = "FAIL" if not r.ok else "warn" if r.warning else "ok  "
-            click.echo(f"{mark}  {r.name}" + (f": {r.detail}" if r.detail else ""))
-            problems += 0 if r.ok else 1
-    status = 1 if problems else 0
-    try:
-        if live and not problems:
-            status = _live_check(backend, cfg, timeout_s, keep, poll_s)
-        elif live:
-            click.echo("FAIL  live check: not run while the checks above fail")
-    finally:
-        closer = getattr(backend, "close", None)
-        if callable(closer):
-            closer()
-    if status:
-        sys.exit(status)
-
-
-def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:
-    from batchd.livecheck import run_live_check
-
-    show = sys.stderr.isatty()
-    last: list[str] = []
-
-    def waiting(state: str, elapsed: float) -> None:
-        if show:
-            click.echo(f"\r      waiting for the job: {state:<20} {format_duration(elapsed, exact=False):>6}",
-                       nl=False, err=True)
-        elif last != [state]:
-            click.echo(f"      waiting for the job: {state} after {format_duration(elapsed, exact=False)}", err=True)
-        last[:] = [state]
-
-    def echo(line: Any) -> None:
-        if show and last:
-            click.echo(err=True)
-            last.clear()
-        click.echo(str(line))
-
-    emb = cfg.embedding
-    res = run_live_check(backend, emb.model, emb.task_type, emb.dimensions, timeout=timeout, keep=keep, poll=poll,
-                         echo=echo, waiting=waiting)
-    if res.interrupted:
-        return 130
-    return 0 if res.ok else 1
-
-
-@main.command()
 @click.option("--once", is_flag=True, help="One recovery + flush + sync cycle, then exit (cron, systemd timer).")
 @click.option("--until-idle", is_flag=True, help="Flush and sync until nothing is pending or running, then exit.")
 @click.option("--poll", default="5s", show_default=True, metavar="DURATION",
@@ -492,16 +356,16 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
     logs.configure(level, stream=sys.stdout)
+    app.may_create = True
     notifier = Notifier()
-    if not once and not until_idle:
-        app.wait_for_store(notifier)
+    manager = _start_manager(app, notifier, wait=not once and not until_idle)
     metrics = None
     mc = app.config.metrics
     if mc.textfile or mc.listen:
         from batchd.metrics import Metrics
 
         metrics = Metrics(mc.textfile)
-    worker = daemon.Worker(app.manager, notifier=notifier, stop=app.stop, metrics=metrics)
+    worker = daemon.Worker(manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
         sys.exit(daemon.run_once(worker))
     if until_idle:
@@ -514,6 +378,39 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
 
         sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
     sys.exit(daemon.serve(worker, listen=mc.address))
+
+
+def _start_manager(app: App, notifier: Any, *, wait: bool) -> Any:
+    """The manager for `run`; a database or backend that cannot be used is one JSON event and an exit status.
+
+    The daemon (``wait``) waits out a busy database or a full disk (startup.py). Under systemd these lines land in
+    the journal (`journalctl -p err`); exit 78 (a config that does not fit the database or the model) is in the
+    unit's RestartPreventExitStatus=, so a mistake does not restart-loop.
+    """
+    log = structlog.get_logger("batchd.cli")
+    cfg = app.config
+    try:
+        if wait:
+            app.wait_for_store(notifier)
+        else:
+            app.open_store()
+    except SchemaMismatch as e:
+        log.error("config.invalid", error=f"{cfg.source}: {e.key}: {e}", key=e.key, database=cfg.database.path,
+                  exit_status=EX_CONFIG, **e.fields)
+        sys.exit(EX_CONFIG)
+    except StoreError as e:
+        status = EX_TEMPFAIL if isinstance(e, (Busy, DiskFull)) else 1
+        log.error("database.unusable", error=str(e), database=cfg.database.path, exit_status=status)
+        sys.exit(status)
+    try:
+        app._backend = make_backend(cfg, app.store.instance_id)
+    except ConfigError as e:
+        log.error("config.invalid", error=str(e), key=e.key, exit_status=EX_CONFIG)
+        sys.exit(EX_CONFIG)
+    except Exception as e:  # noqa: BLE001 - any construction failure is reported on one line
+        log.error("backend.unusable", backend=cfg.embedding.backend, error=one_line(e), exit_status=1)
+        sys.exit(1)
+    return app.manager
 
 
 @main.command("search")
@@ -577,6 +474,20 @@ def demo(folder: str | None) -> None:
     click.echo(f"\nTry your own: batchd --config {r.config_path} search \"why are batch jobs cheaper?\"")
     if not r.ok:
         sys.exit(1)
+
+
+# `cost` and `estimate` live in their own module.
+from batchd.cli_cost import cost, estimate  # noqa: E402
+
+main.add_command(cost)
+main.add_command(estimate)
+
+# check, reset-vectors, uninstall: the commands about batchd's place in the database (their own module).
+from batchd.cli_lifecycle import check, reset_vectors, uninstall  # noqa: E402 - they import App from here
+
+main.add_command(check)
+main.add_command(reset_vectors)
+main.add_command(uninstall)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from batchd.backends import models as _models
+from batchd.backends.gemini_api_settings import GeminiApiSettings
 from batchd.backends.local_settings import LocalSettings
+from batchd.backends.models import GEMINI_API_SERVICE
 from batchd.backends.vertex_settings import VertexSettings
 from batchd.errors import BatchdError
 from batchd.settings import Duration, SettingError
@@ -42,6 +44,8 @@ CLASSIC_MODELS = _models.CLASSIC_MODELS
 CLASSIC_MAX_ROWS = _models.CLASSIC.max_rows
 GEMINI_MAX_ROWS = _models.GEMINI.max_rows
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("vertex", "gemini-api", "local")
+# [embedding] keys whose default depends on the backend, used when the file does not set them.
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -54,8 +58,24 @@ MAX_INT = 1_000_000_000
 # Columns batchd adds to the application's table and tables it owns (store migrations create exactly these;
 # tests/test_config.py checks they agree). The configured id/text column or table must not be one of them.
 BATCHD_COLUMNS = ("embedding_status", "batch_job_id", "error_message", "attempts", "content_hash", "embedded_at",
-                  "queued_at")
-BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones")
+                  "queued_at", "truncated")
+BATCHD_TABLES = ("batch_jobs", "chunks_vec", "batchd_meta", "batchd_tombstones", "batchd_copies")
+# Defaults that depend on the backend, for the keys an operator did not set (etc/batchd.toml shows each of them
+# commented out, with every backend's value). A Vertex AI or Gemini API batch job is half the online price but
+# takes minutes to hours to start and finish: gather many chunks per job and poll every few minutes. The local
+# model starts at once: flush whatever is pending and embed it right away. A plugin backend gets the Vertex
+# values, which are also the dataclasses' own defaults below.
+_BATCH_SERVICE_QUEUE = {"queue.min_batch_size": 100, "queue.max_wait": "30m", "queue.flush_interval": "1m",
+                        "queue.sync_interval": "5m"}
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vertex": {"embedding.model": "text-embedding-005", "embedding.dimensions": 768, **_BATCH_SERVICE_QUEUE},
+    "gemini-api": {"embedding.model": "gemini-embedding-001", "embedding.dimensions": 768, **_BATCH_SERVICE_QUEUE},
+    # embedding.model: the name of [local] model (all-MiniLM-L6-v2 unless set), so the content hashes name it.
+    "local": {"embedding.model": "all-MiniLM-L6-v2", "embedding.dimensions": 384, "queue.min_batch_size": 1,
+              "queue.max_wait": "5s", "queue.flush_interval": "5s", "queue.sync_interval": "5s"},
+}
+
+
 class ConfigError(BatchdError):
     """A configuration problem. ``str()`` is one line: ``file: key: reason``.
 
@@ -153,6 +173,7 @@ class EmbeddingConfig:
 # The built-in backends' sections are owned by the backends (their settings modules); listed here so that the
 # file is parsed in one pass. Old names kept for code that imports them from here.
 VertexConfig = VertexSettings
+GeminiApiConfig = GeminiApiSettings
 LocalConfig = LocalSettings
 
 
@@ -194,6 +215,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     vertex: VertexSettings = field(default_factory=VertexSettings)
+    gemini_api: GeminiApiSettings = field(default_factory=GeminiApiSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -235,6 +257,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (also handy for tests). Raises ConfigError."""
+    data = with_backend_defaults(data)
     sections: dict[str, Any] = {}
     section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("source", "plugin")}
     hints = typing.get_type_hints(Config)
@@ -251,6 +274,24 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     cfg = Config(**sections, source=source)
     _validate(cfg)
     return cfg
+
+
+def with_backend_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with BACKEND_DEFAULTS filled in for the keys it does not set (what it sets always wins)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    emb = out.get("embedding")
+    backend = emb.get("backend", "vertex") if isinstance(emb, dict) else "vertex"
+    defaults = dict(BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS["vertex"]) if isinstance(backend, str)
+                    else BACKEND_DEFAULTS["vertex"])
+    local = out.get("local")
+    if backend == "local" and isinstance(local, dict) and isinstance(local.get("model"), str) and local["model"]:
+        defaults["embedding.model"] = Path(local["model"]).name or local["model"]
+    for dotted, value in defaults.items():
+        section, key = dotted.split(".", 1)
+        table = out.setdefault(section, {})
+        if isinstance(table, dict):  # anything else is reported by from_dict
+            table.setdefault(key, value)
+    return out
 
 
 def _plugin_tables(value: Any, source: str) -> dict[str, dict[str, Any]]:
@@ -361,9 +402,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "queue.min_batch_size",
                           f"{q.min_batch_size} is greater than queue.max_batch_size ({q.max_batch_size})")
 
-    if emb.backend not in ("vertex", "local") and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
+    if emb.backend not in BACKENDS and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
         raise ConfigError(src, "embedding.backend",
-                          f"must be \"vertex\", \"local\" or a plugin \"package.module:Class\", got {emb.backend!r}")
+                          f"must be \"vertex\", \"gemini-api\", \"local\" or a plugin \"package.module:Class\", "
+                          f"got {emb.backend!r}")
     if emb.dimensions <= 0:
         raise ConfigError(src, "embedding.dimensions", "must be greater than zero")
     if emb.dimensions > 8192:
@@ -375,6 +417,8 @@ def _validate(cfg: Config) -> None:
     if emb.backend == "vertex" and q.max_batch_size > emb.max_rows:
         raise ConfigError(src, "queue.max_batch_size",
                           f"{q.max_batch_size} exceeds the {emb.max_rows} rows a {emb.model} batch job accepts")
+
+    _validate_gemini_api(cfg)
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -402,6 +446,20 @@ def _validate_money(cfg: Config) -> None:
         for key in ("batch_usd", "online_usd"):
             if getattr(p, key) < 0:
                 raise ConfigError(src, f"pricing.{key}", "must be 0 or more")
+
+
+def _validate_gemini_api(cfg: Config) -> None:
+    """The checks that need more than the [gemini_api] section (its own are GeminiApiSettings.validate)."""
+    src, emb = cfg.source, cfg.embedding
+    if emb.backend == "gemini-api" and cfg.queue.max_running_jobs > GEMINI_API_SERVICE.max_concurrent_batches:
+        raise ConfigError(src, "queue.max_running_jobs",
+                          f"{cfg.queue.max_running_jobs} is more than the {GEMINI_API_SERVICE.max_concurrent_batches} "
+                          f"concurrent batches the Gemini API allows per project")
+    family = _models.family_of(emb.model)
+    if emb.backend == "gemini-api" and family is _models.GEMINI and emb.dimensions > family.default_dimensions:
+        raise ConfigError(src, "embedding.dimensions",
+                          f"{emb.dimensions} is more than the {family.default_dimensions} dimensions {emb.model} "
+                          f"produces")
 
 
 def vertex_missing(cfg: Config) -> list[str]:

@@ -34,13 +34,14 @@ import structlog
 from batchd.backends import Stopped
 from batchd.clock import JumpWatch
 from batchd.errors import is_expected, one_line
-from batchd.store import Busy, describe_problem, explain
+from batchd.store import Busy, SchemaMismatch, describe_problem, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
 log = structlog.get_logger("batchd.daemon")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_CONFIG = 78  # the config no longer fits the database: the unit's RestartPreventExitStatus=78
 MAX_BACKOFF = 600.0  # seconds; a failing step is retried at least this often
 GIVE_UP_AFTER = 5  # --until-idle: consecutive failures of one step before exiting non-zero
 STOP_TIMEOUT = 60.0  # seconds to wait for the running step after SIGTERM (below the unit's TimeoutStopSec)
@@ -129,6 +130,7 @@ class Worker:
         }
         self.last = LastResults()
         self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
+        self.fatal: int | None = None  # exit status when a step found that the worker must not go on
         self.started = clock()
         manager.progress = self.progress
 
@@ -182,19 +184,9 @@ class Worker:
     def _step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None = None) -> Outcome:
         started = time.monotonic()
         out = self._run_step(name, fn, judge)
-        if self.metrics is not None and not out.skipped:
-            self.metrics.observe(name, time.monotonic() - started)
-        self.refresh_metrics()
+        if self.metrics is not None:  # on this thread (the database's); a failure here never fails the step
+            self.metrics.after_step(self, name, None if out.skipped else time.monotonic() - started)
         return out
-
-    def refresh_metrics(self) -> None:
-        """Recompute the metrics (textfile, /metrics) on this thread. A failure here never fails a step."""
-        if self.metrics is None:
-            return
-        try:
-            self.metrics.refresh(self)
-        except Exception as e:  # metrics are not worth failing the worker for
-            log.warning("metrics.refresh_failed", error=one_line(e), exc_info=True)
 
     def _run_step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None) -> Outcome:
         state = self.steps[name]
@@ -212,6 +204,14 @@ class Worker:
             except Stopped:
                 log.info("daemon.step_stopped", step=name)
                 return Outcome(stopped=True)
+            except SchemaMismatch as e:
+                # Someone changed the database under this worker (reset-vectors or uninstall with another
+                # config): retrying cannot help. Stop with EX_CONFIG so systemd does not restart-loop.
+                log.error("config.invalid", step=name, error=f"{e.key}: {e}", key=e.key, exit_status=EXIT_CONFIG,
+                          **e.fields)
+                self.fatal = EXIT_CONFIG
+                self.stop.set()
+                return Outcome(ok=False, stopped=True)
             except Busy as e:
                 # Another batchd process (a hand-run `batchd sync`, a timer) holds the worker lock: not a
                 # failure of this one, so no backoff; the next tick tries again.
@@ -368,18 +368,12 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
 
     worker.manager.accounting.warn_once = True  # a declined flush is said once per budget period, not every tick
     worker.recover()
-    server = None
-    if listen is not None and worker.metrics is not None:
-        from batchd.metrics import MetricsServer
-
-        try:
-            server = MetricsServer(worker.metrics, worker, *listen).start()
-        except OSError as e:
-            log.error("metrics.listen_failed", host=listen[0], port=listen[1], error=one_line(e))
-            signals.restore()
-            if watchdog:
-                watchdog.stop()
-            return EXIT_FAILED
+    server = worker.metrics.serve(worker, listen) if listen is not None and worker.metrics is not None else None
+    if server is False:  # the port could not be bound (logged): a daemon asked to serve must not run blind
+        signals.restore()
+        if watchdog:
+            watchdog.stop()
+        return EXIT_FAILED
     scheduler = BlockingScheduler(
         executors={"default": ThreadPoolExecutor(max_workers=1)},  # one thread: one SQLite connection user
         job_defaults={
@@ -426,12 +420,12 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
     worker.busy.release()
     if watchdog:
         watchdog.stop()
-    if server is not None:
+    if server:
         server.stop()
-    log.info("daemon.stopped", signal=_signame(signals.received))
+    log.info("daemon.stopped", signal=_signame(signals.received), exit_status=worker.fatal or EXIT_OK)
     notifier.close()
     signals.restore()
-    return EXIT_OK
+    return worker.fatal or EXIT_OK
 
 
 def _tick(worker: Worker, step: Callable[[], Outcome]) -> None:
@@ -469,7 +463,7 @@ def run_once(worker: Worker) -> int:
         stopped = any(o.stopped for o in results)
         log.info("daemon.once_done", failed_steps=sorted(set(failed)), unsubmitted_batches=unsubmitted,
                  stopped=stopped, **(stats or {}))
-        return EXIT_FAILED if failed else EXIT_OK
+        return worker.fatal or (EXIT_FAILED if failed else EXIT_OK)
     finally:
         worker.notifier.close()
         signals.restore()
@@ -485,8 +479,8 @@ def run_until_idle(worker: Worker, poll: float,
     try:
         worker.recover()
         if worker.stop.is_set():
-            log.info("daemon.stopped", signal=_signame(signals.received))
-            return EXIT_OK
+            log.info("daemon.stopped", signal=_signame(signals.received), exit_status=worker.fatal or EXIT_OK)
+            return worker.fatal or EXIT_OK
         done = worker.manager.drain(round=worker.cycle, pause=lambda: not worker.stop.wait(poll),
                                     on_round=on_cycle, give_up=worker.broken)
         if done.idle:
@@ -499,8 +493,8 @@ def run_until_idle(worker: Worker, poll: float,
             broken = [s for s in worker.steps.values() if s.consecutive >= GIVE_UP_AFTER]
             log.error("daemon.gave_up", steps=[s.name for s in broken], errors=[s.last_error for s in broken])
             return EXIT_FAILED
-        log.info("daemon.stopped", signal=_signame(signals.received))
-        return EXIT_OK
+        log.info("daemon.stopped", signal=_signame(signals.received), exit_status=worker.fatal or EXIT_OK)
+        return worker.fatal or EXIT_OK
     finally:
         worker.notifier.close()
         signals.restore()
@@ -550,4 +544,4 @@ def _flush_streams() -> None:
             pass
 
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "Signals", "Worker", "run_once", "run_until_idle", "serve"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "Signals", "Worker", "run_once", "run_until_idle", "serve"]

@@ -31,6 +31,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from batchd.errors import one_line
 from batchd.store import FAILURE_REASONS, parse_iso
 
 log = structlog.get_logger("batchd.metrics")
@@ -72,8 +73,22 @@ class Metrics:
 
     # ------------------------------------------------------------------ the worker thread
 
-    def observe(self, step: str, seconds: float) -> None:
-        self.step_duration.labels(step=step).observe(seconds)
+    def after_step(self, worker: Any, step: str, seconds: float | None) -> None:
+        """Record a step's duration (None: skipped) and refresh. Never raises: metrics do not fail the worker."""
+        try:
+            if seconds is not None:
+                self.step_duration.labels(step=step).observe(seconds)
+            self.refresh(worker)
+        except Exception as e:
+            log.warning("metrics.refresh_failed", error=one_line(e), exc_info=True)
+
+    def serve(self, worker: Any, listen: tuple[str, int]) -> MetricsServer | bool:
+        """Start ``/metrics`` and ``/healthz`` on ``listen``; False (logged) when the address cannot be bound."""
+        try:
+            return MetricsServer(self, worker, *listen).start()
+        except OSError as e:
+            log.error("metrics.listen_failed", host=listen[0], port=listen[1], error=one_line(e))
+            return False
 
     def refresh(self, worker: Any) -> bytes:
         """Recompute every series from the database and the worker, render, write the textfile. Returns the text."""

@@ -29,6 +29,9 @@ def run(env, cfg, *args, stdin=None):
 
 def test_console_script(cfg, batchd_env):
     """The installed `batchd` script reaches the same code (everything else here runs in-process)."""
+    r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "enqueue", "/dev/null"], capture_output=True,
+                       text=True, env=batchd_env, timeout=120)
+    assert r.returncode == 0, r.stderr  # enqueue creates the database; stats never does
     r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "stats", "--json"], capture_output=True, text=True,
                        env=batchd_env, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -115,33 +118,37 @@ def test_flush_sync_stats_jobs_retry_cancel(cfg, batchd_env, tmp_path):
 
 
 def test_check_on_the_shipped_config_says_what_vertex_lacks(tmp_path, batchd_env):
-    """`batchd check` on a copy of etc/batchd.toml with a writable database path: config valid, database
-    created with sqlite-vec, and what the Vertex backend still lacks as clear lines (no traceback)."""
+    """`batchd check` on a copy of etc/batchd.toml with a database path in an existing folder: config valid,
+    the missing database said (and not created), what the first run will create, and what the Vertex backend
+    still lacks, as clear lines (no traceback)."""
     text = (REPO / "etc" / "batchd.toml").read_text()
     text = text.replace('path = "/var/lib/batchd/batchd.db"', f'path = "{tmp_path / "state" / "batchd.db"}"')
     p = tmp_path / "batchd.toml"
     p.write_text(text)
+    (tmp_path / "state").mkdir()
     r = run(batchd_env, p, "check")
     assert r.returncode == 1
     assert "Traceback" not in r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"ok    config {p}"
-    assert lines[1].startswith(f"ok    database {tmp_path / 'state' / 'batchd.db'} (sqlite ")
-    assert "sqlite-vec v0.1" in lines[1]
+    assert lines[1] == f"FAIL  database {tmp_path / 'state' / 'batchd.db'} does not exist (check database.path; " \
+        "`batchd enqueue` or `batchd run` creates it)"
+    assert lines[2].startswith("plan  the first `batchd run` or `batchd enqueue` will (")
+    assert "plan    create vec table chunks_vec (vec0, float[768], cosine distance)" in lines
     assert "FAIL  vertex: vertex.project is not set" in r.stdout
     assert "FAIL  vertex: vertex.staging_uri is not set" in r.stdout
-    assert (tmp_path / "state" / "batchd.db").exists()
+    assert list((tmp_path / "state").iterdir()) == []
 
 
 def test_database_errors_are_one_line(tmp_path, batchd_env, cfg):
-    run(batchd_env, cfg, "stats")
+    assert run(batchd_env, cfg, "enqueue", stdin='{"text": "a"}\n').returncode == 0
     bad = tmp_path / "bad.toml"
     bad.write_text(cfg.read_text().replace("dimensions = 8", "dimensions = 16"))
     r = run(batchd_env, bad, "stats")
-    assert r.returncode == 1
-    assert r.stderr.strip() == (f"batchd: database error: {tmp_path / 'app.db'}: chunks_vec holds 8-dimension "
-                                "vectors but embedding.dimensions is 16; set it back, or drop chunks_vec and "
-                                "re-embed (batchd never drops vectors itself)")
+    assert r.returncode == 78
+    assert r.stderr.strip() == (f"batchd: config error: {bad}: embedding.dimensions: chunks_vec holds 8-dimension "
+                                "vectors but embedding.dimensions is 16: set embedding.dimensions = 8 again, or run "
+                                "`batchd reset-vectors --yes` to drop every vector and embed all chunks again at 16")
 
 
 HOLD_LOCK = """

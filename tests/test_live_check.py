@@ -40,6 +40,7 @@ request_timeout = "10s"
 retry_backoff = "10ms"
 retry_deadline = "2s"
 """)
+    Store.open(load(path)).close()  # the database exists: `batchd check` reports a missing one and creates nothing
     return path
 
 

@@ -90,6 +90,18 @@ def all_ready_once(store: Store, n: int) -> None:
 # ---------------------------------------------------------------------- construction (no model load)
 
 
+@pytest.mark.parametrize("embedding", [{"backend": "local"}, {"backend": "local", "dimensions": 384}],
+                         ids=["backend-only", "with-dimensions"])
+def test_a_config_naming_only_the_local_backend_is_accepted(tmp_path: Path, embedding: dict[str, Any]) -> None:
+    """Before: embedding.model and dimensions kept the Vertex defaults and the constructor refused them."""
+    from batchd.config import from_dict
+
+    cfg = from_dict({"database": {"path": str(tmp_path / "a.db")}, "embedding": embedding})
+    backend = LocalBackend(cfg, "abc")
+    assert cfg.embedding.model == "all-MiniLM-L6-v2" and backend.model_dimensions == cfg.embedding.dimensions == 384
+    assert cfg.queue.min_batch_size == 1 and cfg.queue.sync_interval == 5
+
+
 def test_dimensions_that_do_not_match_the_model_are_a_config_error(make_config: Callable[..., Config]) -> None:
     cfg = make_config(embedding={"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 768})
     with pytest.raises(ConfigError) as e:

@@ -17,6 +17,7 @@ def test_dimensions_that_do_not_match_the_local_model_exit_78_naming_both(tmp_pa
                                                                           batchd_env: dict[str, str]) -> None:
     cfg = write(tmp_path / "batchd.toml", f'[database]\npath = "{tmp_path}/a.db"\n'
                 '[embedding]\nbackend = "local"\nmodel = "all-MiniLM-L6-v2"\ndimensions = 768\n')
+    (tmp_path / "a.db").touch()  # search never creates a database (an empty file is an empty database)
     r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "search", "hello"], env=batchd_env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 78, (r.stdout, r.stderr)
@@ -28,6 +29,7 @@ def test_a_backend_that_cannot_embed_queries_is_a_one_line_error(tmp_path: Path,
                                                                  batchd_env: dict[str, str]) -> None:
     cfg = write(tmp_path / "batchd.toml", f'[database]\npath = "{tmp_path}/a.db"\n'
                 f'[embedding]\nbackend = "{MEMBACKEND}"\nmodel = "m"\ndimensions = 16\n')
+    (tmp_path / "a.db").touch()  # search never creates a database (an empty file is an empty database)
     r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "search", "hello"], env=batchd_env,
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     if "embed_query" in (Path(__file__).parent / "fakes" / "membackend.py").read_text():

@@ -47,13 +47,12 @@ def batchd(config: Path, gcs_url: str, *args: str, stdin: str | None = None) -> 
 
 def test_cli_on_vertex(tmp_path: Path, fake_vertex, gcs) -> None:
     cfg = write_config(tmp_path, fake_vertex.url)
+    texts = [f"manual page {i}" for i in range(50)]
+    r = batchd(cfg, gcs.url, "enqueue", stdin="".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert r.returncode == 0, r.stderr  # enqueue creates the database (check never does)
     r = batchd(cfg, gcs.url, "check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"ok    bucket gs://{BUCKET}" in r.stdout and "ok    vertex job service" in r.stdout
-
-    texts = [f"manual page {i}" for i in range(50)]
-    r = batchd(cfg, gcs.url, "enqueue", stdin="".join(json.dumps({"text": t}) + "\n" for t in texts))
-    assert r.returncode == 0, r.stderr
 
     fake_vertex.auto_finish = True
     r = batchd(cfg, gcs.url, "run", "--until-idle", "--poll", "50ms")

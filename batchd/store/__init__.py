@@ -9,12 +9,15 @@ Nothing else in batchd imports sqlite3 or sqlite_vec or holds SQL text. :meth:`S
 - reads.py       queue counts, batches, failure reasons, search
 - ledger.py      the cost ledger: what each batch sent, answered and cost; spend for budgets; metric totals
 - problems.py    what a failure of the file means: busy, disk full, damaged, read-only (one line each)
+- lifecycle.py   the operator's schema commands: inspect without changing (check), reset-vectors, uninstall
 """
 
 from __future__ import annotations
 
 from batchd.store.connection import (
     Busy,
+    Missing,
+    SchemaMismatch,
     StoreBase,
     StoreError,
     _sqlite_module,
@@ -25,6 +28,7 @@ from batchd.store.connection import (
 )
 from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
 from batchd.store.ledger import FAILURE_REASONS, LedgerMixin, ModelLedger, Sent
+from batchd.store.lifecycle import Change, Inspection, LifecycleMixin
 from batchd.store.problems import (
     Damaged,
     DatabaseBusy,
@@ -39,7 +43,7 @@ from batchd.store.results import IN_SLICE, ApplyCounts, ResultsMixin
 from batchd.store.schema import SCHEMA_VERSION, STEPS, SchemaMixin
 
 
-class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, LedgerMixin, StoreBase):
+class Store(SchemaMixin, IntakeMixin, ResultsMixin, ReadsMixin, LedgerMixin, LifecycleMixin, StoreBase):
     """One SQLite connection to the shared database file, with batchd's schema in place."""
 
 
@@ -53,12 +57,16 @@ __all__ = [
     "ApplyCounts",
     "BatchRow",
     "Busy",
+    "Change",
     "Damaged",
     "DatabaseBusy",
     "DiskFull",
     "EnqueueCounts",
+    "Inspection",
+    "Missing",
     "ModelLedger",
     "ReadOnly",
+    "SchemaMismatch",
     "Sent",
     "Store",
     "StoreBase",

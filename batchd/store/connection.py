@@ -32,6 +32,23 @@ class Busy(StoreError):
     """Another batchd process is flushing or syncing this database right now; try again later."""
 
 
+class Missing(StoreError):
+    """The database file does not exist, and this command does not create it (only enqueue, run and demo do)."""
+
+
+class SchemaMismatch(StoreError):
+    """The configuration does not fit the database (EX_CONFIG, 78): restarting cannot help, editing can.
+
+    ``key`` is the config key at fault; ``fields`` carries the numbers for a structured log event, e.g.
+    ``{"configured_dimensions": 384, "database_dimensions": 768, "fix": "batchd reset-vectors --yes"}``.
+    """
+
+    def __init__(self, message: str, key: str, **fields: Any):
+        super().__init__(message)
+        self.key = key
+        self.fields = fields
+
+
 def _sqlite_module() -> Any:
     """The stdlib sqlite3 if it can load extensions, else pysqlite3, else a StoreError that says what to install."""
     import sqlite3
@@ -63,6 +80,28 @@ def parse_iso(text: str | None) -> float | None:
 def quote_ident(name: str) -> str:
     """Quote an identifier (config validated it as a plain identifier already)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def _connect(sqlite: Any, path: str, *, create: bool, readonly: bool = False) -> Any:
+    """Open the file (autocommit). Never creates folders; creates the file only when ``create``."""
+    if path == ":memory:":
+        return sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    file = Path(path)
+    if not file.parent.is_dir():
+        raise StoreError(f"database folder {file.parent} does not exist (batchd creates the database file, "
+                         "never the folders above it: check database.path, or create the folder)")
+    if not file.exists() and not create:
+        raise Missing(f"database {path} does not exist (check database.path; `batchd enqueue` or "
+                      "`batchd run` creates it)")
+    mode = "ro" if readonly else ("rwc" if create else "rw")
+    try:
+        # A file: URI so that mode=rw really refuses to create the file (no race with a plain connect).
+        return sqlite.connect(f"{file.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None,
+                              check_same_thread=False, timeout=10.0)
+    except sqlite.Error as e:
+        from batchd.store.problems import explain
+
+        raise explain(e, path) or StoreError(f"cannot open database {path}: {e}") from None
 
 
 def _load_vec(conn: Any) -> None:
@@ -122,46 +161,50 @@ class StoreBase:
         self.instance_id = ""
         self._lock_file: Any = None
         self._lock_depth = 0
+        # Check at every worker step that chunks_vec still fits the config: a `batchd reset-vectors` or
+        # `uninstall` run meanwhile with another config stops this worker (SchemaMismatch) instead of failing
+        # every step. Off for the stores of those two commands themselves.
+        self.verify_on_lock = True
         self._wrote = False  # a write transaction ran: close() may then run PRAGMA optimize
 
-    @classmethod
-    def open(cls, config: Config, *, create: bool = True) -> Store:
-        """Connect (WAL, busy_timeout, foreign keys, sqlite-vec) and create or migrate the schema.
+    def _verify_schema(self) -> None:
+        """Raise SchemaMismatch when the database no longer fits the config (schema.py)."""
 
-        Raises StoreError with a one-line reason (no extension support, unreadable file, a chunks_vec
-        of another dimension, an app table lacking the configured columns); the subclasses of
-        batchd.store.problems for a busy, full, damaged or read-only database.
+    @classmethod
+    def open(cls, config: Config, *, create: bool = True, migrate: bool = True,
+             check_dimensions: bool = True) -> Store:
+        """Connect (WAL, busy_timeout, foreign keys, sqlite-vec), check the app's table, create or migrate the schema.
+
+        ``create=False`` refuses a missing database file (:class:`Missing`); folders are never created.
+        ``migrate=False`` leaves the schema as it is (``batchd uninstall``); ``check_dimensions=False`` accepts
+        a chunks_vec of another size (``batchd reset-vectors``). Raises StoreError with a one-line reason;
+        :class:`SchemaMismatch` (before anything is changed) when the config does not fit the database.
+        The subclasses of batchd.store.problems for a busy, full, damaged or read-only database.
         """
         from batchd.store.problems import explain
 
         sqlite = _sqlite_module()
         path = config.database.path
-        if path != ":memory:":
-            parent = Path(path).expanduser().resolve().parent
-            if not parent.is_dir():
-                if not create:
-                    raise StoreError(f"database folder {parent} does not exist")
-                try:
-                    parent.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise StoreError(f"cannot create database folder {parent}: {e.strerror}") from None
-        try:
-            conn = sqlite.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        except sqlite.Error as e:
-            raise explain(e, path) or StoreError(f"cannot open database {path}: {e}") from None
+        conn = _connect(sqlite, path, create=create)
         try:
             _load_vec(conn)
             conn.execute("PRAGMA busy_timeout = 10000")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if path != ":memory:" and str(mode).lower() != "wal":
-                raise StoreError(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
+            store = cls(conn, config, sqlite)
+            store.verify_on_lock = migrate and check_dimensions
+            if migrate:
+                store._check_config_fits(dimensions=check_dimensions)  # type: ignore[attr-defined]
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if path != ":memory:" and str(mode).lower() != "wal":
+                    raise StoreError(f"cannot switch {path} to WAL mode (journal_mode is {mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
             # 32 MiB page cache (default 2 MiB): a 2,000-vector slice or a 10,000-row enqueue slice dirties more
             # than 2 MiB, and spilling mid-transaction slowed both down (bench/, README "Benchmarks").
             conn.execute("PRAGMA cache_size = -32768")
             conn.execute("PRAGMA foreign_keys = ON")
-            store = cls(conn, config, sqlite)
-            store._migrate()  # type: ignore[attr-defined]
+            if migrate:
+                store._migrate()  # type: ignore[attr-defined]
+            else:
+                store.instance_id = store._read_instance_id() or ""  # type: ignore[attr-defined]
         except sqlite.DatabaseError as e:
             conn.close()
             raise explain(e, path) or StoreError(f"cannot use database {path}: {e}") from None
@@ -200,9 +243,11 @@ class StoreBase:
             try:
                 f.seek(0)
                 self._write_lock_file(_parse_claimed(f.read()))
+                if self.verify_on_lock:
+                    self._verify_schema()
             except BaseException:
-                # A full disk, say: let go of the lock, or this process would hold it against itself for good
-                # (every later step "busy" with its own leaked descriptor).
+                # A full disk, say, or a database that no longer fits the config: let go of the lock, or this
+                # process would hold it against itself for good (every later step "busy" with its own descriptor).
                 self._lock_file = None
                 f.close()
                 raise

@@ -19,6 +19,7 @@ to apply to).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +31,18 @@ from batchd.store.connection import StoreBase, iso
 from batchd.store.spool import Spool, spool_path, wipe_spools
 
 IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
+# SQLite errors about the database as a whole: retried later by the step, never blamed on one chunk.
+_WHOLE_DATABASE = ("database is locked", "database table is locked", "disk i/o error", "database or disk is full",
+                   "readonly database", "unable to open", "no such table", "no such module", "no such column",
+                   "malformed", "not a database", "interrupted", "savepoint", "no transaction")
 SLICE_SECONDS = 0.07  # target time of one apply_spool transaction, COMMIT included (the app waits at most this)
 SLICE_ROWS_START, SLICE_ROWS_MIN, SLICE_ROWS_MAX = 500, 50, 20_000
+
+
+def _about_one_row(e: Exception) -> bool:
+    """True for a refusal of one row's write (a constraint, an app trigger's RAISE, a value vec0 rejects)."""
+    text = str(e).lower()
+    return not any(marker in text for marker in _WHOLE_DATABASE)
 
 
 def _next_slice_rows(rows: int, elapsed: float) -> int:
@@ -114,8 +125,12 @@ class ResultsMixin(StoreBase):
             vecs.sort(key=lambda v: v[0])  # id order: neighbouring pages for the UPDATE and vec0 writes
             seen: set[str] = set(keys)
             if vecs:
-                self._write_vectors(c, vecs, stamp)
-                applied = len(vecs)
+                done, refused = self._write_isolating_refusals(
+                    c, [cid for cid, _ in vecs], functools.partial(self._write_vectors_of, c, dict(vecs), stamp))
+                self._fail_refused(c, refused)
+                applied = len(done)
+                errored += len(refused)
+                failed += len(refused)
             if trunc:
                 c.executemany(f"UPDATE {t} SET truncated = 1 WHERE {i} = ?", [(cid,) for cid in trunc])
             for key, reason in err_keys:
@@ -201,15 +216,19 @@ class ResultsMixin(StoreBase):
                     (last if last is not None else -(1 << 63), rows_per_slice)).fetchall()
                 if not todo:
                     break
-                lo, hi = todo[0][0], todo[-1][0]
+                hi = todo[-1][0]
                 started = time.monotonic()
                 with self.transaction() as w:
-                    ok = self._mark_ready(w, batch_id, lo, hi, stamp)
-                    if ok:
-                        blobs = dict(todo)
-                        self._write_vector_rows(w, [(cid, blobs[cid]) for cid in ok])
-                        w.execute("UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, updated_at = ? "
-                                  "WHERE id = ?", (len(ok), stamp, batch_id))
+                    ok, refused = self._write_isolating_refusals(
+                        w, [cid for cid, _ in todo],
+                        functools.partial(self._mark_and_write, w, batch_id, dict(todo), stamp))
+                    self._fail_refused(w, refused)
+                    if ok or refused:
+                        w.execute("UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, "
+                                  "failed_chunks = failed_chunks + ?, updated_at = ? WHERE id = ?",
+                                  (len(ok), len(refused), stamp, batch_id))
+                errored += len(refused)
+                failed += len(refused)
                 elapsed = time.monotonic() - started
                 applied += len(ok)
                 last = hi
@@ -274,6 +293,60 @@ class ResultsMixin(StoreBase):
         c.executemany("DELETE FROM chunks_vec WHERE chunk_id = ?", ids)
         c.executemany("INSERT INTO chunks_vec(chunk_id, embedding) VALUES (?, ?)", vecs)
         c.executemany("DELETE FROM batchd_tombstones WHERE chunk_id = ?", ids)
+
+    def _mark_and_write(self, w: Any, batch_id: int, blobs: dict[int, bytes], stamp: str,
+                        ids: list[int]) -> list[int]:
+        """apply_spool's write for the planned ids in [ids[0], ids[-1]]: returns those made READY."""
+        done = self._mark_ready(w, batch_id, ids[0], ids[-1], stamp)
+        if done:
+            self._write_vector_rows(w, [(cid, blobs[cid]) for cid in done])
+        return done
+
+    def _write_vectors_of(self, c: Any, blobs: dict[int, bytes], stamp: str, ids: list[int]) -> list[int]:
+        """apply_results' write for ``ids``: returns them."""
+        self._write_vectors(c, [(cid, blobs[cid]) for cid in ids], stamp)
+        return ids
+
+    def _write_isolating_refusals(self, c: Any, ids: list[int], write: Callable[[list[int]], list[int]]
+                                  ) -> tuple[list[int], list[tuple[int, str]]]:
+        """``write(ids)`` in a savepoint; if SQLite refuses a row, again one id at a time. Returns (the ids
+        written, the ids refused with the reason). An error that is not about one row (locked, disk, schema)
+        is raised."""
+        try:
+            return self._in_savepoint(c, functools.partial(write, ids)), []
+        except self._sqlite.DatabaseError as e:
+            if not _about_one_row(e):
+                raise
+        done: list[int] = []
+        refused: list[tuple[int, str]] = []
+        for cid in ids:
+            try:
+                done.extend(self._in_savepoint(c, functools.partial(write, [cid])))
+            except self._sqlite.DatabaseError as e:
+                if not _about_one_row(e):
+                    raise
+                refused.append((cid, " ".join(str(e).split())))
+        return done, refused
+
+    @staticmethod
+    def _in_savepoint(c: Any, fn: Callable[[], list[int]]) -> list[int]:
+        c.execute("SAVEPOINT batchd_write")
+        try:
+            out = fn()
+        except BaseException:
+            c.execute("ROLLBACK TO batchd_write")
+            c.execute("RELEASE batchd_write")
+            raise
+        c.execute("RELEASE batchd_write")
+        return out
+
+    def _fail_refused(self, c: Any, refused: list[tuple[int, str]]) -> None:
+        """A write SQLite refuses for one chunk (an application trigger or constraint, a key vec0 cannot take)
+        fails the same way every time: FAILED now, with the reason, instead of failing the whole slice at every
+        sync for ever."""
+        c.executemany(f"UPDATE {self.q_table} SET embedding_status = 'FAILED', attempts = attempts + 1, "
+                      f"batch_job_id = NULL, error_message = ? WHERE {self.q_id} = ?",
+                      [(f"cannot store its vector: {reason}"[:2000], cid) for cid, reason in refused])
 
     def _write_vectors(self, c: Any, vecs: list[tuple[int, bytes]], stamp: str) -> None:
         """sqlite-vec 0.1.9 has no INSERT OR REPLACE on vec0: DELETE then INSERT, same transaction."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from batchd.store.connection import StoreBase, StoreError, claimed_before, iso, quote_ident
+from batchd.store.connection import SchemaMismatch, StoreBase, StoreError, claimed_before, iso, quote_ident
 from batchd.store.ledger import LEDGER_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +34,7 @@ class SchemaMixin(StoreBase):
                 f"database schema version {version} is newer than this batchd understands ({SCHEMA_VERSION}); "
                 "upgrade batchd"
             )
+        # The config was checked against the database before (Store.open): nothing below can be refused half way.
         for number, step in enumerate(STEPS, start=1):
             if number <= version:
                 continue
@@ -44,8 +45,6 @@ class SchemaMixin(StoreBase):
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (str(number),),
                 )
-        self._check_app_table()
-        self._check_vec_dimensions()
         self.instance_id = self._ensure_instance_id()
         self._check_copy()
 
@@ -115,10 +114,22 @@ class SchemaMixin(StoreBase):
             "store.copy_detected", reason=why, previous_instance=old, instance=new, batches_closed=batches,
             chunks_requeued=chunks, database=self.config.database.path)
 
-    def _ensure_instance_id(self) -> str:
+    def _check_config_fits(self, *, dimensions: bool = True) -> None:
+        """Refuse, before changing anything, a config that does not fit this database (SchemaMismatch)."""
+        self._check_app_table()
+        if dimensions:
+            self._check_vec_dimensions()
+
+    def _read_instance_id(self) -> str | None:
+        if not self.table_exists("batchd_meta"):
+            return None
         row = self._conn.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()
-        if row:
-            return str(row[0])
+        return str(row[0]) if row else None
+
+    def _ensure_instance_id(self) -> str:
+        have = self._read_instance_id()
+        if have:
+            return have
         with self.transaction() as c:
             # Lowercase hex: valid as a GCS path segment and as a Vertex label value.
             c.execute("INSERT OR IGNORE INTO batchd_meta(key, value) VALUES ('instance_id', ?)",
@@ -126,6 +137,8 @@ class SchemaMixin(StoreBase):
             return str(c.execute("SELECT value FROM batchd_meta WHERE key = 'instance_id'").fetchone()[0])
 
     def schema_version(self) -> int:
+        if not self.table_exists("batchd_meta"):
+            return 0
         row = self._conn.execute("SELECT value FROM batchd_meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else 0
 
@@ -148,11 +161,34 @@ class SchemaMixin(StoreBase):
         self._conn.execute(sql)
 
     def _check_app_table(self) -> None:
+        """The configured table, if it exists, has the text column and the id column as its INTEGER PRIMARY KEY.
+
+        chunks_vec is keyed by the chunk's integer id: a TEXT key (or a table WITHOUT ROWID) would pass every
+        other step and then fail every vector write, for ever.
+        """
         db = self.config.database
-        cols = {c.lower() for c in self.table_columns(db.chunks_table)}
+        if not self.table_exists(db.chunks_table):
+            return
+        info = self._conn.execute(f"PRAGMA table_info({self.q_table})").fetchall()  # cid, name, type, nn, dflt, pk
+        cols = {str(r[1]).lower(): r for r in info}
         for key, col in (("database.id_column", db.id_column), ("database.text_column", db.text_column)):
             if col.lower() not in cols:
-                raise StoreError(f"table {db.chunks_table} has no column {col!r} (set {key} in the config)")
+                raise SchemaMismatch(f"table {db.chunks_table} has no column {col!r} (set {key} in the config)",
+                                     key, table=db.chunks_table, column=col)
+        id_row = cols[db.id_column.lower()]
+        pk_cols = [r for r in info if r[5]]
+        # A rowid alias: the only key column, declared exactly INTEGER, and no separate key index (a WITHOUT
+        # ROWID table and the "INTEGER PRIMARY KEY DESC" quirk both get one).
+        pk_index = any(r[3] == "pk" for r in self._conn.execute(f"PRAGMA index_list({self.q_table})"))
+        if pk_cols != [id_row] or str(id_row[2]).upper() != "INTEGER" or pk_index:
+            declared = (str(id_row[2]) or "untyped") + (" PRIMARY KEY" if id_row[5] else "")
+            if pk_index and pk_cols == [id_row] and str(id_row[2]).upper() == "INTEGER":
+                declared += " in a table WITHOUT ROWID (or declared DESC)"
+            raise SchemaMismatch(
+                f"table {db.chunks_table}: database.id_column {db.id_column!r} is {declared}; batchd needs an "
+                f"INTEGER PRIMARY KEY (the table's rowid) to key chunks_vec: point database.id_column at such a "
+                f"column, or give the table one", "database.id_column",
+                table=db.chunks_table, column=db.id_column, declared=declared, required="INTEGER PRIMARY KEY")
 
     def vec_dimensions(self) -> int | None:
         row = self._conn.execute("SELECT sql FROM sqlite_master WHERE name = 'chunks_vec'").fetchone()
@@ -161,19 +197,30 @@ class SchemaMixin(StoreBase):
         m = re.search(r"float\[(\d+)\]", row[0])
         return int(m.group(1)) if m else None
 
+    def _verify_schema(self) -> None:
+        if self.vec_dimensions() is None:
+            raise SchemaMismatch(f"{self.config.database.path} has no chunks_vec table any more (removed by "
+                                 "`batchd uninstall`?): restart batchd to create it again", "database.path",
+                                 database=self.config.database.path)
+        self._check_vec_dimensions()
+
     def _check_vec_dimensions(self) -> None:
         have = self.vec_dimensions()
         if have is not None and have != self.dimensions:
-            raise StoreError(
-                f"chunks_vec holds {have}-dimension vectors but embedding.dimensions is {self.dimensions}; "
-                "set it back, or drop chunks_vec and re-embed (batchd never drops vectors itself)"
-            )
+            raise SchemaMismatch(
+                f"chunks_vec holds {have}-dimension vectors but embedding.dimensions is {self.dimensions}: "
+                f"set embedding.dimensions = {have} again, or run `batchd reset-vectors --yes` to drop every "
+                f"vector and embed all chunks again at {self.dimensions}", "embedding.dimensions",
+                configured_dimensions=self.dimensions, database_dimensions=have, fix="batchd reset-vectors --yes")
 
 
 # ---------------------------------------------------------------------- migrations
 # Small named steps, run in order, each in its own transaction; batchd_meta.schema_version records the last.
 
-_CHUNK_COLUMNS = (
+# The columns m001 adds to the application's table. A later migration that adds one lists it in
+# LATER_CHUNK_COLUMNS: `batchd check` plans from both and `batchd uninstall` removes what is on them
+# (tests/test_lifecycle.py compares both with what a real migration does).
+CHUNK_COLUMNS = (
     ("embedding_status", "TEXT NOT NULL DEFAULT 'PENDING'"),
     ("batch_job_id", "INTEGER REFERENCES batch_jobs(id)"),
     ("error_message", "TEXT"),
@@ -182,6 +229,30 @@ _CHUNK_COLUMNS = (
     ("embedded_at", "TEXT"),
     ("queued_at", "TEXT"),
 )
+# Columns later migrations add to the application's table (m006), and all of batchd's columns there.
+LATER_CHUNK_COLUMNS = (("truncated", "INTEGER NOT NULL DEFAULT 0"),)
+OWN_CHUNK_COLUMNS = CHUNK_COLUMNS + LATER_CHUNK_COLUMNS
+# batchd's own tables (chunks_vec is a vec0 virtual table) and the indexes on batch_jobs. Indexes and triggers
+# batchd puts on the application's table are named batchd_<table>_<what> (own_name).
+OWN_TABLES = ("batchd_meta", "batch_jobs", "batchd_tombstones", "batchd_copies", "chunks_vec")
+BATCH_JOBS_INDEXES = ("batch_jobs_google_job_id", "batch_jobs_status", "batch_jobs_created_at")
+APP_TABLE_INDEXES = ("queue", "hash", "batch", "status", "truncated")
+APP_TABLE_TRIGGERS = ("text_changed", "deleted", "replaced")
+
+
+def own_name(store: Store, what: str) -> str:
+    """The name of batchd's index or trigger ``what`` on the application's table."""
+    return f"batchd_{store.config.database.chunks_table}_{what}"
+
+
+def create_vec_table(store: Store) -> None:
+    """chunks_vec for the configured dimensions (m001; `batchd reset-vectors`)."""
+    # chunk_size=128 (default 1024): vec0 writes each vector into its chunk's blob, and each write walks
+    # that blob's overflow-page chain; at 768 dims a 1024-vector chunk is a 3 MB chain, and inserts slow
+    # down with it while KNN time does not change (bench/, README "Benchmarks").
+    store.execute_ddl(
+        f"CREATE VIRTUAL TABLE chunks_vec USING vec0(chunk_id integer primary key, "
+        f"embedding float[{store.dimensions}] distance_metric=cosine, chunk_size=128)")
 
 
 def m001_initial(store: Store) -> None:
@@ -201,23 +272,17 @@ def m001_initial(store: Store) -> None:
     if not store.table_exists(db.chunks_table):
         store.execute_ddl(f"CREATE TABLE {t} ({i} INTEGER PRIMARY KEY, {x} TEXT NOT NULL)")
     have = {c.lower() for c in store.table_columns(db.chunks_table)}
-    for name, decl in _CHUNK_COLUMNS:
+    for name, decl in CHUNK_COLUMNS:
         if name not in have:
             # Existing rows take the default: every app row starts PENDING.
             store.execute_ddl(f"ALTER TABLE {t} ADD COLUMN {name} {decl}")
-    p = db.chunks_table
-    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_queue')} "
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident(own_name(store, 'queue'))} "
                       f"ON {t}(embedding_status, batch_job_id, queued_at)")
-    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_hash')} ON {t}(content_hash)")
-    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_batch')} "
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident(own_name(store, 'hash'))} ON {t}(content_hash)")
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident(own_name(store, 'batch'))} "
                       f"ON {t}(batch_job_id, content_hash) WHERE batch_job_id IS NOT NULL")
     if store.vec_dimensions() is None:
-        # chunk_size=128 (default 1024): vec0 writes each vector into its chunk's blob, and each write walks
-        # that blob's overflow-page chain; at 768 dims a 1024-vector chunk is a 3 MB chain, and inserts slow
-        # down with it while KNN time does not change (bench/, README "Benchmarks").
-        store.execute_ddl(
-            f"CREATE VIRTUAL TABLE chunks_vec USING vec0(chunk_id integer primary key, "
-            f"embedding float[{store.dimensions}] distance_metric=cosine, chunk_size=128)")
+        create_vec_table(store)
 
 
 def m002_triggers(store: Store) -> None:
@@ -227,25 +292,23 @@ def m002_triggers(store: Store) -> None:
     trigger naming a vec0 table would make the app's UPDATE/DELETE fail with "no such module: vec0". They
     write a tombstone instead; batchd deletes those vectors at its next cycle (Store.purge_tombstones).
     """
-    db = store.config.database
     t, i, x = store.q_table, store.q_id, store.q_text
-    p = db.chunks_table
     store.execute_ddl("CREATE TABLE IF NOT EXISTS batchd_tombstones (chunk_id INTEGER PRIMARY KEY)")
     store.execute_ddl(
-        f"CREATE TRIGGER IF NOT EXISTS {quote_ident('batchd_' + p + '_text_changed')} AFTER UPDATE OF {x} ON {t} "
+        f"CREATE TRIGGER IF NOT EXISTS {quote_ident(own_name(store, 'text_changed'))} AFTER UPDATE OF {x} ON {t} "
         f"WHEN OLD.{x} IS NOT NEW.{x} BEGIN "
         f"UPDATE {t} SET embedding_status = 'PENDING', batch_job_id = NULL, content_hash = NULL, attempts = 0, "
         f"error_message = NULL, embedded_at = NULL, queued_at = NULL WHERE {i} = NEW.{i}; "
         f"INSERT OR IGNORE INTO batchd_tombstones(chunk_id) VALUES (NEW.{i}); END")
     store.execute_ddl(
-        f"CREATE TRIGGER IF NOT EXISTS {quote_ident('batchd_' + p + '_deleted')} AFTER DELETE ON {t} BEGIN "
+        f"CREATE TRIGGER IF NOT EXISTS {quote_ident(own_name(store, 'deleted'))} AFTER DELETE ON {t} BEGIN "
         f"INSERT OR IGNORE INTO batchd_tombstones(chunk_id) VALUES (OLD.{i}); END")
 
 
 def m003_status_index(store: Store) -> None:
     """The narrowest index on every chunk: count(*) walks its pages without decoding rows (Store.queue_stats)."""
-    p = store.config.database.chunks_table
-    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident('batchd_' + p + '_status')} ON {store.q_table}(embedding_status)")
+    store.execute_ddl(f"CREATE INDEX IF NOT EXISTS {quote_ident(own_name(store, 'status'))} "
+                      f"ON {store.q_table}(embedding_status)")
 
 
 def m004_triggers_never_fail(store: Store) -> None:
