@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from batchd.backends import models as _models
+from batchd.backends.gemini_api_settings import GeminiApiSettings
 from batchd.backends.local_settings import LocalSettings
+from batchd.backends.models import GEMINI_API_SERVICE
 from batchd.backends.vertex_settings import VertexSettings
 from batchd.errors import BatchdError
 from batchd.settings import Duration, SettingError
@@ -42,6 +44,8 @@ CLASSIC_MODELS = _models.CLASSIC_MODELS
 CLASSIC_MAX_ROWS = _models.CLASSIC.max_rows
 GEMINI_MAX_ROWS = _models.GEMINI.max_rows
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("vertex", "gemini-api", "local")
+# [embedding] keys whose default depends on the backend, used when the file does not set them.
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -169,6 +173,7 @@ class EmbeddingConfig:
 # The built-in backends' sections are owned by the backends (their settings modules); listed here so that the
 # file is parsed in one pass. Old names kept for code that imports them from here.
 VertexConfig = VertexSettings
+GeminiApiConfig = GeminiApiSettings
 LocalConfig = LocalSettings
 
 
@@ -210,6 +215,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     vertex: VertexSettings = field(default_factory=VertexSettings)
+    gemini_api: GeminiApiSettings = field(default_factory=GeminiApiSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -396,9 +402,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(src, "queue.min_batch_size",
                           f"{q.min_batch_size} is greater than queue.max_batch_size ({q.max_batch_size})")
 
-    if emb.backend not in ("vertex", "local") and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
+    if emb.backend not in BACKENDS and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", emb.backend):
         raise ConfigError(src, "embedding.backend",
-                          f"must be \"vertex\", \"local\" or a plugin \"package.module:Class\", got {emb.backend!r}")
+                          f"must be \"vertex\", \"gemini-api\", \"local\" or a plugin \"package.module:Class\", "
+                          f"got {emb.backend!r}")
     if emb.dimensions <= 0:
         raise ConfigError(src, "embedding.dimensions", "must be greater than zero")
     if emb.dimensions > 8192:
@@ -410,6 +417,8 @@ def _validate(cfg: Config) -> None:
     if emb.backend == "vertex" and q.max_batch_size > emb.max_rows:
         raise ConfigError(src, "queue.max_batch_size",
                           f"{q.max_batch_size} exceeds the {emb.max_rows} rows a {emb.model} batch job accepts")
+
+    _validate_gemini_api(cfg)
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -437,6 +446,20 @@ def _validate_money(cfg: Config) -> None:
         for key in ("batch_usd", "online_usd"):
             if getattr(p, key) < 0:
                 raise ConfigError(src, f"pricing.{key}", "must be 0 or more")
+
+
+def _validate_gemini_api(cfg: Config) -> None:
+    """The checks that need more than the [gemini_api] section (its own are GeminiApiSettings.validate)."""
+    src, emb = cfg.source, cfg.embedding
+    if emb.backend == "gemini-api" and cfg.queue.max_running_jobs > GEMINI_API_SERVICE.max_concurrent_batches:
+        raise ConfigError(src, "queue.max_running_jobs",
+                          f"{cfg.queue.max_running_jobs} is more than the {GEMINI_API_SERVICE.max_concurrent_batches} "
+                          f"concurrent batches the Gemini API allows per project")
+    family = _models.family_of(emb.model)
+    if emb.backend == "gemini-api" and family is _models.GEMINI and emb.dimensions > family.default_dimensions:
+        raise ConfigError(src, "embedding.dimensions",
+                          f"{emb.dimensions} is more than the {family.default_dimensions} dimensions {emb.model} "
+                          f"produces")
 
 
 def vertex_missing(cfg: Config) -> list[str]:

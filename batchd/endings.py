@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from batchd.backends import JobInfo, JobState, ResultLine
+from batchd.backends import JobInfo, JobState, PermanentError, ResultLine
 from batchd.config import format_duration
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
@@ -64,7 +64,7 @@ class JobEndings(_Base):
         if info.state.has_results or info.output:
             lines = self._apply_all(b.id, job, summary)
             if lines is None:
-                return  # deferred; the next sync re-reads and applies the rest
+                return  # deferred (the next sync re-reads and applies the rest), or closed: never readable
             if info.state.has_results and computes_results(self.backend):
                 log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)  # now it is done
         row = self.store.batch(b.id)
@@ -96,7 +96,9 @@ class JobEndings(_Base):
 
     def _apply_all(self, batch_id: int, job: str, summary: SyncSummary) -> int | None:
         """Read every result line into a spool, then apply the spool in chunk-id order. Returns the lines read,
-        None when reading failed (the batch is deferred).
+        None when reading failed (the batch is deferred) or can never succeed (a PermanentError from the backend,
+        like an expired result file: what was read is applied and the batch is closed FAILED, its other chunks
+        back in the queue with the reason).
 
         Two phases (store/spool.py): parsing holds no lock on the shared database; applying in id order
         writes neighbouring pages in each short transaction instead of ~40% of the table per slice. A job
@@ -127,6 +129,13 @@ class JobEndings(_Base):
                         counts = self._apply_spool(batch_id, spool, summary)
                         unmatched, truncated = unmatched + counts.unmatched, truncated + counts.truncated
                         spool.clear()
+            except PermanentError as e:
+                # The output can never be read (a result file the service has already deleted): deferring would
+                # retry at every sync forever. What was read is applied; the rest goes back to the queue now.
+                self._apply_spool(batch_id, spool, summary)
+                self._close(summary, batch_id, job, "FAILED", "job.results_lost", reason=f"results unavailable: {e}",
+                            error=str(e), lines=lines)
+                return None
             except Exception as e:  # noqa: BLE001 - reading results failed; retry at the next sync
                 self._defer(summary, batch_id, job, "reading results failed", e, "job.results_failed", lines=lines)
                 return None

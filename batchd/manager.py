@@ -50,7 +50,7 @@ from batchd.endings import JobEndings
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
 from batchd.progress import Activity, computes_results
-from batchd.store import Store, parse_iso
+from batchd.store import Busy, Store, parse_iso
 from batchd.summary import Drained, FlushSummary, NotSubmitted, SyncSummary
 
 log = structlog.get_logger("batchd.manager")
@@ -445,10 +445,14 @@ class BatchManager(JobEndings):
             except Exception as e:  # noqa: BLE001 - one line for the operator, nothing changed
                 raise BackendError(one_line(e)) from None
             else:
-                # Under the worker lock (Busy while a step runs: the operator tries again, and a sync that
-                # gets there first applies the export itself); the spool is one per batch.
-                with self.store.worker_lock():
-                    self._apply_cancelled_export(batch_id, job)
+                # The rows the cancelled job exported are paid for: apply them before the rest goes back. Only
+                # under the worker lock (the spool is one per batch); while a step runs, the cancel still wins
+                # and the export is skipped (logged): those texts may then be paid for again.
+                try:
+                    with self.store.worker_lock():
+                        self._apply_cancelled_export(batch_id, job)
+                except Busy as e:
+                    log.warning("job.cancel_export_skipped", batch_id=batch_id, google_job_id=job, error=one_line(e))
         n = self.store.cancel_batch_locally(batch_id, "batch cancelled by operator", self.clock())
         if n is None:
             log.info("batch.cancel_too_late", batch_id=batch_id, google_job_id=job)

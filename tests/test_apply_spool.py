@@ -12,6 +12,7 @@ from typing import Any
 
 from batchd.manager import BatchManager
 from tests.fakes.membackend import fake_vector
+from tests.storehelp import store_chunk, store_chunks, store_vector
 
 
 def spools(w: Any) -> list[Path]:
@@ -28,16 +29,16 @@ def test_applied_in_id_order_across_slices_even_when_the_output_is_shuffled(worl
     seen: list[list[int]] = []
 
     def progress() -> None:  # after each committed slice: the READY ids are always a prefix in id order
-        ready = [c["id"] for c in w.store.chunks() if c["embedding_status"] == "READY"]
+        ready = [c["id"] for c in store_chunks(w.store) if c["embedding_status"] == "READY"]
         assert ready == list(range(1, len(ready) + 1))
         seen.append(ready)
 
     s = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress).sync_status()
     assert s.applied == 3000 and s.finished == 1
     assert len({len(r) for r in seen if 0 < len(r) < 3000}) >= 1  # several slices, not one transaction
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         assert c["embedding_status"] == "READY"
-        assert w.store.vector(c["id"]) == fake_vector(c["text"], w.config.embedding.dimensions)
+        assert store_vector(w.store, c["id"]) == fake_vector(c["text"], w.config.embedding.dimensions)
     assert spools(w) == []
 
 
@@ -59,15 +60,15 @@ def test_a_text_changed_or_a_row_deleted_after_planning_is_never_written(world):
 
     s = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress).sync_status()
     assert done and s.applied == 2998
-    changed = w.store.chunk(3000)
+    changed = store_chunk(w.store, 3000)
     assert changed["embedding_status"] == "PENDING" and changed["batch_job_id"] is None
-    assert w.store.vector(3000) is None and w.store.vector(2999) is None
-    assert w.store.chunk(2999) is None
+    assert store_vector(w.store, 3000) is None and store_vector(w.store, 2999) is None
+    assert store_chunk(w.store, 2999) is None
     # The next cycle embeds the new text; nothing stale ever lands.
     w.manager.flush_queue(force=True)
     w.manager.sync_status()
-    assert w.store.vector(3000) == fake_vector("rewritten while in flight", w.config.embedding.dimensions)
-    assert w.store.vector(2999) is None
+    assert store_vector(w.store, 3000) == fake_vector("rewritten while in flight", w.config.embedding.dimensions)
+    assert store_vector(w.store, 2999) is None
 
 
 def test_applying_a_finished_job_again_changes_nothing(world):
@@ -76,7 +77,7 @@ def test_applying_a_finished_job_again_changes_nothing(world):
     w.manager.enqueue([(None, f"row {i}") for i in range(500)])
     w.manager.flush_queue(force=True)
     w.manager.sync_status()
-    before = [(c["id"], c["embedding_status"], c["attempts"], w.store.vector(c["id"])) for c in w.store.chunks()]
+    before = [(c["id"], c["embedding_status"], c["attempts"], store_vector(w.store, c["id"])) for c in store_chunks(w.store)]
     # A crash after the last slice but before the batch was closed: the batch is RUNNING again and the whole
     # output is read and applied a second time.
     job = w.store.batch(1).google_job_id
@@ -85,7 +86,7 @@ def test_applying_a_finished_job_again_changes_nothing(world):
         c.execute("UPDATE batch_jobs SET status = 'RUNNING', finished_at = NULL WHERE id = 1")
     s = w.manager.sync_status()
     assert s.applied == 0
-    after = [(c["id"], c["embedding_status"], c["attempts"], w.store.vector(c["id"])) for c in w.store.chunks()]
+    after = [(c["id"], c["embedding_status"], c["attempts"], store_vector(w.store, c["id"])) for c in store_chunks(w.store)]
     assert after == before
 
 
@@ -105,6 +106,6 @@ def test_error_lines_of_the_spool_go_through_the_retry_path(world):
     w.manager.flush_queue(force=True)
     s = w.manager.sync_status()
     assert s.applied == 2 and s.errored == 1
-    bad = [c for c in w.store.chunks() if c["text"] == "bad 1"][0]
+    bad = [c for c in store_chunks(w.store) if c["text"] == "bad 1"][0]
     assert bad["embedding_status"] == "PENDING" and bad["attempts"] == 1
     assert "simulated line failure" in bad["error_message"]

@@ -16,6 +16,7 @@ from batchd.cost import budget_state, cost_report, estimate
 from batchd.pricing import BUILT_IN, billable_characters, price_for
 from tests.fakes.membackend import read_counters
 from tests.fakes.vertex_env import BUCKET, fake_vertex, gcs, vworld
+from tests.storehelp import store_chunks
 
 PRICED = {"model": "test-model", "unit": "1k_characters", "batch_usd": 0.5, "online_usd": 1.0}
 TOKEN_PRICED = {"model": "test-model", "unit": "1m_tokens", "batch_usd": 1000.0, "online_usd": 2000.0}
@@ -278,7 +279,7 @@ def test_a_text_over_the_input_limit_is_flagged_and_sent_or_failed_before_sendin
     v = world(embedding={"auto_truncate": False})
     enqueue(v, ["short", "z" * (limit + 1)])
     v.manager.flush_queue(force=True)
-    failed = [c for c in v.store.chunks() if c["embedding_status"] == "FAILED"]
+    failed = [c for c in store_chunks(v.store) if c["embedding_status"] == "FAILED"]
     assert len(failed) == 1 and "input limit" in failed[0]["error_message"] and "auto_truncate" in failed[0]["error_message"]
     assert read_counters(v.dir)["lines_sent"] == 1  # only "short" went out
 

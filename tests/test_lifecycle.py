@@ -21,6 +21,7 @@ from batchd.daemon import EXIT_CONFIG, Worker, run_once
 from batchd.store import SchemaMismatch, Store
 from tests.conftest import MEMBACKEND, Ran, cli
 from tests.fakes.membackend import fake_vector, read_counters, set_knobs
+from tests.storehelp import store_chunks, store_vector
 
 APP_SCHEMA = [
     "CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL, doc_id TEXT, meta JSON)",
@@ -271,7 +272,7 @@ def test_reset_vectors_says_what_it_would_do_then_re_embeds_everything(world, tm
     w.manager.sync_status()
     w.manager.enqueue([(None, "in flight")])
     [in_flight] = w.manager.flush_queue(force=True).submitted
-    before = {r["id"]: r["text"] for r in w.store.chunks()}
+    before = {r["id"]: r["text"] for r in store_chunks(w.store)}
     assert w.store.vector_count() == 30
     w.store.close()
     cfg = write_config(tmp_path, dims=32, name="new.toml")
@@ -306,14 +307,14 @@ def test_reset_vectors_says_what_it_would_do_then_re_embeds_everything(world, tm
 
     new = world(embedding={"dimensions": 32})
     assert new.store.vec_dimensions() == 32 and new.store.vector_count() == 0
-    rows = new.store.chunks()
+    rows = store_chunks(new.store)
     assert {r["id"]: r["text"] for r in rows} == before
     assert {(r["embedding_status"], r["attempts"]) for r in rows} == {("PENDING", 0)}
     assert new.store.batch(in_flight).status == "FAILED"
     new.manager.flush_queue(force=True)
     new.manager.sync_status()
-    assert {r["embedding_status"] for r in new.store.chunks()} == {"READY"}
-    assert all(new.store.vector(r["id"]) == fake_vector(r["text"], 32) for r in rows)
+    assert {r["embedding_status"] for r in store_chunks(new.store)} == {"READY"}
+    assert all(store_vector(new.store, r["id"]) == fake_vector(r["text"], 32) for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------- uninstall
@@ -411,9 +412,9 @@ def test_a_chunk_whose_vector_sqlite_refuses_fails_alone_instead_of_the_sync_fai
     [batch] = w.manager.flush_queue(force=True).submitted
     summary = w.manager.sync_status()
     assert summary.errors == [] and summary.applied == 2 and summary.failed == 1
-    rows = {r["id"]: r for r in w.store.chunks()}
+    rows = {r["id"]: r for r in store_chunks(w.store)}
     assert [rows[i]["embedding_status"] for i in (1, 2, 3)] == ["READY", "FAILED", "READY"]
     assert rows[2]["error_message"] == "cannot store its vector: archived rows are read-only"
-    assert w.store.vector(2) is None and w.store.vector(1) == fake_vector("kept", 16)
+    assert store_vector(w.store, 2) is None and store_vector(w.store, 1) == fake_vector("kept", 16)
     assert w.store.batch(batch).status == "COMPLETED"
     assert w.manager.sync_status().errors == [] and w.manager.flush_queue().created == []

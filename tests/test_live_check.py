@@ -19,6 +19,7 @@ from batchd.config import load
 from batchd.store import Store
 from tests.conftest import batchd_cmd
 from tests.fakes.vertex_env import BUCKET, LOCATION, PROJECT, fake_vertex, gcs
+from tests.storehelp import store_chunks
 
 
 def write_config(tmp_path: Path, endpoint: str, model: str = "text-embedding-005", location: str = LOCATION) -> Path:
@@ -40,6 +41,7 @@ request_timeout = "10s"
 retry_backoff = "10ms"
 retry_deadline = "2s"
 """)
+    Store.open(load(path)).close()  # the database exists: `batchd check` reports a missing one and creates nothing
     return path
 
 
@@ -66,7 +68,7 @@ def staged(gcs, cfg: Path) -> list[str]:
 def nothing_written(cfg: Path) -> None:
     store = Store.open(load(cfg))
     try:
-        assert store.chunks() == [] and store.batches() == []
+        assert store_chunks(store) == [] and store.batches() == []
     finally:
         store.close()
 

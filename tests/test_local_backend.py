@@ -29,6 +29,7 @@ from batchd.demo import split_markdown, split_toml_comments
 from batchd.manager import BatchManager
 from batchd.search import search
 from batchd.store import Store
+from tests.storehelp import store_chunks, store_vector
 
 FROZEN = Path(__file__).parent / "data" / "frozen_docs"
 LOCAL = {"embedding": {"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 384},
@@ -78,7 +79,7 @@ def local(make_config: Callable[..., Config]) -> Callable[..., tuple[Config, Sto
 
 
 def all_ready_once(store: Store, n: int) -> None:
-    chunks = store.chunks()
+    chunks = store_chunks(store)
     assert len(chunks) == n
     assert {c["embedding_status"] for c in chunks} == {"READY"}, [c for c in chunks if c["embedding_status"] != "READY"][:3]
     assert store.vector_count() == n  # chunks_vec's primary key is the chunk id: one vector per chunk
@@ -196,7 +197,7 @@ def test_search_finds_a_paraphrase_among_200_real_sentences(local: Callable[...,
         assert hits[0].text == expected, [h.text for h in hits]
         assert hits[0].distance < hits[1].distance
 
-    vec = np.frombuffer(store.vector(hits[0].chunk_id), dtype="<f4")
+    vec = np.frombuffer(store_vector(store, hits[0].chunk_id), dtype="<f4")
     assert vec.shape == (384,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-3
     assert not list(backend.jobs_dir.iterdir())  # applied jobs are cleaned up
     assert all(r.ok for r in backend.check()), backend.check()
@@ -358,9 +359,9 @@ def test_odd_vectors_in_the_output_never_reach_chunks_vec(local: Callable[..., A
             vec = base64.b64encode(odd[line["text"]].tobytes()).decode()
             out.write((json.dumps({"key": line["key"], "vector": vec}) + "\n").encode())
     manager.sync_status()
-    rows = {c["text"]: c for c in store.chunks()}
+    rows = {c["text"]: c for c in store_chunks(store)}
     assert rows["fine"]["embedding_status"] == "READY"
-    assert store.vector(rows["fine"]["id"]) == good.tobytes()
+    assert store_vector(store, rows["fine"]["id"]) == good.tobytes()
     assert store.vector_count() == 1
     for text, reason in (("infinite", "embedding values are not finite"),
                          ("not a number", "embedding values are not finite"),

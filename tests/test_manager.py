@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.membackend import fake_vector, jobs_for_batch, read_counters
+from tests.storehelp import store_chunks, store_vector
 
 
 def enqueue(w: Any, texts: list[str]) -> None:
@@ -17,8 +18,8 @@ def enqueue(w: Any, texts: list[str]) -> None:
 
 
 def snapshot(w: Any) -> tuple:
-    chunks = w.store.chunks()
-    vectors = {c["id"]: w.store.vector(c["id"]) for c in chunks}
+    chunks = store_chunks(w.store)
+    vectors = {c["id"]: store_vector(w.store, c["id"]) for c in chunks}
     batches = [(b.id, b.status, b.google_job_id, b.completed_chunks, b.failed_chunks, b.error_message)
                for b in w.store.batches()]
     return chunks, vectors, batches
@@ -29,10 +30,10 @@ def assert_invariants(w: Any) -> None:
     batch, or FAILED with a reason; no batch RUNNING after its job ended; one remote job per batch."""
     dims = w.config.embedding.dimensions
     active = {b.id for b in w.store.batches(["PENDING", "RUNNING"])}
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         st = c["embedding_status"]
         if st == "READY":
-            vec = w.store.vector(c["id"])
+            vec = store_vector(w.store, c["id"])
             assert vec is not None and len(vec) == 4 * dims, c
             assert c["batch_job_id"] is None
         elif st == "FAILED":
@@ -61,9 +62,9 @@ def test_happy_path_out_of_order_every_chunk_ready_with_its_vector(world):
     assert ids == [1]
     s = w.manager.sync_status()
     assert s.applied == 300 and s.finished == 1
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         assert c["embedding_status"] == "READY"
-        assert w.store.vector(c["id"]) == fake_vector(c["text"], 16)
+        assert store_vector(w.store, c["id"]) == fake_vector(c["text"], 16)
     assert_invariants(w)
     before = snapshot(w)
     again = w.manager.sync_status()
@@ -81,7 +82,7 @@ def test_dropped_and_failed_lines_retry_only_their_chunks_then_fail_at_max_attem
     w.knobs(drop_texts=sorted(dropped), fail_texts=sorted(failed), shuffle=True)
     enqueue(w, texts)
     flush_sync(w)
-    chunks = {c["text"]: c for c in w.store.chunks()}
+    chunks = {c["text"]: c for c in store_chunks(w.store)}
     for text, c in chunks.items():
         if text in dropped:
             assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 1, None)
@@ -104,7 +105,7 @@ def test_dropped_and_failed_lines_retry_only_their_chunks_then_fail_at_max_attem
     flush_sync(w)
     st = w.manager.get_queue_stats()
     assert st["failed"] == len(dropped) + len(failed) and st["pending"] == 0
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         if c["embedding_status"] == "FAILED":
             assert c["attempts"] == 2 and "simulated line failure" in c["error_message"]
     assert_invariants(w)
@@ -135,7 +136,7 @@ def test_permanent_submit_failure_is_recorded_on_batch_and_chunks(world):
     w.manager.flush_queue(force=True)
     b = w.store.batch(1)
     assert b.status == "FAILED" and "400 model" in b.error_message
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         assert c["embedding_status"] == "PENDING" and c["attempts"] == 1
         assert "submit rejected: 400 model" in c["error_message"]
     assert_invariants(w)
@@ -151,15 +152,15 @@ def test_stale_results_are_dropped_text_change_and_delete(world, tmp_path):
     app.execute("DELETE FROM chunks WHERE content = 'gamma'")
     app.commit()
     w.manager.sync_status()
-    chunks = {c["text"]: c for c in w.store.chunks()}
+    chunks = {c["text"]: c for c in store_chunks(w.store)}
     assert set(chunks) == {"alpha", "beta, rewritten", "delta"}
     assert chunks["alpha"]["embedding_status"] == "READY"
     c = chunks["beta, rewritten"]
     assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 0, None)
-    assert w.store.vector(c["id"]) is None  # the stale "beta" vector was never applied
+    assert store_vector(w.store, c["id"]) is None  # the stale "beta" vector was never applied
     assert w.store.vector_count() == 2
     flush_sync(w)
-    assert w.store.vector(c["id"]) == fake_vector("beta, rewritten", 16)
+    assert store_vector(w.store, c["id"]) == fake_vector("beta, rewritten", 16)
 
     # A READY chunk rewritten by the app: back to PENDING, old vector removed at batchd's next cycle.
     alpha = chunks["alpha"]["id"]
@@ -167,10 +168,10 @@ def test_stale_results_are_dropped_text_change_and_delete(world, tmp_path):
     app.execute("DELETE FROM chunks WHERE content = 'delta'")
     app.commit()
     w.manager.sync_status()  # purges tombstones first
-    assert w.store.vector(alpha) is None
+    assert store_vector(w.store, alpha) is None
     assert w.store.vector_count() == 1
     flush_sync(w)
-    assert w.store.vector(alpha) == fake_vector("alpha two", 16)
+    assert store_vector(w.store, alpha) == fake_vector("alpha two", 16)
     app.close()
     assert_invariants(w)
 
@@ -184,8 +185,8 @@ def test_identical_texts_are_sent_once_and_known_texts_copied_locally(world):
     enqueue(w, ["same text", "other", "brand new"])
     flush_sync(w)
     assert read_counters(w.dir)["lines_sent"] == 4  # only "brand new" was paid for
-    ready = [c for c in w.store.chunks() if c["text"] == "same text"]
-    assert len(ready) == 6 and all(w.store.vector(c["id"]) == fake_vector("same text", 16) for c in ready)
+    ready = [c for c in store_chunks(w.store) if c["text"] == "same text"]
+    assert len(ready) == 6 and all(store_vector(w.store, c["id"]) == fake_vector("same text", 16) for c in ready)
     assert_invariants(w)
 
 
@@ -210,7 +211,7 @@ def test_chunks_without_text_fail_at_once_and_are_never_sent(world):
     app.commit()
     app.close()
     flush_sync(w)
-    by_text = {c["text"]: c for c in w.store.chunks()}
+    by_text = {c["text"]: c for c in store_chunks(w.store)}
     assert by_text[""]["embedding_status"] == "FAILED"
     assert by_text[""]["error_message"] == "empty text: nothing to embed"
     assert by_text["   "]["embedding_status"] == "FAILED"
@@ -258,7 +259,7 @@ def test_cancel_returns_chunks_without_counting_an_attempt(world):
     assert w.manager.cancel(1) is True
     assert w.manager.cancel(1) is False
     assert w.store.batch(1).status == "FAILED"
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 0, None)
     assert read_counters(w.dir)["cancels"] == 1
 
@@ -274,6 +275,6 @@ def test_a_job_the_service_no_longer_knows_fails_its_batch_at_once(world):
     assert s.finished == 1
     b = w.store.batch(1)
     assert b.status == "FAILED" and b.error_message.startswith("remote job lost: no such job")
-    for c in w.store.chunks():
+    for c in store_chunks(w.store):
         assert (c["embedding_status"], c["attempts"], c["batch_job_id"]) == ("PENDING", 1, None)
     assert_invariants(w)

@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 
 from batchd.store import SCHEMA_VERSION, STEPS, Store, StoreError
+from tests.storehelp import store_chunks
 
 
 def make_app_db(path, rows=1000):
@@ -138,7 +139,7 @@ def test_app_connection_without_sqlite_vec_can_update_and_delete(world):
     w.manager.flush_queue(force=True)
     w.manager.sync_status()
     assert w.store.vector_count() == 1
-    assert [c["text"] for c in w.store.chunks() if c["embedding_status"] == "READY"] == ["a2"]
+    assert [c["text"] for c in store_chunks(w.store) if c["embedding_status"] == "READY"] == ["a2"]
 
 
 def test_enqueue_requeues_changed_ids_and_leaves_unchanged_alone(world):
@@ -147,10 +148,10 @@ def test_enqueue_requeues_changed_ids_and_leaves_unchanged_alone(world):
     assert (counts.inserted, counts.requeued, counts.unchanged) == (3, 0, 0)
     w.manager.flush_queue(force=True)
     w.manager.sync_status()
-    embedded = {c["id"]: c for c in w.store.chunks()}
+    embedded = {c["id"]: c for c in store_chunks(w.store)}
     counts = w.manager.enqueue([(1, "first"), (2, "second, edited")])
     assert (counts.inserted, counts.requeued, counts.unchanged) == (0, 1, 1)
-    after = {c["id"]: c for c in w.store.chunks()}
+    after = {c["id"]: c for c in store_chunks(w.store)}
     assert after[1] == embedded[1]  # untouched: still READY, same hash
     assert after[2]["embedding_status"] == "PENDING" and after[2]["text"] == "second, edited"
     w.manager.flush_queue(force=True)

@@ -13,6 +13,7 @@ from batchd.store import Store
 from tests.conftest import batchd_cmd
 from tests.fakes.fake_vertex import fake_vector
 from tests.fakes.vertex_env import BUCKET, LOCATION, PROJECT, fake_vertex, gcs
+from tests.storehelp import store_chunks, store_vector
 
 
 def write_config(tmp_path: Path, endpoint: str, bucket: str = BUCKET) -> Path:
@@ -61,9 +62,9 @@ def test_cli_on_vertex(tmp_path: Path, fake_vertex, gcs) -> None:
 
     store = Store.open(load(cfg))
     try:
-        rows = store.chunks()
+        rows = store_chunks(store)
         assert [r["embedding_status"] for r in rows] == ["READY"] * 50
-        assert all(store.vector(r["id"]) == fake_vector(r["text"], 8, unit=True) for r in rows)  # Gemini: unit
+        assert all(store_vector(store, r["id"]) == fake_vector(r["text"], 8, unit=True) for r in rows)  # Gemini: unit
     finally:
         store.close()
 

@@ -9,6 +9,7 @@ import pytest
 from batchd.backends import JobState
 from tests.fakes.fake_vertex import fake_vector
 from tests.fakes.vertex_env import fake_vertex, gcs, vworld
+from tests.storehelp import store_chunks, store_vector
 
 N = 2_500
 DIMS = 8
@@ -68,7 +69,7 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
     assert summary.finished == 3 and not summary.errors
 
     bad = set(FAIL) | DROP
-    rows = w.store.chunks()
+    rows = store_chunks(w.store)
     assert len(rows) == N
     for row, text in zip(rows, texts):
         assert row["text"] == text
@@ -76,10 +77,10 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
             assert row["embedding_status"] == "PENDING" and row["attempts"] == 1, row
             assert row["batch_job_id"] is None
             assert row["error_message"] == FAIL.get(text, "missing from the job's output")
-            assert w.store.vector(row["id"]) is None
+            assert store_vector(w.store, row["id"]) is None
         else:
             assert row["embedding_status"] == "READY", row
-            assert w.store.vector(row["id"]) == fake_vector(text, DIMS, unit=model.startswith("gemini"))
+            assert store_vector(w.store, row["id"]) == fake_vector(text, DIMS, unit=model.startswith("gemini"))
     failed_rows = sum(1 for t in texts if t in bad)
     assert failed_rows == 5  # 3 failed + 1 dropped text, one of them held by two chunks
     batches = w.store.batches()
@@ -89,10 +90,10 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
     assert all(w.objects(b) == [] for b in created)  # staged input and output cleaned up
 
     # A second sync changes nothing.
-    before = (w.store.chunks(), w.store.vector_count(), w.store.batches())
+    before = (store_chunks(w.store), w.store.vector_count(), w.store.batches())
     summary = w.manager.sync_status()
     assert summary.checked == 0 and summary.applied == 0
-    assert (w.store.chunks(), w.store.vector_count(), w.store.batches()) == before
+    assert (store_chunks(w.store), w.store.vector_count(), w.store.batches()) == before
 
     # The retried chunks go out in a fourth job and complete.
     fake.fail = lambda text: None
@@ -100,7 +101,7 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
     assert w.manager.flush_queue().created == [4]
     fake.finish()
     w.manager.sync_status()
-    assert {r["embedding_status"] for r in w.store.chunks()} == {"READY"}
+    assert {r["embedding_status"] for r in store_chunks(w.store)} == {"READY"}
     assert w.store.vector_count() == N
 
 
@@ -123,7 +124,7 @@ def test_status_carries_stats_and_output(vworld) -> None:
     w.manager.sync_status()
     assert w.store.batch(1).status == "COMPLETED"
     assert w.store.batch(1).output_uri == info.output
-    assert [r["embedding_status"] for r in w.store.chunks()].count("READY") == 9
+    assert [r["embedding_status"] for r in store_chunks(w.store)].count("READY") == 9
     # cleanup = false keeps the staged objects; cleanup() is then a no-op
     names = w.objects(1)
     assert any(n.endswith("input.jsonl") for n in names) and any(n.endswith("predictions.jsonl") for n in names)

@@ -10,6 +10,7 @@ from batchd.backends import CheckResult
 from batchd.backends.vertex import SetupError
 from tests.fakes.fake_vertex import fake_vector
 from tests.fakes.vertex_env import fake_vertex, gcs, vworld
+from tests.storehelp import store_chunks, store_vector
 
 DIMS = 8
 
@@ -25,10 +26,10 @@ def enqueue(w, n: int = 30) -> list[str]:
 
 
 def assert_all_ready(w, t: list[str]) -> None:
-    rows = w.store.chunks()
+    rows = store_chunks(w.store)
     assert [r["embedding_status"] for r in rows] == ["READY"] * len(t)
     for r, text in zip(rows, t):
-        assert w.store.vector(r["id"]) == fake_vector(text, DIMS)
+        assert store_vector(w.store, r["id"]) == fake_vector(text, DIMS)
 
 
 @pytest.mark.parametrize("mode", ["503", "reset"])
@@ -132,7 +133,7 @@ def test_permanent_error_on_create_fails_the_batch_with_the_message(vworld) -> N
     b = w.store.batch(1)
     assert b.status == "FAILED"
     assert "fake: model publishers/google/models/x is not allowed" in b.error_message
-    for r in w.store.chunks():
+    for r in store_chunks(w.store):
         assert (r["embedding_status"], r["attempts"]) == ("PENDING", 1)
         assert "fake: model publishers/google/models/x is not allowed" in r["error_message"]
     assert w.fake.job_names() == []
@@ -145,7 +146,7 @@ def test_short_vector_is_a_line_error(vworld) -> None:
     w.fake.output_dims = DIMS - 1
     w.fake.finish()
     w.manager.sync_status()
-    for r in w.store.chunks():
+    for r in store_chunks(w.store):
         assert (r["embedding_status"], r["attempts"]) == ("PENDING", 1)
         assert r["error_message"] == f"vector has {DIMS - 1} dimensions, expected {DIMS}"
 
@@ -192,7 +193,7 @@ def test_bad_credentials_keep_batches_waiting_without_burning_attempts(vworld, t
     w.manager.flush_queue()
     b = w.store.batch(1)
     assert b.status == "PENDING" and "missing.json does not exist" in b.error_message
-    assert {(r["embedding_status"], r["attempts"]) for r in w.store.chunks()} == {("PENDING", 0)}
+    assert {(r["embedding_status"], r["attempts"]) for r in store_chunks(w.store)} == {("PENDING", 0)}
 
 
 @pytest.mark.parametrize("model", ["text-embedding-005", "gemini-embedding-001"])
@@ -223,8 +224,8 @@ def test_shutdown_mid_results_stops_at_a_slice_and_resumes(vworld) -> None:
     assert s.stopped and 0 < s.applied < 5000
     first = s.applied
     assert w.store.batch(1).status == "RUNNING" and w.store.vector_count() == first
-    ids = [c["id"] for c in w.store.chunks() if c["embedding_status"] == "READY"]
-    assert ids == sorted(c["id"] for c in w.store.chunks())[:first]  # applied in chunk-id order
+    ids = [c["id"] for c in store_chunks(w.store) if c["embedding_status"] == "READY"]
+    assert ids == sorted(c["id"] for c in store_chunks(w.store))[:first]  # applied in chunk-id order
     s = w.manager.sync_status()
     assert s.finished == 1 and s.applied == 5000 - first
     assert_all_ready(w, t)

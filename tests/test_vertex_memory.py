@@ -15,6 +15,7 @@ import pytest
 
 from tests.fakes.fake_vertex import fake_vector
 from tests.fakes.vertex_env import fake_vertex, gcs, vworld
+from tests.storehelp import store_vector
 
 ROWS = 30_000
 DIMS = 768
@@ -71,5 +72,5 @@ def test_full_classic_job_syncs_in_bounded_memory(vworld) -> None:
     assert summary.applied == ROWS and not summary.errors
     assert w.store.vector_count() == ROWS
     for cid in (1, 12_345, ROWS):
-        assert w.store.vector(cid) == fake_vector(texts[cid - 1], DIMS)
+        assert store_vector(w.store, cid) == fake_vector(texts[cid - 1], DIMS)
     assert mem.growth_mb < 150

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from batchd.cli import main
 from tests.fakes.fake_vertex import fake_values, fake_vector
 from tests.fakes.vertex_env import fake_vertex, gcs, vworld
+from tests.storehelp import store_chunks, store_vector
 
 DIMS = 8
 
@@ -28,7 +29,7 @@ def enqueue(w, n: int = 20, prefix: str = "passage") -> list[str]:
 
 
 def statuses(w) -> dict[str, tuple[str, int]]:
-    return {r["text"]: (r["embedding_status"], r["attempts"]) for r in w.store.chunks()}
+    return {r["text"]: (r["embedding_status"], r["attempts"]) for r in store_chunks(w.store)}
 
 
 def sent(w, batch_id: int) -> list[str]:
@@ -64,9 +65,9 @@ def test_gemini_parent_vectors_become_the_renormalised_prefix(vworld) -> None:
     with structlog.testing.capture_logs() as logs:
         s = w.manager.sync_status()
     assert s.applied == 30 and not s.errors
-    for r in w.store.chunks():
+    for r in store_chunks(w.store):
         assert r["embedding_status"] == "READY"
-        got = array("f", w.store.vector(r["id"]))
+        got = array("f", store_vector(w.store, r["id"]))
         want = fake_values(r["text"], 768)  # the parent's first 768 values, up to its own scale
         norm = sum(x * x for x in want) ** 0.5
         assert len(got) == 768 and abs(sum(x * x for x in got) - 1.0) < 1e-5
@@ -248,14 +249,14 @@ def test_other_output_line_shapes(vworld, switch: dict) -> None:
     w.manager.flush_queue()
     w.fake.finish()
     w.manager.sync_status()
-    rows = {r["text"]: r for r in w.store.chunks()}
+    rows = {r["text"]: r for r in store_chunks(w.store)}
     for t in texts:
         if t == texts[5]:
             assert (rows[t]["embedding_status"], rows[t]["attempts"]) == ("PENDING", 1)
             assert rows[t]["error_message"] == "fake: blocked"
         else:
             assert rows[t]["embedding_status"] == "READY", (t, rows[t])
-            assert w.store.vector(rows[t]["id"]) == fake_vector(t, DIMS)
+            assert store_vector(w.store, rows[t]["id"]) == fake_vector(t, DIMS)
     assert w.store.batch(1).unmatched_lines == 0
     never_paid_twice(w)
 

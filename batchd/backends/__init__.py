@@ -238,6 +238,10 @@ def make_backend(config: Config, instance_id: str) -> Backend:
         from batchd.backends.vertex import VertexBackend
 
         return VertexBackend(config, instance_id)
+    if kind == "gemini-api":
+        from batchd.backends.gemini_api import GeminiApiBackend
+
+        return GeminiApiBackend(config, instance_id)
     if kind == "local":
         from batchd.backends.local import LocalBackend
 

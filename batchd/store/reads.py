@@ -80,29 +80,6 @@ class ReadsMixin(StoreBase):
         return {"pending": all_pending - running, "running": running, "ready": total - all_pending - failed,
                 "failed": failed, "truncated": truncated, "batches": batches}
 
-    def chunk(self, chunk_id: int) -> dict[str, Any] | None:
-        cur = self._conn.execute(
-            f"SELECT {self.q_id}, {self.q_text}, embedding_status, batch_job_id, error_message, attempts, content_hash, "
-            f"embedded_at FROM {self.q_table} WHERE {self.q_id} = ?", (chunk_id,))
-        r = cur.fetchone()
-        if r is None:
-            return None
-        keys = ("id", "text", "embedding_status", "batch_job_id", "error_message", "attempts", "content_hash",
-                "embedded_at")
-        return dict(zip(keys, r))
-
-    def chunks(self) -> list[dict[str, Any]]:
-        """Every chunk with batchd's columns (for tests and small tools; not for big tables)."""
-        keys = ("id", "text", "embedding_status", "batch_job_id", "error_message", "attempts", "content_hash")
-        cur = self._conn.execute(
-            f"SELECT {self.q_id}, {self.q_text}, embedding_status, batch_job_id, error_message, attempts, content_hash "
-            f"FROM {self.q_table} ORDER BY {self.q_id}")
-        return [dict(zip(keys, r)) for r in cur]
-
-    def vector(self, chunk_id: int) -> bytes | None:
-        row = self._conn.execute("SELECT embedding FROM chunks_vec WHERE chunk_id = ?", (chunk_id,)).fetchone()
-        return bytes(row[0]) if row else None
-
     def vector_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM chunks_vec").fetchone()[0])
 

@@ -4,7 +4,9 @@ small adapter that injects each fault the scenarios need.
 - ``scripted``: the file-backed test backend (tests/fakes/membackend.py), faults through its knobs;
 - ``vertex``: the real VertexBackend and Google clients against the fake JobService and the storage emulator,
   faults at the HTTP level where the fake has them;
-- ``local``: the real LocalBackend and packaged model (loaded once per session), faults through :class:`Faults`.
+- ``local``: the real LocalBackend and packaged model (loaded once per session), faults through :class:`Faults`;
+- ``gemini-api``: the real GeminiApiBackend and google-genai client against the fake Gemini API
+  (tests/fakes/fake_gemini_api.py), faults at the HTTP level like Vertex's.
 
 :class:`Faults` wraps any backend and injects the faults a service cannot be asked for (a lookup that fails, a
 result stream that breaks after some lines, and — for the local backend, which has no service — all of them).
@@ -34,10 +36,11 @@ from batchd.backends import (
 from batchd.manager import BatchManager
 from batchd.store import Store
 from tests.conftest import MEMBACKEND, Clock, merge
+from tests.fakes.gemini_env import fake_gemini, gemini_config  # fixtures for the gemini-api rig
 from tests.fakes.membackend import jobs_for_batch, set_knobs
 from tests.fakes.vertex_env import fake_vertex, gcs, vertex_config  # fixtures for the vertex rig
 
-RIGS = ["scripted", "local", "vertex"]
+RIGS = ["scripted", "local", "vertex", "gemini-api"]
 
 
 class Faults:
@@ -49,7 +52,6 @@ class Faults:
         self.submit_errors = 0  # submits that fail transiently before creating anything
         self.lookup_errors = False  # find_job fails transiently
         self.hold = False  # jobs stay RUNNING (until cancelled: a held job still honours a cancel)
-        self._cancelled: set[str] = set()
         self.end_as: JobState | None = None  # jobs end in this state instead of the backend's own
         self.fail_texts: set[str] = set()  # these texts get an error line
         self.break_after: int | None = None  # results() raises after yielding this many lines
@@ -73,8 +75,10 @@ class Faults:
         return self.inner.find_job(batch_id)
 
     def status(self, job_name: str) -> JobInfo:
-        if self.hold and job_name not in self._cancelled:
-            return JobInfo(job_name, JobState.RUNNING)
+        if self.hold:
+            # A held job still ends when it is cancelled (as a real one does, exporting what it completed).
+            info = self.inner.status(job_name)
+            return info if info.state is JobState.CANCELLED else JobInfo(job_name, JobState.RUNNING)
         if self.end_as is not None:
             return JobInfo(job_name, self.end_as, error=f"injected {self.end_as.value.lower()} job")
         return self.inner.status(job_name)
@@ -88,7 +92,6 @@ class Faults:
             yield line
 
     def cancel(self, job_name: str) -> None:
-        self._cancelled.add(job_name)
         self.inner.cancel(job_name)
 
     def cleanup(self, batch_id: int, job_name: str) -> None:
@@ -205,6 +208,18 @@ class VertexRig(Rig):
             return sum(1 for job in self.fake.jobs.values() if dict(job.labels) == labels)
 
 
+class GeminiApiRig(VertexRig):
+    """The same HTTP-level switches as Vertex's (the fake Gemini API has them under the same names); a batch is
+    known to the service by its display name."""
+
+    name = "gemini-api"
+
+    def remote_jobs(self, batch_id: int) -> int:
+        display = f"batchd-{self.store.instance_id}-{batch_id}"
+        with self.fake.lock:  # deleted ones too: a batch cleaned up after use was still paid for
+            return sum(1 for b in self.fake.batches.values() if b.display_name == display)
+
+
 LOCAL = {"embedding": {"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 384},
          "local": {"slice_size": 4, "batch_size": 8}}
 
@@ -226,6 +241,9 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterato
         pytest.importorskip("sentence_transformers")
         r = Rig(from_dict(merge(base, LOCAL), source=source), clock, stores)
         r.name = "local"
+    elif request.param == "gemini-api":
+        fake = request.getfixturevalue("fake_gemini")
+        r = GeminiApiRig(gemini_config(tmp_path, fake, **base), clock, stores, fake)
     else:
         fake = request.getfixturevalue("fake_vertex")
         r = VertexRig(vertex_config(tmp_path, fake, **base), clock, stores, fake)

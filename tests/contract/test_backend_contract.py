@@ -1,6 +1,7 @@
 """The contract every backend passes to be accepted (batchd.backends.Backend): each scenario written once and run
 against every rig of tests/contract/conftest.py — the scripted file-backed backend, the local model, Vertex AI
-through the real clients against the fakes. Assertions are on SQLite rows and on the jobs the service holds."""
+through the real clients against the fakes, the Gemini API through google-genai against its fake. Assertions are on
+SQLite rows and on the jobs the service holds."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.membackend import fake_vector
+from tests.storehelp import store_chunks, store_vector
 
 
 def remote_jobs(backend_dir: Path, instance_id: str | None) -> list[dict[str, Any]]:
@@ -34,11 +35,11 @@ def problems(store: Any, backend_dir: Path, *, idle: bool = True, texts_once: bo
     dims = store.dimensions
     batches = {b.id: b for b in store.batches()}
     active = {i for i, b in batches.items() if b.status in ("PENDING", "RUNNING")}
-    chunks = store.chunks()
+    chunks = store_chunks(store)
     with_vector = 0
     for c in chunks:
         cid, st, text = c["id"], c["embedding_status"], c["text"]
-        vec = store.vector(cid)
+        vec = store_vector(store, cid)
         if vec is not None:
             with_vector += 1
             if vec != fake_vector(text, dims):

@@ -20,6 +20,7 @@ import pytest
 
 from tests.faults import appwriter
 from tests.faults.invariants import problems
+from tests.storehelp import store_chunk, store_chunks, store_vector
 
 APPWRITER = str(Path(appwriter.__file__))
 
@@ -55,8 +56,8 @@ def test_every_app_write_pattern_succeeds_and_ends_with_current_vectors(app_worl
     w = app_world
     db = Path(w.config.database.path)
     drive_to_idle(w)
-    before = {c["id"]: c for c in w.store.chunks()}
-    embedded_at = {i: w.store.chunk(i)["embedded_at"] for i in appwriter.UNCHANGED}
+    before = {c["id"]: c for c in store_chunks(w.store)}
+    embedded_at = {i: store_chunk(w.store, i)["embedded_at"] for i in appwriter.UNCHANGED}
     if phase == "in_flight":
         # Everything claimed and submitted again (new texts), results not applied yet when the app writes.
         w.app_connect().close()
@@ -74,15 +75,15 @@ def test_every_app_write_pattern_succeeds_and_ends_with_current_vectors(app_worl
 
     if embedded_at is not None:
         for i in appwriter.UNCHANGED:
-            c = w.store.chunk(i)
+            c = store_chunk(w.store, i)
             assert c["embedding_status"] == "READY" and c["embedded_at"] == embedded_at[i], \
                 f"chunk {i} was re-queued although the app did not change its text"
     drive_to_idle(w)
     assert problems(w.store, w.dir, texts_once=False) == []
     for i in appwriter.DELETED:
-        assert w.store.chunk(i) is None and w.store.vector(i) is None
-    assert w.store.chunk(111)["text"] == "three (final for 111)"
-    assert w.store.chunk(112)["text"] == "tres (final for 112)"
+        assert store_chunk(w.store, i) is None and store_vector(w.store, i) is None
+    assert store_chunk(w.store, 111)["text"] == "three (final for 111)"
+    assert store_chunk(w.store, 112)["text"] == "tres (final for 112)"
 
 
 def test_a_long_app_transaction_while_batchd_flushes_and_syncs(app_world: Any) -> None:
@@ -99,7 +100,7 @@ def test_a_long_app_transaction_while_batchd_flushes_and_syncs(app_world: Any) -
     assert [r for r in results if not r["ok"]] == [] and results
     drive_to_idle(w)
     assert problems(w.store, w.dir, texts_once=False) == []
-    assert w.store.chunk(2100)["text"] == "long transaction re-inserted 2100"
+    assert store_chunk(w.store, 2100)["text"] == "long transaction re-inserted 2100"
 
 
 def test_enqueue_of_one_id_retexted_three_times_in_one_input(tmp_path: Path, batchd_env: dict[str, str]) -> None:

