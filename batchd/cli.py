@@ -10,9 +10,11 @@ chunks_vec size, an id column that is not an INTEGER PRIMARY KEY).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -159,6 +161,9 @@ pass_app = click.make_pass_decorator(App)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Embed a SQLite table of text chunks with Vertex AI batch jobs (or a local model) into sqlite-vec."""
+    from batchd import files
+
+    files.private_umask()  # the database, its -wal/-shm, the lock and job files: owner and group only
     app = App(config_path)
     ctx.obj = app
     ctx.call_on_close(app.close)
@@ -338,9 +343,8 @@ def cancel(app: App, batch_id: int) -> None:
 @pass_app
 def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
     """Run the worker: a daemon (systemd Type=notify) by default; exit 0 on SIGTERM, 1 if a step failed."""
-    from batchd import daemon, logs
+    from batchd import logs
     from batchd.config import parse_duration
-    from batchd.systemd import Notifier
 
     if once and until_idle:
         raise click.UsageError("--once and --until-idle cannot be combined")
@@ -355,7 +359,34 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         logs.configure("info", stream=sys.stdout)
         structlog.get_logger("batchd.cli").error("config.invalid", error=str(e), exit_status=EX_CONFIG)
         sys.exit(EX_CONFIG)
-    logs.configure(level, stream=sys.stdout)
+    capture = None
+    if _on_fds_1_2() and (logs.stream_is_journal(sys.stdout) or not (sys.stdout.isatty() or sys.stderr.isatty())):
+        # A service (JSON logs, nobody watching a terminal): what C libraries (PyTorch's cpuinfo, ...) write to
+        # fd 1/2 becomes foreign.output events. (Not when called in-process with other streams: a test's runner.)
+        from batchd.capture import OutputCapture
+
+        capture = OutputCapture()
+        logs.configure(level, stream=capture.start())
+    else:
+        logs.configure(level, stream=sys.stdout)
+    try:
+        sys.exit(_run(app, once, until_idle, poll_s))
+    finally:
+        if capture is not None:
+            capture.stop()
+
+
+def _on_fds_1_2() -> bool:
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
+    from batchd import daemon
+    from batchd.systemd import Notifier
+
     app.may_create = True
     notifier = Notifier()
     manager = _start_manager(app, notifier, wait=not once and not until_idle)
@@ -367,17 +398,19 @@ def run(app: App, once: bool, until_idle: bool, poll: str) -> None:
         metrics = Metrics(mc.textfile)
     worker = daemon.Worker(manager, notifier=notifier, stop=app.stop, metrics=metrics)
     if once:
-        sys.exit(daemon.run_once(worker))
+        return daemon.run_once(worker)
     if until_idle:
-        show = sys.stderr.isatty()
+        from batchd.progress import TerminalProgress
 
-        def on_cycle(st: dict[str, Any]) -> None:
-            if show:
-                click.echo(f"pending={st['pending']:,} running={st['running']:,} ready={st['ready']:,} "
-                           f"failed={st['failed']:,}", err=True)
-
-        sys.exit(daemon.run_until_idle(worker, poll_s, on_cycle))
-    sys.exit(daemon.serve(worker, listen=mc.address))
+        bar = TerminalProgress.for_stream(sys.stderr)
+        if bar is not None:
+            worker.on_activity = bar.update
+        try:
+            return daemon.run_until_idle(worker, poll_s, bar.cycle if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    return daemon.serve(worker, listen=mc.address, config_path=app.config_path)
 
 
 def _start_manager(app: App, notifier: Any, *, wait: bool) -> Any:
@@ -394,6 +427,8 @@ def _start_manager(app: App, notifier: Any, *, wait: bool) -> Any:
             app.wait_for_store(notifier)
         else:
             app.open_store()
+        # Never READY=1 on a database this process cannot write: fail the start, saying which file is whose.
+        app.store.probe_write()
     except SchemaMismatch as e:
         log.error("config.invalid", error=f"{cfg.source}: {e.key}: {e}", key=e.key, database=cfg.database.path,
                   exit_status=EX_CONFIG, **e.fields)
@@ -471,9 +506,18 @@ def demo(folder: str | None) -> None:
         click.echo(f"\nsearch   {query}")
         for h in hits:
             click.echo(f"{h.rank:>3}  {h.chunk_id:>5}  {h.distance:.3f}  {snippet(h.text)}")
-    click.echo(f"\nTry your own: batchd --config {r.config_path} search \"why are batch jobs cheaper?\"")
+    exe = Path(sys.argv[0]) if Path(sys.argv[0]).name == "batchd" else Path(sys.executable).parent / "batchd"
+    click.echo(f"\nTry your own: {_shown_path(exe)} --config {r.config_path} search \"why are batch jobs cheaper?\"")
     if not r.ok:
         sys.exit(1)
+
+
+def _shown_path(p: Path) -> str:
+    """The console script as the user would type it: relative to the current folder when below it."""
+    try:
+        return str(Path(os.path.abspath(p)).relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
 
 
 # `cost` and `estimate` live in their own module.

@@ -77,6 +77,7 @@ def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
             click.echo(f"plan    {ch}")
     elif not found:
         click.echo("ok    schema up to date (nothing to create or migrate)")
+    problems += _check_service_files(cfg)
     if cfg.embedding.backend == "vertex":
         missing = vertex_missing(cfg)
         for line in missing:
@@ -108,6 +109,21 @@ def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
             closer()
     if status:
         sys.exit(status)
+
+
+def _check_service_files(cfg: Config) -> int:
+    """Print what `check` finds about the interpreter and the database files (a service that could not write
+    them would fail its start); return the number of FAILs."""
+    from batchd import files
+
+    problem = files.interpreter_problem()
+    if problem:
+        click.echo(f"WARN  python: {problem}")
+    failed = 0
+    for f in files.access_problems(cfg.database.path):
+        click.echo(f"{ {'ok': 'ok  ', 'warn': 'WARN', 'fail': 'FAIL'}[f.level]}  {f.name}: {f.detail}")
+        failed += f.level == "fail"
+    return failed
 
 
 def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll: float) -> int:

@@ -34,6 +34,8 @@ import structlog
 from batchd.backends import Stopped
 from batchd.clock import JumpWatch
 from batchd.errors import is_expected, one_line
+from batchd.logs import fd_is_journal, output_fd
+from batchd.progress import Activity
 from batchd.store import Busy, SchemaMismatch, describe_problem, explain
 from batchd.systemd import Health, Notifier, Watchdog, watchdog_interval
 
@@ -45,6 +47,7 @@ EXIT_CONFIG = 78  # the config no longer fits the database: the unit's RestartPr
 MAX_BACKOFF = 600.0  # seconds; a failing step is retried at least this often
 GIVE_UP_AFTER = 5  # --until-idle: consecutive failures of one step before exiting non-zero
 STOP_TIMEOUT = 60.0  # seconds to wait for the running step after SIGTERM (below the unit's TimeoutStopSec)
+STATUS_EVERY = 2.0  # seconds between two STATUS= progress updates while results are read
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -61,6 +64,8 @@ class StepState:
     first_failure: float | None = None
     retry_at: float = 0.0
     last_error: str = ""
+    troubled_in_row: int = 0
+    last_trouble: str = ""
     last_ok: float | None = None  # worker clock: the last success (or skip because another process was busy)
     last_ok_at: float | None = None  # the same, Unix time (for batchd_last_success_timestamp_seconds)
     problem: str = ""  # why the last run was not a success though it did not raise (a sync's remote errors)
@@ -82,6 +87,14 @@ class StepState:
 
     def ok_now(self, now: float) -> None:
         self.last_ok, self.last_ok_at, self.problem = now, time.time(), ""
+
+    def troubled(self, errors: list[str]) -> None:
+        """The step ran, but some of its work failed (a batch whose results could not be read)."""
+        self.troubled_in_row += 1
+        self.last_trouble = errors[0] if len(errors) == 1 else f"{errors[0]} (+{len(errors) - 1} more)"
+
+    def untroubled(self) -> None:
+        self.troubled_in_row, self.last_trouble = 0, ""
 
 
 @dataclass
@@ -130,9 +143,15 @@ class Worker:
         }
         self.last = LastResults()
         self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
+        self.reload = threading.Event()  # set by SIGHUP (serve only)
+        self.activity: Activity | None = None  # what the running step is reading right now
+        self.on_activity: Callable[[Activity], None] | None = None  # e.g. a terminal's progress bar
+        self._status_sent = 0.0
+        self.last_stats: dict[str, Any] | None = None  # the counts of the last report()
         self.fatal: int | None = None  # exit status when a step found that the worker must not go on
         self.started = clock()
         manager.progress = self.progress
+        manager.on_activity = self._activity
 
     # ------------------------------------------------------------------ hooks
 
@@ -141,6 +160,16 @@ class Worker:
         self.health.progress()
         if self.stop.is_set():
             raise Stopped()
+
+    def _activity(self, act: Activity) -> None:
+        """The manager reports a long read: STATUS= at most every STATUS_EVERY seconds, and the bar, if any."""
+        self.activity = act
+        if self.on_activity is not None:
+            self.on_activity(act)
+        now = time.monotonic()
+        if now - self._status_sent >= STATUS_EVERY:
+            self._status_sent = now
+            self.notifier.status(self.status_line())
 
     # ------------------------------------------------------------------ steps
 
@@ -179,6 +208,10 @@ class Worker:
             out.stopped = out.stopped or summary.stopped
             if summary.checked or summary.finished or summary.errors:
                 log.info("sync.done", duration_ms=out.duration_ms, **summary.as_dict())
+            if summary.errors:
+                self.steps["sync"].troubled(summary.errors)
+            elif not summary.stopped:
+                self.steps["sync"].untroubled()
         return out
 
     def _step(self, name: str, fn: Callable[[], Any], judge: Callable[[Any], str] | None = None) -> Outcome:
@@ -238,6 +271,7 @@ class Worker:
                 return Outcome(ok=False)
             finally:
                 self.health.end()
+                self.activity = None
             duration_ms = round((time.monotonic() - started) * 1000)
         if state.consecutive:
             since = state.first_failure if state.first_failure is not None else self.clock()
@@ -282,9 +316,13 @@ class Worker:
             return None
 
     def status_line(self, stats: dict[str, Any] | None = None) -> str:
-        """e.g. ``pending=150 running=500 ready=12000 failed=5; last sync 14:05:12 applied 1000``."""
+        """The one STATUS= text, composed here (add new parts here too), e.g.
+        ``embedding batch 3: 1,200/3,000 (45/s); pending=150 running=3000 ready=12000 failed=5; last sync ...``
+        or ``...; sync failing (4x): batch 3: RuntimeError: could not create a primitive``."""
         stats = stats if stats is not None else self.stats()
         parts = []
+        if self.activity is not None:
+            parts.append(self.activity.text())
         if stats is not None:
             parts.append(" ".join(f"{k}={stats.get(k, 0)}" for k in ("pending", "running", "ready", "failed")))
         if self.last.sync_at is not None:
@@ -296,6 +334,8 @@ class Worker:
         for st in self.steps.values():
             if st.consecutive:
                 parts.append(f"{st.name} failing ({st.consecutive}x): {st.last_error}"[:160])
+            elif st.troubled_in_row:
+                parts.append(f"{st.name} failing ({st.troubled_in_row}x): {st.last_trouble}"[:160])
         spend = self._spend()
         if spend:
             parts.append(spend)
@@ -313,6 +353,7 @@ class Worker:
     def report(self) -> dict[str, Any] | None:
         """Send STATUS= with the counts and last results; return the counts."""
         stats = self.stats()
+        self.last_stats = stats
         self.notifier.status(self.status_line(stats))
         return stats
 
@@ -323,15 +364,22 @@ class Worker:
 class Signals:
     """SIGTERM/SIGINT set ``stop``; a second one exits at once. Handlers never log or unwind the stack."""
 
-    def __init__(self, stop: threading.Event):
+    def __init__(self, stop: threading.Event, reload: threading.Event | None = None):
         self.stop = stop
+        self.reload = reload
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> Signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.reload is not None:  # SIGHUP = `systemctl reload` (ExecReload=); only the daemon handles it
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hup)
         return self
+
+    def _hup(self, signum: int, frame: Any) -> None:
+        assert self.reload is not None
+        self.reload.set()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -340,7 +388,7 @@ class Signals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop.is_set():
             # Second signal: leave now. Whatever transaction was open is rolled back by SQLite.
-            os.write(1, (_json_event("daemon.killed", "warning", signal=signal.Signals(signum).name) + "\n").encode())
+            os.write(output_fd(), (_json_event("daemon.killed", "warning", signal=signal.Signals(signum).name) + "\n").encode())
             os._exit(128 + signum)
         self.received = signum
         self.stop.set()
@@ -349,10 +397,12 @@ class Signals:
 # ---------------------------------------------------------------------------------------------- modes
 
 
-def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[str, int] | None = None) -> int:
+def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[str, int] | None = None,
+          config_path: str | None = None) -> int:
     """``batchd run``: recover, READY=1, then the scheduler until SIGTERM/SIGINT. Returns the exit status.
 
-    ``listen``: serve ``/metrics`` and ``/healthz`` there (needs ``worker.metrics``).
+    ``listen``: serve ``/metrics`` and ``/healthz`` there (needs ``worker.metrics``). With ``config_path``,
+    SIGHUP re-reads that file and applies its live keys (:mod:`batchd.reload`).
     """
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers import SchedulerNotRunningError
@@ -360,7 +410,7 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
 
     q = worker.manager.config.queue
     notifier = worker.notifier
-    signals = Signals(worker.stop).install()
+    signals = Signals(worker.stop, worker.reload if config_path else None).install()
     watchdog = _start_watchdog(worker)
     log.info("daemon.starting", pid=os.getpid(), flush_interval_s=float(q.flush_interval),
              sync_interval_s=float(q.sync_interval), notify=notifier.enabled,
@@ -404,6 +454,10 @@ def serve(worker: Worker, *, stop_timeout: float = STOP_TIMEOUT, listen: tuple[s
                                args=(worker, scheduler, signals, done, SchedulerNotRunningError),
                                name="batchd-stopper", daemon=True)
     stopper.start()
+    if config_path:
+        from batchd.reload import watch
+
+        watch(worker, scheduler, config_path, done)
     if not worker.stop.is_set():
         stats = worker.stats()
         log.info("daemon.ready", **(stats or {}))
@@ -522,15 +576,11 @@ def _signame(signum: int | None) -> str | None:
 
 def _json_event(event: str, level: str, **fields: Any) -> str:
     """One log line built without locks (safe inside a signal handler)."""
-    import sys
-
     import orjson
-
-    from batchd.logs import stream_is_journal
 
     body = {"timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "level": level,
             "event": event, "logger": "batchd.daemon", **fields}
-    prefix = "<4>" if stream_is_journal(sys.stdout) else ""
+    prefix = "<4>" if fd_is_journal(output_fd()) else ""
     return prefix + orjson.dumps(body).decode()
 
 

@@ -27,6 +27,7 @@ from batchd.backends import JobInfo, JobState, PermanentError, ResultLine
 from batchd.config import format_duration
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
+from batchd.progress import Activity, ReadProgress, computes_results
 from batchd.store import ApplyCounts, parse_iso
 from batchd.summary import SyncSummary
 
@@ -64,6 +65,8 @@ class JobEndings(_Base):
             lines = self._apply_all(b.id, job, summary)
             if lines is None:
                 return  # deferred (the next sync re-reads and applies the rest), or closed: never readable
+            if info.state.has_results and computes_results(self.backend):
+                log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)  # now it is done
         row = self.store.batch(b.id)
         applied, unmatched = (row.completed_chunks, row.unmatched_lines) if row else (None, None)
         if not info.state.has_results:
@@ -106,11 +109,15 @@ class JobEndings(_Base):
         started = time.monotonic()
         lines = unmatched = truncated = cut = 0
         answered_dims: set[int] = set()
+        read = ReadProgress(Activity(batch_id, self.store.batch_text_count(batch_id),
+                                     "embedding" if computes_results(self.backend) else "reading"),
+                            self.on_activity, self.progress)
         with self.store.open_spool(batch_id) as spool:
             try:
-                for chunk in _slices(self.backend.results(job, progress=self.progress), RESULT_SLICE):
+                for chunk in _slices(read.count(self.backend.results(job, progress=read.tick)), RESULT_SLICE):
                     spool.add(chunk)
                     lines += len(chunk)
+                    read.report()
                     for line in chunk:
                         if not line.keys:
                             unmatched += 1  # a line tied to no text at all

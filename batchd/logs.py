@@ -11,7 +11,10 @@
 
 stdlib ``logging`` records (APScheduler, google-auth, urllib3), ``warnings.warn`` and uncaught exceptions
 (main thread and other threads) all pass through the same pipeline, so every line the process writes is
-such an event.
+such an event. What C libraries write to fd 1/2 is captured by :mod:`batchd.capture` (``batchd run`` only).
+
+APScheduler's "skipped: maximum number of running instances reached" is expected (a sync that outlasts
+``sync_interval``; the next tick runs it): it is lowered to debug.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ _QUIET_BELOW_DEBUG = ("apscheduler", "urllib3", "google", "googleapiclient", "fi
                       "transformers", "huggingface_hub", "httpx")
 
 _handler: logging.Handler | None = None
+_output_fd = 1  # where log lines go (a signal handler writes there without the logging locks)
 
 
 def configure(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
@@ -45,9 +49,12 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     ``level`` is one of debug/info/warning/error (``[daemon] log_level``). ``stream`` defaults to stdout;
     ``json`` forces the renderer (default: JSON unless the stream is a terminal outside the journal).
     """
-    global _handler
+    global _handler, _output_fd
     out = stream if stream is not None else sys.stdout
-    lvl = LEVELS.get(level.lower(), logging.INFO)
+    try:
+        _output_fd = out.fileno()
+    except (AttributeError, ValueError, OSError):
+        _output_fd = 1
     journal = stream_is_journal(out)
     use_json = json if json is not None else (journal or not _isatty(out))
 
@@ -73,6 +80,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(_expected_skip)
 
     root = logging.getLogger()
     if _handler is not None:
@@ -80,10 +88,8 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     for h in list(root.handlers):  # a stray basicConfig() would print a second, unstructured copy
         root.removeHandler(h)
     root.addHandler(handler)
-    root.setLevel(lvl)
     _handler = handler
-    for name in _QUIET_BELOW_DEBUG:
-        logging.getLogger(name).setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+    set_level(level)
 
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *shared,
@@ -98,19 +104,49 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json: bool |
     threading.excepthook = _thread_excepthook
 
 
+def set_level(level: str) -> None:
+    """Change the level of a configured pipeline (``systemctl reload`` applies ``[daemon] log_level`` live)."""
+    lvl = LEVELS.get(level.lower(), logging.INFO)
+    logging.getLogger().setLevel(lvl)
+    for name in _QUIET_BELOW_DEBUG:
+        logging.getLogger(name).setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+
+
+def output_fd() -> int:
+    """The file descriptor log lines are written to (for a line written from a signal handler)."""
+    return _output_fd
+
+
+def _expected_skip(record: logging.LogRecord) -> bool:
+    """Lower APScheduler's "maximum number of running instances reached" warning to debug: with
+    ``max_instances=1`` it only says a step outlasted its interval, and the next tick runs it."""
+    if record.name.startswith("apscheduler") and "maximum number of running instances" in str(record.msg):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
+
+
 def stream_is_journal(stream: TextIO) -> bool:
     """True when ``$JOURNAL_STREAM`` ("dev:inode") names this stream's file, as systemd sets it.
 
     A child whose stdout was redirected elsewhere inherits the variable; comparing the inode keeps a
     ``<6>`` prefix out of its files.
     """
+    try:
+        return fd_is_journal(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def fd_is_journal(fd: int) -> bool:
+    """:func:`stream_is_journal` for a file descriptor."""
     value = os.environ.get("JOURNAL_STREAM", "")
     if not value:
         return False
     try:
         dev, ino = (int(part) for part in value.split(":", 1))
-        st = os.fstat(stream.fileno())
-    except (ValueError, OSError, AttributeError):
+        st = os.fstat(fd)
+    except (ValueError, OSError):
         return False
     return (st.st_dev, st.st_ino) == (dev, ino)
 
@@ -172,4 +208,4 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-__all__ = ["LEVELS", "configure", "stream_is_journal"]
+__all__ = ["LEVELS", "configure", "fd_is_journal", "output_fd", "set_level", "stream_is_journal"]

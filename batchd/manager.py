@@ -49,10 +49,13 @@ from batchd.config import Config
 from batchd.endings import JobEndings
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
+from batchd.progress import Activity, computes_results
 from batchd.store import Busy, Store, parse_iso
 from batchd.summary import Drained, FlushSummary, NotSubmitted, SyncSummary
 
 log = structlog.get_logger("batchd.manager")
+
+REPEATED_FAILURES = 3  # the same batch deferred this many times in a row is logged as an error
 
 
 
@@ -69,6 +72,9 @@ class BatchManager(JobEndings):
         self.ages = Ages(clock, monotonic or (time.monotonic if clock is time.time else clock))
         # Called at every slice boundary: feeds the watchdog, and raises Stopped when shutdown was asked.
         self.progress = progress or (lambda: None)
+        # Called with the current Activity while results are read (the daemon's STATUS=, a terminal's bar).
+        self.on_activity: Callable[[Activity], None] | None = None
+        self._deferred: dict[int, int] = {}  # batch id -> times in a row it was deferred
         emb = config.embedding
         self._model, self._task, self._dims = emb.model, emb.task_type, emb.dimensions
         # Remote calls that failed, by call (submit, find_job, status, results, cancel): process-lifetime counts
@@ -284,9 +290,11 @@ class BatchManager(JobEndings):
             self._defer(summary, b.id, job, "status check failed", e, "job.status_failed")
             return
         summary.checked += 1
+        # A backend that computes while its results are read (local) says SUCCEEDED before any work is done:
+        # its job.state event waits until the results are in (endings.py).
         if info.state.value != b.remote_state or info.output:
             self.store.set_remote_state(b.id, info.state.value, self.clock(), info.output)
-            if info.state.value != b.remote_state:
+            if info.state.value != b.remote_state and not (info.state.has_results and computes_results(self.backend)):
                 log.info("job.state", batch_id=b.id, google_job_id=job, state=info.state.value)
 
         if not info.state.terminal:  # PAUSED and UPDATING too: keep polling, bounded by job_timeout
@@ -319,6 +327,7 @@ class BatchManager(JobEndings):
         """Close a batch for good with ``status`` (COMPLETED or FAILED) and ``reason``: every chunk it still
         holds counts one attempt (``max_attempts`` reached: FAILED). Counted in ``summary``, logged once
         (``event``: info when COMPLETED, error when FAILED)."""
+        self._deferred.pop(batch_id, None)
         n, failed = self.store.finish_batch(batch_id, self.config.queue.max_attempts, self.clock(), status=status,
                                             error=reason)
         self.accounting.closed(batch_id)  # priced at the figure in force now (the cost ledger)
@@ -332,13 +341,17 @@ class BatchManager(JobEndings):
                e: Exception, event: str, **fields: Any) -> None:
         """Leave a batch as it is for the next cycle, with ``what`` failed and why on the batch row. The
         traceback goes to the log when ``e`` is not an operational error: a bug in a backend must not hide
-        behind an endless "will retry"."""
+        behind an endless "will retry". The same batch deferred REPEATED_FAILURES times in a row is logged as
+        an error (journal priority err, with the traceback once): it is not going away by itself."""
         error = one_line(e)
         self.remote_errors[_REMOTE_CALL.get(event, "other")] += 1
         reason = f"{what}, will retry: {error}"
         self.store.note_batch_error(batch_id, reason, self.clock())
         summary.note_deferred(batch_id, reason, error)
-        log.warning(event, batch_id=batch_id, google_job_id=job, error=error, exc_info=not is_expected(e), **fields)
+        n = self._deferred[batch_id] = self._deferred.get(batch_id, 0) + 1
+        emit = log.error if n >= REPEATED_FAILURES else log.warning
+        emit(event, batch_id=batch_id, google_job_id=job, error=error, consecutive_failures=n,
+             exc_info=n == REPEATED_FAILURES or not is_expected(e), **fields)
 
     # ------------------------------------------------------------------ draining
 

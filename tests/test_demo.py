@@ -59,6 +59,8 @@ def test_demo_command_runs_to_completion_then_search_works(tmp_path: Path, batch
     assert f"{n} ready, 0 pending, 0 running, 0 failed" in r.stdout, r.stdout
     assert r.stdout.count("\nsearch ") == 2
     assert "  1  " in r.stdout and "Traceback" not in r.stderr
+    hint = r.stdout.splitlines()[-1]  # the console script's path, not a bare `batchd` that may not be on PATH
+    assert hint.startswith(f"Try your own: {batchd_cmd()[0]} --config ") or hint.startswith("Try your own: .venv/bin/")
     print(r.stdout)  # the demo prints its own timing: shown with -s
 
     config = folder / "batchd.toml"
@@ -68,6 +70,7 @@ def test_demo_command_runs_to_completion_then_search_works(tmp_path: Path, batch
     hits = [json.loads(line) for line in r.stdout.splitlines()]
     assert [h["rank"] for h in hits] == [1, 2, 3, 4]
     assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+    assert "local.model_loaded" not in r.stderr  # a one-sentence load is a debug event for search
     assert any("pay twice" in h["text"] for h in hits), hits
 
     r = subprocess.run([*batchd_cmd(), "--config", str(config), "search", "cosine distance", "-k", "2"],

@@ -152,6 +152,21 @@ def test_job_files_lifecycle(local: Callable[..., Any]) -> None:
     assert backend.status("gs://not/local").state is JobState.FAILED
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can create files for another owner")
+def test_job_files_root_creates_get_the_database_owner(local: Callable[..., Any], tmp_path: Path) -> None:
+    """`sudo batchd flush` must not leave root-owned job folders and files the service cannot write."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    os.chown(tmp_path, nobody.pw_uid, nobody.pw_gid)
+    cfg, store, backend = local()
+    job = backend.submit(3, [Item("k1", "one")])
+    made = [cfg.state_dir / "local-jobs", backend.jobs_dir, cfg.state_dir / (job + ".in.jsonl"),
+            Path(cfg.database.path)]
+    owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made}
+    assert set(owners.values()) == {(nobody.pw_uid, nobody.pw_gid)}, owners
+
+
 # ---------------------------------------------------------------------- with the model
 
 
@@ -216,6 +231,29 @@ def test_shutdown_stops_at_a_slice_boundary_and_the_next_sync_resumes(local: Cal
     read = [e for e in logs if e["event"] == "local.job_read"]
     assert read and read[0]["replayed"] == 16 and read[0]["computed"] == 44
     all_ready_once(store, 60)
+
+
+@pytest.mark.local_model
+def test_progress_counts_embedded_texts_and_success_is_logged_after_the_work(local: Callable[..., Any],
+                                                                            model: Any) -> None:
+    cfg, store, backend = local(local={"slice_size": 8})
+    texts = sentences()[:40]
+    manager = BatchManager(store, backend, cfg)
+    manager.enqueue([(None, t) for t in texts])
+    manager.flush_queue(force=True)
+    seen: list[tuple[str, int, int]] = []
+    manager.on_activity = lambda act: seen.append((act.verb, act.done, act.total))
+    with structlog.testing.capture_logs() as logs:
+        manager.sync_status()
+    assert {v for v, _, _ in seen} == {"embedding"} and {t for _, _, t in seen} == {40}
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 40
+    assert 8 in done and 16 in done  # reported per embedded slice, before those lines are consumed
+    names = [e["event"] for e in logs]
+    # The local job is "SUCCEEDED" only once its vectors exist: never before the embedding starts.
+    assert names.index("job.state") > names.index("local.job_read")
+    assert [e["done"] for e in logs if e["event"] == "batch.progress"] == [40]  # the 5th of 5 slices
+    all_ready_once(store, 40)
 
 
 @pytest.mark.local_model

@@ -22,6 +22,8 @@ SCRIPT = textwrap.dedent("""
              chunks=3, duration_ms=12)
     logging.getLogger("urllib3.connectionpool").warning("Retrying (%s) after %s", "Retry(total=2)", "reset")
     logging.getLogger("apscheduler.scheduler").info("Added job flush")  # quiet below debug
+    logging.getLogger("apscheduler.scheduler").warning(
+        'Execution of job "sync" skipped: maximum number of running instances reached (1)')  # expected: debug
     warnings.warn("this API is deprecated", UserWarning)
 
     def apply(texts):
@@ -102,6 +104,8 @@ def test_level_filters(tmp_path):
     events = [parse(x)[1]["event"] for x in debug]
     assert "test.debug" in events
     assert any(parse(x)[1].get("message") == "Added job flush" for x in debug)
+    skipped = [parse(x) for x in debug if "maximum number of running instances" in x]
+    assert [(prio, e["level"]) for prio, e in skipped] == [("7", "debug")]
     assert parse(debug[0])[0] == "7"
     warning, _, _ = run(tmp_path, "warning")
     assert [parse(x)[1]["event"] for x in warning] == ["library.log", "warning.python", "job.failed",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -289,3 +290,242 @@ def test_bad_config_fails_once_with_78_and_no_restart_loop(sd: Instance, tmp_pat
 
 def test_tool_is_where_tests_look_for_it():
     assert TOOL.name == "boot-systemd.sh" and shutil.which("bash")
+
+
+# ----------------------------------------------------------------------------------------- the operator's path
+#
+# Issue 11's "test it as an operator would": a second throwaway systemd, set up by following the README's service
+# section with the local backend (`backend = "local"`, the packaged model), step by step. Deviations, because a
+# test cannot do them: the virtual environment is this checkout's (bind-mounted; when its Python lives under /root
+# the test drop-in makes it visible, as test.conf does above), `sudo -u batchd` is `setpriv`, and the state
+# folder is bind-mounted from tmp so the test can read the rows.
+
+LOCAL_CONFIG = """
+[database]
+path = "/var/lib/batchd/batchd.db"
+[queue]
+min_batch_size = 1
+flush_interval = "1s"
+sync_interval = "1s"
+[embedding]
+backend = "local"
+model = "all-MiniLM-L6-v2"
+dimensions = 384
+[local]
+slice_size = 4
+batch_size = 4
+"""
+
+# The application: Debian's /usr/bin/python3 with its stdlib sqlite3 (no sqlite-vec), user myapp (primary group
+# myapp, member of batchd), umask 022. It opens the database FIRST (creating -wal/-shm), inserts 20 rows, says
+# "ready", then inserts 40 more while the service runs, keeping its connection open throughout.
+APP = r"""
+import os, sqlite3, sys, time
+os.umask(0o022)
+db = sqlite3.connect("/var/lib/batchd/batchd.db", timeout=30)
+db.execute("PRAGMA journal_mode = WAL")
+db.execute("CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL)")
+def add(i):
+    with db:
+        db.execute("INSERT INTO chunks (content) VALUES (?)", (f"operator test paragraph {i}: the app writes it",))
+for i in range(20):
+    add(i)
+print("ready", flush=True)
+sys.stdin.readline()  # the test says when the service is up
+for i in range(20, 60):
+    add(i)
+    time.sleep(0.1)
+print("done", flush=True)
+sys.stdin.readline()
+db.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def op(tmp_path_factory: pytest.TempPathFactory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        import sentence_transformers
+    except ImportError:
+        pytest.skip("the local backend is not installed in this environment (pip install -e '.[local]')")
+    tmp = tmp_path_factory.mktemp("operator")
+    state = tmp / "state"
+    state.mkdir()
+    venv = Path(sys.prefix)
+    binds = ["--bind", str(REPO), "--bind", f"{state}:/var/lib/batchd"]
+    if REPO not in venv.parents and venv != REPO:
+        binds += ["--bind", str(venv)]
+    r = subprocess.run([str(TOOL), "start", *binds], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.fail(f"boot-systemd.sh start failed: {r.stderr}")
+    inst = Instance(r.stdout.strip().splitlines()[-1], state)
+    try:
+        yield inst, tmp
+    finally:
+        subprocess.run([str(TOOL), "stop", inst.handle], capture_output=True, timeout=120)
+
+
+def _as(inst: Instance, user: str, *cmd: str, check: bool = True, timeout: float = 300) -> str:
+    return inst.x("setpriv", "--reuid", user, "--regid", user, "--init-groups", *cmd, check=check, timeout=timeout)
+
+
+def _batchd(inst: Instance, *args: str, check: bool = True) -> str:
+    return _as(inst, "batchd", str(Path(sys.executable).parent / "batchd"), "--config", "/etc/batchd/batchd.toml",
+               *args, check=check)
+
+
+def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
+    inst, tmp = op
+    exe = Path(sys.executable).parent / "batchd"
+    t0 = time.monotonic()
+    # README step 2: user and group, the application's user in the group, the setgid state folder, the database
+    # file made group-writable up front.
+    inst.x("useradd", "--system", "--home-dir", "/var/lib/batchd", "--shell", "/usr/sbin/nologin", "batchd")
+    inst.x("useradd", "--create-home", "--user-group", "myapp")
+    inst.x("usermod", "-aG", "batchd", "myapp")
+    inst.x("install", "-d", "-m", "2770", "-o", "batchd", "-g", "batchd", "/var/lib/batchd")
+    inst.x("install", "-m", "0660", "-o", "batchd", "-g", "batchd", "/dev/null", "/var/lib/batchd/batchd.db")
+    base = Path(sys.base_prefix).resolve()
+    in_home = any(base.is_relative_to(h) for h in ("/root", "/home"))
+    if in_home:
+        inst.x("chmod", "o+x", str(Path(*base.parts[:2])))  # inside the instance only (overlay)
+    # Step 3: the configuration, then `check` as the service user.
+    (tmp / "batchd.toml").write_text(LOCAL_CONFIG)
+    inst.x("install", "-d", "-m", "0755", "/etc/batchd")
+    inst.cp_in(tmp / "batchd.toml", "/tmp/batchd.toml")
+    inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+    check = _batchd(inst, "check", check=False)
+    print(check)
+    assert "FAIL" not in check and "ok    database folder" in check, check
+    assert ("WARN  python:" in check) == in_home
+    # Step 4: the unit and the local backend's drop-in, as shipped.
+    unit = (REPO / "packaging" / "systemd" / UNIT).read_text().replace("/opt/batchd/bin/batchd", str(exe))
+    (tmp / UNIT).write_text(unit)
+    inst.cp_in(tmp / UNIT, f"/etc/systemd/system/{UNIT}")
+    inst.x("install", "-D", "-m", "0644", str(REPO / "packaging" / "systemd" / "local-backend.conf"),
+           f"/etc/systemd/system/{UNIT}.d/local-backend.conf")
+    test_dropin = ["[Service]", "RestartSec=1s"]
+    if in_home:
+        test_dropin += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
+    (tmp / "test.conf").write_text("\n".join(test_dropin) + "\n")
+    inst.cp_in(tmp / "test.conf", f"/etc/systemd/system/{UNIT}.d/test.conf")
+    inst.x("systemctl", "daemon-reload")
+    assert inst.prop("MemoryDenyWriteExecute") == "no" and inst.prop("ProcSubset") == "all"
+
+    # The application opens the database first (its -wal/-shm are created by myapp), then the service starts.
+    app = subprocess.Popen([str(TOOL), "exec", inst.handle, "setpriv", "--reuid", "myapp", "--regid", "myapp",
+                            "--init-groups", "/usr/bin/python3", "-c", APP],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().strip() == "ready", app.stderr.read() if app.stderr else ""
+        ls = inst.x("stat", "-c", "%n %U:%G %a", "/var/lib/batchd", "/var/lib/batchd/batchd.db",
+                    "/var/lib/batchd/batchd.db-wal", "/var/lib/batchd/batchd.db-shm")
+        print(ls)
+        assert "batchd.db-wal myapp:batchd 660" in ls and "batchd.db-shm myapp:batchd 660" in ls
+        inst.x("systemctl", "enable", "--now", UNIT, timeout=300)
+        print(f"operator path: service active {time.monotonic() - t0:.1f}s after the first step")
+        assert inst.x("systemctl", "is-active", UNIT).strip() == "active"
+        app.stdin.write("go\n")
+        app.stdin.flush()
+
+        statuses: set[str] = set()
+
+        def all_ready() -> bool:
+            statuses.add(inst.prop("StatusText"))
+            return db(inst)["ready"] == 60
+
+        wait_until(all_ready, timeout=300, what="60 rows READY")
+        assert app.stdout.readline().strip() == "done"
+        app.stdin.write("close\n")
+        app.stdin.flush()
+        assert app.wait(timeout=60) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+    print("statuses seen:", sorted(statuses))
+    assert db(inst) == {"pending": 0, "running": 0, "ready": 60, "failed": 0}
+    assert any(re.match(r"embedding batch \d+: [\d,]+/[\d,]+ \(\d+/s\)", s) for s in statuses), statuses
+    assert inst.prop("NRestarts") == "0"
+
+    # The journal: every line batchd's process wrote is one JSON object (jq -e fails on anything else).
+    r = subprocess.run([str(TOOL), "exec", inst.handle, "sh", "-c",
+                        f"journalctl --no-pager -u {UNIT} -t batchd -o cat | jq -e . > /dev/null"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    events = [e for _, e in inst.events()]
+    names = [e["event"] for e in events]
+    assert "daemon.ready" in names and "batch.progress" in names
+    assert not [e for e in events if e["event"] == "foreign.output" and "cpuinfo" in e.get("message", "")]
+    assert not [e for e in events if e["level"] == "error"], [e for e in events if e["level"] == "error"]
+
+    # Reload: a new flush_interval applies without a restart.
+    pid = inst.prop("MainPID")
+    (tmp / "batchd.toml").write_text(LOCAL_CONFIG.replace('flush_interval = "1s"', 'flush_interval = "3s"'))
+    inst.cp_in(tmp / "batchd.toml", "/tmp/batchd.toml")
+    inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+    inst.x("systemctl", "reload", UNIT)
+    rec, e = inst.wait_event("config.reloaded", applied=["queue.flush_interval"])
+    assert e["values"] == {"queue.flush_interval": 3.0}
+    assert inst.prop("MainPID") == pid and inst.x("systemctl", "is-active", UNIT).strip() == "active"
+    jobs = _batchd(inst, "jobs", "--json")
+    assert all(json.loads(line)["error_message"] is None for line in jobs.splitlines()), jobs
+    print(f"operator path: {time.monotonic() - t0:.1f}s")
+
+
+BAD_APP = r"""
+import os, sqlite3, sys
+os.umask(0o022)
+db = sqlite3.connect("/srv/app/app.db")
+db.execute("PRAGMA journal_mode = WAL")
+db.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL)")
+with db:
+    db.execute("INSERT INTO chunks (content) VALUES ('a row of the app')")
+os.system("chgrp batchd /srv/app/app.db && chmod g+w /srv/app/app.db")  # the file, but not its -wal/-shm
+print("ready", flush=True)
+sys.stdin.readline()
+db.close()
+"""
+
+
+def test_app_files_without_the_readme_steps_fail_the_start_instead_of_ready(op: tuple[Instance, Path]):
+    """The issue's lock-out: the application holds the database open, its -wal/-shm made as myapp:myapp 0644
+    (no setgid folder, no group-writable file before the first open). The service must not report READY on a
+    database it cannot write: `systemctl start` fails, and the journal says which file is whose."""
+    inst, tmp = op
+    inst.x("systemctl", "stop", UNIT)
+    inst.x("install", "-d", "-m", "0775", "-o", "myapp", "-g", "batchd", "/srv/app")
+    (tmp / "bad.toml").write_text(LOCAL_CONFIG.replace("/var/lib/batchd/batchd.db", "/srv/app/app.db"))
+    inst.cp_in(tmp / "bad.toml", "/tmp/batchd.toml")
+    inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+    (tmp / "rw.conf").write_text("[Service]\nReadWritePaths=/srv/app\nRestart=no\n")
+    inst.cp_in(tmp / "rw.conf", f"/etc/systemd/system/{UNIT}.d/rw.conf")
+    inst.x("systemctl", "daemon-reload")
+    app = subprocess.Popen([str(TOOL), "exec", inst.handle, "setpriv", "--reuid", "myapp", "--regid", "myapp",
+                            "--init-groups", "/usr/bin/python3", "-c", BAD_APP],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().strip() == "ready", app.stderr.read() if app.stderr else ""
+        print(inst.x("stat", "-c", "%n %U:%G %a", "/srv/app/app.db", "/srv/app/app.db-wal", "/srv/app/app.db-shm"))
+        check = _batchd(inst, "check", check=False)
+        print(check)
+        assert "FAIL  file app.db-wal" in check and "FAIL  file app.db-shm" in check
+        before = len(inst.events())
+        r = subprocess.run([str(TOOL), "exec", inst.handle, "systemctl", "start", UNIT], capture_output=True,
+                           timeout=300)
+        assert r.returncode != 0  # never READY=1
+        rec, e = inst.wait_event("database.unusable", after=before)
+        print(e["error"])
+        assert rec["PRIORITY"] == "3" and e["database"] == "/srv/app/app.db" and "read-only" in e["error"], e
+        # Inside the unit's user namespace (PrivateUsers=yes) the application's user shows as nobody.
+        assert re.search(r"app\.db-wal (myapp:myapp|nobody:nogroup) 0644", e["error"]), e["error"]
+        assert inst.prop("NRestarts") == "0"
+        app.stdin.write("close\n")
+        app.stdin.flush()
+        app.wait(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()

@@ -73,3 +73,31 @@ def test_daemon_unit_settings():
     once = (UNITS / "batch-worker-once.service").read_text()
     assert "Type=oneshot" in once and "run --once" in once
     assert "Unit=batch-worker-once.service" in (UNITS / "batch-worker.timer").read_text()
+
+
+def test_reload_and_a_setgid_state_folder():
+    for name in SERVICES:
+        text = (UNITS / name).read_text()
+        assert "StateDirectoryMode=2770" in text and "UMask=0007" in text, name
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in (UNITS / "batch-worker.service").read_text()
+
+
+def test_local_backend_drop_in(installed: Path, tmp_path: Path):
+    """packaging/systemd/local-backend.conf lifts what PyTorch needs, explains each setting, and verifies clean
+    on top of the unit; the base unit alone keeps its exposure (test_security_exposure_at_most_2)."""
+    dropin = UNITS / "local-backend.conf"
+    text = dropin.read_text()
+    settings = [line for line in text.splitlines() if re.match(r"^[A-Z]\w+=", line)]
+    assert settings == ["MemoryDenyWriteExecute=no", "ProcSubset=all"]
+    lines = text.splitlines()
+    for s in settings:
+        assert lines[lines.index(s) - 1].startswith("#"), s
+    assert "/etc/systemd/system/batch-worker.service.d/local-backend.conf" in text
+    assert "packaging/systemd/local-backend.conf" in (REPO / "README.md").read_text()
+    # A unit folder with the drop-in beside the unit: what `systemctl` would load.
+    d = installed / "batch-worker.service.d"
+    d.mkdir()
+    (d / "local-backend.conf").write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", str(installed / "batch-worker.service")],
+                       capture_output=True, text=True, timeout=120, cwd=installed)
+    assert r.returncode == 0 and "local-backend" not in r.stdout + r.stderr, r.stdout + r.stderr

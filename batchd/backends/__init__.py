@@ -135,14 +135,16 @@ class Stopped(BaseException):
     """
 
 
-Progress = Callable[[], None]
-"""Called by backends during long operations (per uploaded block, per embedded slice).
+Progress = Callable[..., None]
+"""Called by backends during long operations (per uploaded block, per embedded slice): ``progress()``, or
+``progress(n)`` from :meth:`Backend.results` with the number of result lines produced so far (for a progress
+display that runs ahead of the lines the caller has consumed).
 
 It feeds the daemon's watchdog and may raise :class:`Stopped` when shutdown was asked for.
 """
 
 
-def _noop() -> None:
+def _noop(produced: int | None = None) -> None:
     return None
 
 

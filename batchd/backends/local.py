@@ -37,6 +37,7 @@ import json
 import os
 import re
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from batchd import files
 from batchd.backends import (
     BackendError,
     CheckResult,
@@ -82,6 +84,10 @@ class LocalBackend:
     at a Vertex model's name raise ConfigError.
     """
 
+    # The vectors are computed while results() is read (see the module docstring): the manager reports
+    # "embedding" progress, and SUCCEEDED from status() is not logged as a finished job before that work.
+    computes_results = True
+
     def __init__(self, config: Config, instance_id: str):
         self.config = config
         self.instance_id = instance_id or "default"
@@ -102,7 +108,7 @@ class LocalBackend:
         self.model_path = resolve_model(self.model_name, config.source)
         dims = model_dimensions(self.model_path)
         if dims is None:  # an unusual module stack: ask the model itself
-            dims = self._model().get_embedding_dimension()
+            dims = self._model(quiet=True).get_embedding_dimension()
         self.model_dimensions = int(dims)
         if self.model_dimensions != config.embedding.dimensions:
             raise ConfigError(config.source, "embedding.dimensions",
@@ -132,7 +138,7 @@ class LocalBackend:
         name = self.job_name(batch_id)
         inp, out, cancelled = self._paths(name)
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self._make_jobs_dir()
             tmp = inp.with_name(inp.name + ".tmp")
             n = 0
             with open(tmp, "wb") as f:
@@ -144,6 +150,7 @@ class LocalBackend:
                         progress()
                 f.flush()
                 os.fsync(f.fileno())
+            files.adopt(tmp, self.config.database.path)
             for stale in (out, cancelled):
                 stale.unlink(missing_ok=True)
             os.replace(tmp, inp)
@@ -152,6 +159,14 @@ class LocalBackend:
             raise BackendError(f"cannot write local job input {inp}: {e.strerror or e}") from None
         log.debug("local.job_written", batch_id=batch_id, job=name, items=n)
         return name
+
+    def _make_jobs_dir(self) -> None:
+        """``local-jobs/<instance>/`` beside the database; made by root (``sudo batchd flush``), it is given the
+        database's owner and group so the service can still write there."""
+        for d in (self.jobs_dir.parent, self.jobs_dir):
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                files.adopt(d, self.config.database.path)
 
     def find_job(self, batch_id: int) -> str | None:
         name = self.job_name(batch_id)
@@ -181,13 +196,13 @@ class LocalBackend:
             fin = open(inp, "rb")
         except OSError as e:
             raise BackendError(f"cannot read local job input {inp}: {e.strerror or e}") from None
-        with fin, _locked_output(out) as fout:
+        with fin, _locked_output(out, self.config.database.path) as fout:
             done = 0
             for line in _replay(fin, fout, self.config.embedding.dimensions):
                 done += 1
                 yield line
                 if done % slice_size == 0:
-                    progress()
+                    progress(done)
             computed = 0
             while True:
                 batch = _read_items(fin, slice_size)
@@ -201,7 +216,7 @@ class LocalBackend:
                 os.fsync(fout.fileno())
                 computed += len(batch)
                 log.debug("local.slice_embedded", job=job_name, texts=len(batch), computed=computed, replayed=done)
-                progress()
+                progress(done + computed)
                 for it, v in zip(batch, vectors):
                     yield _checked(it.key, v, self.config.embedding.dimensions)
             log.info("local.job_read", job=job_name, replayed=done, computed=computed)
@@ -244,7 +259,7 @@ class LocalBackend:
             out.append(CheckResult("local model loads", ok, f"embedded a test sentence on {self.device}"
                                    if ok else f"got {len(vec) // 4} dimensions"))
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self._make_jobs_dir()
             probe = self.jobs_dir / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
@@ -255,11 +270,11 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ the model
 
-    def _model(self) -> Any:
-        return load_model(self.model_path, self.device)
+    def _model(self, *, quiet: bool = False) -> Any:
+        return load_model(self.model_path, self.device, quiet=quiet)
 
     def _embed(self, texts: list[str], *, query: bool) -> list[bytes]:
-        model = self._model()
+        model = self._model(quiet=query)
         encode = getattr(model, "encode_query" if query else "encode_document", model.encode)
         arr = encode(texts, batch_size=self.config.local.batch_size, normalize_embeddings=True,
                      convert_to_numpy=True, show_progress_bar=False)
@@ -330,12 +345,17 @@ def model_dimensions(path: str) -> int | None:
     return None
 
 
-def load_model(path: str, device: str = "cpu") -> Any:
-    """The SentenceTransformer for ``path``, loaded once per process (thread-safe), offline."""
+def load_model(path: str, device: str = "cpu", *, quiet: bool = False) -> Any:
+    """The SentenceTransformer for ``path``, loaded once per process (thread-safe), offline.
+
+    ``quiet``: log ``local.model_loaded`` at debug (a search or a check loads it for one sentence; the info
+    event is for the worker, where a load is worth a line in the journal).
+    """
     key = (path, device)
     with _models_lock:
         model = _models.get(key)
         if model is None:
+            started = time.monotonic()
             _offline_env()
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
@@ -347,7 +367,8 @@ def load_model(path: str, device: str = "cpu") -> Any:
                 raise BackendError(f"cannot load local model {path}: {type(e).__name__}: {e}") from None
             model.eval()
             _models[key] = model
-            log.info("local.model_loaded", path=path, device=device)
+            (log.debug if quiet else log.info)("local.model_loaded", path=path, device=device,
+                                               duration_ms=round((time.monotonic() - started) * 1000))
         return model
 
 
@@ -364,12 +385,15 @@ def _offline_env() -> None:
 
 
 @contextlib.contextmanager
-def _locked_output(path: Path) -> Iterator[IO[bytes]]:
+def _locked_output(path: Path, database: str) -> Iterator[IO[bytes]]:
     """The output file opened for read+append under an exclusive, non-blocking flock (freed by a kill too)."""
+    created = not path.exists()
     try:
         f = open(path, "a+b")
     except OSError as e:
         raise BackendError(f"cannot open local job output {path}: {e.strerror or e}") from None
+    if created:
+        files.adopt(path, database)
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchd import files
 from batchd.config import Config
 from batchd.errors import BatchdError
 
@@ -185,6 +186,7 @@ class StoreBase:
 
         sqlite = _sqlite_module()
         path = config.database.path
+        existed = path == ":memory:" or Path(path).expanduser().exists()
         conn = _connect(sqlite, path, create=create)
         try:
             _load_vec(conn)
@@ -211,7 +213,28 @@ class StoreBase:
         except BaseException:
             conn.close()
             raise
+        if not existed:
+            # SQLite creates files 0644 minus the umask: make the new database group-writable (the application
+            # shares it through the group), and when made by root (`sudo batchd ...`) give it the folder's owner
+            # and group, or the service could never write it.
+            for p in (path, f"{path}-wal", f"{path}-shm"):
+                files.make_shared(p, Path(path).expanduser().resolve().parent)
         return store
+
+    def probe_write(self) -> None:
+        """Prove this connection can write the database: one real committed write (a WAL frame).
+
+        Raises ReadOnly naming the files and their owners when it cannot (e.g. ``-wal``/``-shm`` created by the
+        application with its own group): the daemon then fails its start instead of reporting READY.
+        """
+        from batchd.store.problems import explain
+
+        try:
+            with self.transaction() as c:
+                c.execute("UPDATE batchd_meta SET value = value WHERE key = 'schema_version'")
+        except self._sqlite.Error as e:
+            path = self.config.database.path
+            raise explain(e, path) or StoreError(f"cannot write database {path}: {e}") from None
 
     @contextlib.contextmanager
     def worker_lock(self) -> Iterator[None]:
@@ -230,7 +253,16 @@ class StoreBase:
         if self._lock_depth == 0:
             import fcntl
 
-            f = open(lock_path(path), "a+")  # kept open while the lock is held
+            lock = lock_path(path)
+            created = not os.path.exists(lock)
+            try:
+                f = open(lock, "a+")  # kept open while the lock is held
+            except OSError as e:
+                raise StoreError(f"cannot open the worker lock {lock} ({files.owner_text(lock)}): {e.strerror}; "
+                                 f"it must be writable by this user ({files.owner_text_ids()}): "
+                                 f"chown --reference={path} {lock} && chmod 0660 {lock}") from None
+            if created:
+                files.adopt(lock, path)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -225,6 +225,12 @@ class IntakeMixin(StoreBase):
         for key, text in cur:
             yield Item(key, text)
 
+    def batch_text_count(self, batch_id: int) -> int:
+        """Distinct texts (content hashes) of a batch's in-flight chunks: the result lines to expect."""
+        return int(self._conn.execute(
+            f"SELECT count(DISTINCT content_hash) FROM {self.q_table} WHERE batch_job_id = ? "
+            "AND embedding_status = 'PENDING'", (batch_id,)).fetchone()[0])
+
     def batch_chunk_count(self, batch_id: int) -> int:
         return int(self._conn.execute(
             f"SELECT count(*) FROM {self.q_table} WHERE batch_job_id = ? AND embedding_status = 'PENDING'",

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from batchd import files
 from batchd.errors import one_line
 from batchd.store.connection import Busy, StoreError
 
@@ -90,7 +91,7 @@ def explain(e: BaseException, path: str) -> StoreError | None:
     cantopen = primary == _CANTOPEN or "unable to open database" in low
     if primary == _READONLY or "readonly database" in low or "read-only" in low or (cantopen and _read_only(path)):
         return ReadOnly(f"the database is read-only ({text}): batchd needs write access to the file and to "
-                        "its folder (for the -wal and -shm files)")
+                        f"its folder (for the -wal and -shm files); {files.access_summary(path)}")
     if cantopen:
         if _no_space_left(path):  # the -wal/-shm (or a spool beside the database) could not be created
             return DiskFull(_disk_full(path))

@@ -375,7 +375,9 @@ class ResultsMixin(StoreBase):
 
         Every chunk still claimed by it counts one failed attempt with ``error`` (or ``missing_reason``).
         Returns (requeued_or_failed, of_which_failed). Idempotent, and never overwrites a batch already closed —
-        above all one an operator cancelled while this sync was reading its results (it stays FAILED).
+        above all one an operator cancelled while this sync was reading its results (it stays FAILED). A COMPLETED
+        batch keeps no error from an earlier failed attempt (``batchd jobs`` must not show a "will retry" reason on
+        a batch that succeeded).
         """
         stamp = iso(now)
         with self.transaction() as c:
@@ -384,9 +386,10 @@ class ResultsMixin(StoreBase):
             n, f = self._retry_chunks(c, "batch_job_id = ? AND embedding_status = 'PENDING'", (batch_id,),
                                       error or missing_reason, max_attempts)
             c.execute(
-                "UPDATE batch_jobs SET status = ?, error_message = coalesce(?, error_message), "
+                "UPDATE batch_jobs SET status = ?, "
+                "error_message = CASE WHEN ? = 'COMPLETED' THEN ? ELSE coalesce(?, error_message) END, "
                 "failed_chunks = failed_chunks + ?, finished_at = coalesce(finished_at, ?), updated_at = ? "
-                "WHERE id = ?", (status, error, n, stamp, stamp, batch_id))
+                "WHERE id = ?", (status, status, error, error, n, stamp, stamp, batch_id))
         return n, f
 
     def cancel_batch_locally(self, batch_id: int, reason: str, now: float) -> int | None:

@@ -29,6 +29,11 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``result_delay`` (float seconds): sleep this long before each result line (a slow sync). results()
   calls ``progress()`` every 50 lines, like a real backend per downloaded block.
 
+- ``results_error`` (str): results() raises a transient BackendError with this message (a batch that keeps
+  failing the same way, like PyTorch refusing to run under MemoryDenyWriteExecute=yes).
+- ``foreign_output`` (str): status() writes this line straight to file descriptors 1 and 2, as a C library
+  would (PyTorch's ``Error in cpuinfo: ...``), bypassing Python's sys.stdout/sys.stderr.
+
 Counters (``submits``, ``creates``, ``cancels``, ``lines_sent``) are kept in ``counters.json`` for assertions.
 """
 
@@ -197,6 +202,10 @@ class ScriptedBackend:
             raise BackendError("429 simulated: quota exceeded")
         job = self._load(job_name)
         knobs = self._knobs()
+        if knobs.get("foreign_output"):
+            raw = str(knobs["foreign_output"]).encode() + b"\n"
+            os.write(1, b"stdout: " + raw)
+            os.write(2, raw)
         if job["cancelled"]:
             return JobInfo(job_name, JobState.CANCELLED, error="cancelled by request")
         job["polls"] += 1
@@ -230,6 +239,8 @@ class ScriptedBackend:
         self._block("results")
         job = self._load(job_name)
         knobs = self._knobs()
+        if knobs.get("results_error"):
+            raise BackendError(str(knobs["results_error"]))
         lines = self._answers(job, knobs)
         if knobs.get("shuffle"):
             random.Random(job_name).shuffle(lines)
