@@ -300,3 +300,18 @@ def test_discard_cancels_before_deleting_and_spares_others(gworld) -> None:
     assert fake.files == {}
     assert fake.touched(other) == [] and fake.state(other) == "RUNNING"
     assert w.backend.discard(0) == 0  # idempotent
+
+
+def test_only_the_experimental_warning_of_create_embeddings_is_silenced(gworld) -> None:
+    """google-genai warns on every create_embeddings call (experimental): that warning is silenced around that
+    call only; batchd installs no global filter, so every other warning still shows."""
+    import warnings
+
+    from batchd.backends import Item
+
+    w = gworld()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        w.backend.submit(1, [Item("k1", "one")])
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(x.message) for x in seen] == ["another warning"]
