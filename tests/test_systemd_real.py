@@ -472,6 +472,32 @@ def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
     assert inst.prop("MainPID") == pid and inst.x("systemctl", "is-active", UNIT).strip() == "active"
     jobs = _batchd(inst, "jobs", "--json")
     assert all(json.loads(line)["error_message"] is None for line in jobs.splitlines()), jobs
+
+    # A dimensions change that does not fit the database: exit 78 with a config.invalid event, no restart loop.
+    def install_config(text: str) -> None:
+        (tmp / "batchd.toml").write_text(text)
+        inst.cp_in(tmp / "batchd.toml", "/tmp/batchd.toml")
+        inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+
+    seen = len(inst.events())
+    install_config(LOCAL_CONFIG.replace("dimensions = 384", "dimensions = 256"))
+    inst.x("systemctl", "restart", UNIT, check=False, timeout=300)
+    wait_until(lambda: inst.prop("ActiveState") in ("failed", "inactive"), timeout=120, what="the service stopped")
+    time.sleep(3)  # RestartSec=1s: a restart loop would have begun by now
+    assert inst.prop("ExecMainStatus") == "78" and inst.prop("NRestarts") == "0"
+    assert inst.prop("ActiveState") in ("failed", "inactive")
+    invalid = [e for _, e in inst.events()[seen:] if e["event"] == "config.invalid"]
+    assert invalid and "256" in json.dumps(invalid[0]) and "384" in json.dumps(invalid[0]), invalid
+
+    # Back to 384, then reset-vectors (the operator's way to start over): every chunk is embedded again.
+    install_config(LOCAL_CONFIG)
+    dry = _batchd(inst, "reset-vectors")
+    assert db(inst)["ready"] == 60, dry  # without --yes nothing changes
+    _batchd(inst, "reset-vectors", "--yes")
+    assert db(inst)["ready"] == 0
+    inst.x("systemctl", "start", UNIT, timeout=300)
+    wait_until(lambda: db(inst)["ready"] == 60, timeout=300, what="60 rows READY again after reset-vectors")
+    assert db(inst) == {"pending": 0, "running": 0, "ready": 60, "failed": 0}
     print(f"operator path: {time.monotonic() - t0:.1f}s")
 
 
