@@ -43,6 +43,17 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _restore_umask() -> Any:
+    """`batchd`'s CLI sets the process umask to 007 (its files are private to owner and group). Tests run the CLI
+    in-process through CliRunner, so without this the pytest process keeps that umask: later tests then create
+    folders others cannot enter (the throwaway systemd's overlay: "libc.so.6: Permission denied")."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
