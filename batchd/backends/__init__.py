@@ -188,6 +188,22 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class RawResults(Protocol):
+    """Optional: a backend whose output is lines of JSON hands over the raw bytes, and the manager parses them in
+    worker processes beside the download (:mod:`batchd.parse_pool`, ``daemon.parse_workers``). Without it, or
+    for small batches, :meth:`Backend.results` is used. Both must give the same lines: the contract suite
+    runs its scenarios through both paths for a backend that has this."""
+
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterable[bytes]]]:
+        """(name, its bytes in blocks) for every output file :meth:`Backend.results` would read, in order.
+        Reading may raise like ``results`` does (PermanentError for output that is gone)."""
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        """``("module:Class", kwargs)``: ``Class(**kwargs).parse(raw_line)`` gives the ResultLine ``results``
+        gives for that line (None: a line tied to no row), in another process. kwargs must be JSON."""
+
+
+@runtime_checkable
 class Cleanable(Protocol):
     def cleanup(self, batch_id: int, job_name: str) -> None:
         """Remove staged input/output of a batch whose results were applied. Idempotent."""
@@ -274,6 +290,7 @@ __all__ = [
     "PermanentError",
     "Progress",
     "QueryEmbedder",
+    "RawResults",
     "ResultLine",
     "Stopped",
     "content_hash",

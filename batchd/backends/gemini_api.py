@@ -322,6 +322,22 @@ class GeminiApiBackend:
                     yield line
             progress()
 
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterator[bytes]]]:
+        """The file :meth:`results` reads, downloaded the same way, as raw bytes (RawResults)."""
+        job = self._get(job_name)
+        file_name = getattr(job.dest, "file_name", None) if job.dest else None
+        if not file_name:
+            log.warning("job.no_result_file", google_job_id=job_name, state=state_of(job.state).value)
+            return
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=".batchd-gemini-") as tmp:
+            path = Path(tmp) / "results.jsonl"
+            self._download(file_name, path, progress)
+            yield file_name, _file_blocks(path, progress)
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        return "batchd.backends.gemini_api_lines:GeminiApiLines", {
+            "task_type": self.task_type, "dimensions": self.dimensions}
+
     def _download(self, file_name: str, path: Path, progress: Progress) -> None:
         def once() -> None:
             with path.open("wb") as f:
@@ -441,6 +457,11 @@ class GeminiApiBackend:
             raise BackendError(f"the online embedding is unusable: {e}") from None
 
 
+def _file_blocks(path: Path, progress: Progress, size: int = 256 * 1024) -> Iterator[bytes]:
+    with path.open("rb", buffering=0) as f:
+        while block := f.read(size):
+            progress()
+            yield block
 
 
 __all__ = ["GeminiApiBackend", "QuotaExceeded", "ResultsGone", "SetupError", "resolve_api_key"]

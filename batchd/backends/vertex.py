@@ -41,7 +41,7 @@ from batchd.backends.vertex_common import (
     retryable,
 )
 from batchd.backends.vertex_lines import LineFormat, embedding_of
-from batchd.backends.vertex_storage import VertexStorage
+from batchd.backends.vertex_storage import RAW_BLOCK, VertexStorage
 from batchd.faults import crash_point
 from batchd.vectors import VectorError, fit_vector
 
@@ -248,11 +248,41 @@ class VertexBackend:
         that ended FAILED, CANCELLED or EXPIRED still exports (and bills) the rows it completed. A line tied
         to no row is yielded with no keys (counted as unmatched by the caller).
         """
+        n = 0
+        for bucket, name in self._output_objects(job_name):
+            for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
+                n += 1
+                if n % PROGRESS_LINES == 0:
+                    progress()
+                if not raw.strip():
+                    continue
+                result = self.lines.parse(raw)
+                if result is None:
+                    log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
+                    result = ResultLine((), error=f"{name}:{lineno}: an output line tied to no row")
+                yield result
+        progress()
+
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterator[bytes]]]:
+        """The files :meth:`results` reads, as raw bytes in RAW_BLOCK pieces (ranged, resumable reads)."""
+        for bucket, name in self._output_objects(job_name):
+            yield name, self._blocks(bucket, name, progress)
+
+    def _blocks(self, bucket: str, name: str, progress: Progress) -> Iterator[bytes]:
+        for block in self.gcs.read_blocks(self.gcs.client.bucket(bucket).blob(name), RAW_BLOCK):
+            progress()
+            yield block
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        return "batchd.backends.vertex_lines:LineFormat", {
+            "model": self.model, "task_type": self.task_type, "dimensions": self.dimensions}
+
+    def _output_objects(self, job_name: str) -> Iterator[tuple[str, str]]:
+        """(bucket, object name) of every result file of the job, folder by folder (logged as found)."""
         job = self._get(job_name)
         folder = job.output_info.gcs_output_directory
         folders = [folder] if folder else \
             self.gcs.subfolders(job.output_config.gcs_destination.output_uri_prefix, "prediction-")
-        n = 0
         for folder in folders:
             files, skipped = self.gcs.list_output(folder)
             log.debug("job.output_files", google_job_id=job_name, folder=folder, files=[f for _, f in files],
@@ -260,19 +290,7 @@ class VertexBackend:
             if skipped:
                 log.info("job.output_skipped", google_job_id=job_name, folder=folder, objects=len(skipped),
                          first=skipped[0])
-            for bucket, name in files:
-                for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
-                    n += 1
-                    if n % PROGRESS_LINES == 0:
-                        progress()
-                    if not raw.strip():
-                        continue
-                    result = self.lines.parse(raw)
-                    if result is None:
-                        log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
-                        result = ResultLine((), error=f"{name}:{lineno}: an output line tied to no row")
-                    yield result
-        progress()
+            yield from files
 
     def output_files(self, job_name: str) -> list[str]:
         """gs:// URIs of the result files :meth:`results` reads (for ``check --live``)."""
