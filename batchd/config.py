@@ -468,8 +468,3 @@ def _validate_gemini_api(cfg: Config) -> None:
         raise ConfigError(src, "embedding.dimensions",
                           f"{emb.dimensions} is more than the {family.default_dimensions} dimensions {emb.model} "
                           f"produces")
-
-
-def vertex_missing(cfg: Config) -> list[str]:
-    """Keys the Vertex backend needs that are not set, as human lines (for `batchd check`)."""
-    return cfg.vertex.missing()

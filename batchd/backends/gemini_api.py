@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from batchd.backends import (
+    BackendContext,
     BackendError,
     CheckResult,
     Item,
@@ -42,6 +43,7 @@ from batchd.backends import (
     PermanentError,
     Progress,
     ResultLine,
+    SetupError,
     _noop,
 )
 from batchd.backends.gemini_api_client import (
@@ -50,7 +52,6 @@ from batchd.backends.gemini_api_client import (
     QuotaExceeded,
     ReadProgress,
     ResultsGone,
-    SetupError,
     WriteProgress,
     call,
     int_or_none,
@@ -69,7 +70,7 @@ from batchd.faults import crash_point
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import Config
+    from batchd.backends.gemini_api_settings import GeminiApiSettings
 
 log = structlog.get_logger("batchd.gemini_api")
 
@@ -81,13 +82,11 @@ _BAD_STATES = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 class GeminiApiBackend:
     """Embeds batches with the Gemini API's Batch Mode. The client is built on first use."""
 
-    def __init__(self, config: Config, instance_id: str):
-        emb = config.embedding
-        self.settings = config.gemini_api
-        self.model, self.task_type, self.dimensions = emb.model, emb.task_type, emb.dimensions
+    def __init__(self, settings: GeminiApiSettings, context: BackendContext):
+        self.settings, self.instance_id = settings, context.instance_id
+        self.model, self.task_type, self.dimensions = context.model, context.task_type, context.dimensions
         self.lines = GeminiApiLines(self.task_type, self.dimensions)
-        self.instance_id = instance_id
-        self.work_dir = config.state_dir  # temporary input/result files: next to the database, not a tmpfs
+        self.work_dir = context.state_dir  # temporary input/result files: next to the database, not a tmpfs
         self.key_source = ""
         self._client: Any = None
 

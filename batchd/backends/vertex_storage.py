@@ -16,7 +16,7 @@ from batchd.backends import CheckResult, PermanentError, Progress, _noop
 from batchd.backends.vertex_common import make_retry, message, quick_retry, retryable, split_gs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import VertexConfig
+    from batchd.backends.vertex_settings import VertexSettings
 
 log = structlog.get_logger("batchd.vertex")
 
@@ -28,7 +28,7 @@ RAW_BLOCK = 256 * 1024  # bytes per read of an output file handed to the parse w
 class VertexStorage:
     """One bucket's objects, through google-cloud-storage. The client is built on first use."""
 
-    def __init__(self, vx: VertexConfig, credentials: Any):
+    def __init__(self, vx: VertexSettings, credentials: Any):
         """``credentials``: a callable returning google-auth credentials (called only when needed)."""
         self.vx = vx
         self.bucket_name = vx.bucket

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from batchd.backends import BackendContext
 from batchd.backends.gemini_api import GeminiApiBackend
 from batchd.config import Config, from_dict
 from batchd.manager import BatchManager
@@ -50,7 +51,7 @@ class GeminiWorld:
         self.clock = clock
         self.fake = fake
         self.store = Store.open(config)
-        self.backend = GeminiApiBackend(config, self.store.instance_id)
+        self.backend = GeminiApiBackend(config.gemini_api, BackendContext.of(config, self.store.instance_id))
         self.manager = BatchManager(self.store, self.backend, config, clock=clock)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from batchd.backends import BackendContext
 from batchd.backends.vertex import VertexBackend
 from batchd.config import Config, from_dict
 from batchd.manager import BatchManager
@@ -99,7 +100,7 @@ class VertexWorld:
         self.fake = fake
         self.gcs = gcs
         self.store = Store.open(config)
-        self.backend = VertexBackend(config, self.store.instance_id)
+        self.backend = VertexBackend(config.vertex, BackendContext.of(config, self.store.instance_id))
         self.manager = BatchManager(self.store, self.backend, config, clock=clock)
 
     def staged(self, batch_id: int, name: str = "input.jsonl") -> bytes:
