@@ -110,28 +110,3 @@ def test_error_lines_of_the_spool_go_through_the_retry_path(world):
     assert bad["embedding_status"] == "PENDING" and bad["attempts"] == 1
     assert "simulated line failure" in bad["error_message"]
 
-
-def test_checkpoints_run_beside_the_slices_and_the_wal_is_left_backfilled(world):
-    """Checkpoints move to a thread of their own while slices are applied, never off: after every slice the WAL
-    is checkpointed, the connection's autocheckpoint comes back, and the WAL ends fully copied into the database
-    (an application's next commit finds nothing to checkpoint)."""
-    w = world(queue={"max_batch_size": 5000})
-    w.knobs(shuffle=True)
-    w.manager.enqueue([(None, f"row {i}") for i in range(3000)])
-    w.manager.flush_queue(force=True)
-    db = Path(w.config.database.path)
-    during: list[int] = []
-
-    def progress() -> None:
-        during.append(w.store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-
-    before = w.store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-    s = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress).sync_status()
-    assert s.applied == 3000
-    assert 0 in during  # this connection's own COMMITs did not checkpoint while slices were applied
-    assert w.store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == before == 1000
-    app = w.store.sqlite_module.connect(str(db))
-    busy, log_frames, done = app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    app.close()
-    assert busy == 0 and log_frames == done  # nothing left to copy
-    assert db.stat().st_size > 3000 * w.config.embedding.dimensions * 4  # the vectors are in the database file

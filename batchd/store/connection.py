@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,49 +320,6 @@ class StoreBase:
                 self._conn.execute("PRAGMA busy_timeout = 0")
                 self._conn.execute("PRAGMA optimize")
         self._conn.close()
-
-    @contextlib.contextmanager
-    def background_checkpoints(self) -> Iterator[Callable[[], None]]:
-        """While applying many slices: WAL checkpoints on a thread of their own, off this connection's COMMITs.
-
-        Yields ``kick()``, to call after each committed slice. The checkpoints are not deferred (the issue's
-        rule: the application's next commit would pay for them): each slice's pages are checkpointed right after
-        its COMMIT, PASSIVE, by a second connection, while this one prepares the next slice (SQLite releases the
-        GIL). An application commit that finds a checkpoint running skips its own (SQLITE_BUSY on the
-        checkpoint lock is silent), and the writer lock is never involved. Afterwards the usual autocheckpoint
-        is restored and one last checkpoint leaves the WAL backfilled.
-        """
-        path = self.config.database.path
-        c = self._conn
-        if path == ":memory:" or str(c.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-            yield lambda: None
-            return
-        previous = int(c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-        other = self._sqlite.connect(path, isolation_level=None, check_same_thread=False)
-        other.execute("PRAGMA busy_timeout = 1000")
-        wake, stop = threading.Event(), threading.Event()
-
-        def run() -> None:
-            while not stop.is_set():
-                wake.wait()
-                wake.clear()
-                with contextlib.suppress(Exception):  # best effort: a missed one is done by the next, or the last
-                    other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-        thread = threading.Thread(target=run, name="batchd-checkpoint", daemon=True)
-        c.execute("PRAGMA wal_autocheckpoint = 0")
-        thread.start()
-        try:
-            yield wake.set
-        finally:
-            stop.set()
-            wake.set()
-            thread.join()
-            with contextlib.suppress(Exception):
-                other.close()
-            c.execute(f"PRAGMA wal_autocheckpoint = {previous}")
-            with contextlib.suppress(Exception):
-                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:

@@ -212,34 +212,32 @@ class ResultsMixin(StoreBase):
                       f"FROM {t} c JOIN batchd_spool.lines s ON s.key = c.content_hash AND s.vector IS NOT NULL "
                       "WHERE c.batch_job_id = ? AND c.embedding_status = 'PENDING'", (batch_id,))
             rows_per_slice, last = SLICE_ROWS_START, None
-            with self.background_checkpoints() as kick:
-                while True:
-                    todo = c.execute(
-                        "SELECT p.id, s.vector FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.rowid = p.line "
-                        "WHERE p.id > ? ORDER BY p.id LIMIT ?",
-                        (last if last is not None else -(1 << 63), rows_per_slice)).fetchall()
-                    if not todo:
-                        break
-                    hi = todo[-1][0]
-                    started = time.monotonic()
-                    with self.transaction() as w:
-                        ok, refused = self._write_isolating_refusals(
-                            w, [cid for cid, _ in todo],
-                            functools.partial(self._mark_and_write, w, batch_id, dict(todo), stamp))
-                        self._fail_refused(w, refused)
-                        if ok or refused:
-                            w.execute("UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, "
-                                      "failed_chunks = failed_chunks + ?, updated_at = ? WHERE id = ?",
-                                      (len(ok), len(refused), stamp, batch_id))
-                    errored += len(refused)
-                    failed += len(refused)
-                    elapsed = time.monotonic() - started
-                    applied += len(ok)
-                    last = hi
-                    rows_per_slice = _next_slice_rows(rows_per_slice, elapsed)
-                    kick()
-                    if on_slice:
-                        on_slice(len(ok))
+            while True:
+                todo = c.execute(
+                    "SELECT p.id, s.vector FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.rowid = p.line "
+                    "WHERE p.id > ? ORDER BY p.id LIMIT ?",
+                    (last if last is not None else -(1 << 63), rows_per_slice)).fetchall()
+                if not todo:
+                    break
+                hi = todo[-1][0]
+                started = time.monotonic()
+                with self.transaction() as w:
+                    ok, refused = self._write_isolating_refusals(
+                        w, [cid for cid, _ in todo],
+                        functools.partial(self._mark_and_write, w, batch_id, dict(todo), stamp))
+                    self._fail_refused(w, refused)
+                    if ok or refused:
+                        w.execute("UPDATE batch_jobs SET completed_chunks = completed_chunks + ?, "
+                                  "failed_chunks = failed_chunks + ?, updated_at = ? WHERE id = ?",
+                                  (len(ok), len(refused), stamp, batch_id))
+                errored += len(refused)
+                failed += len(refused)
+                elapsed = time.monotonic() - started
+                applied += len(ok)
+                last = hi
+                rows_per_slice = _next_slice_rows(rows_per_slice, elapsed)
+                if on_slice:
+                    on_slice(len(ok))
             errors = c.execute("SELECT key, error FROM batchd_spool.lines WHERE vector IS NULL").fetchall()
             tokens = c.execute(
                 "SELECT coalesce(sum(tokens), 0) FROM batchd_spool.lines WHERE vector IS NOT NULL").fetchone()[0]
