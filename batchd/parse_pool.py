@@ -32,8 +32,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from batchd.backends import BackendError, ResultLine
 from batchd.parse_worker import read_frame, write_frame
+
+log = structlog.get_logger("batchd.parse_pool")
 
 CHUNK_BYTES = 256 << 10  # bytes of whole lines per chunk sent to a worker (a few lines of 3,072 values)
 PIPE_BYTES = 1 << 20  # pipe size asked for (fs.pipe-max-size allows 1 MiB to anyone by default)
@@ -221,6 +225,7 @@ class ParsePool:
                 else:
                     yield line
         self.peak_rss_kb = max((w.peak_rss_kb for w in self._workers), default=0)
+        log.debug("parse.workers_done", workers=self._n, peak_rss_mb=round(self.peak_rss_kb / 1024, 1))
 
     def _take_until_end(self) -> Iterator[tuple[str, Any]]:
         index, kind, msg = self._get(block=True)

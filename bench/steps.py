@@ -46,11 +46,11 @@ def _config(db: str, vertex: dict[str, Any] | None, **over: Any) -> Any:
 def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None, parse_workers: str | int = "auto",
          model: str | None = None) -> dict[str, Any]:
     """BatchManager.sync_status() over the prepared database: vectors/s and peak RSS growth, the parse
-    workers' own peak RSS counted in (each worker's whole RSS: ``ru_maxrss`` of the largest, times their number).
+    workers' own peak RSS counted in (each worker's whole RSS, as it reports it: the largest, times their number).
 
     With ``vertex`` settings the real VertexBackend reads the job from the fake JobService and the storage
     emulator; without, the bench's FilesBackend streams local files (batchd's apply path alone)."""
-    import resource
+    import structlog.testing
 
     from batchd.backends import make_backend
     from batchd.manager import BatchManager
@@ -69,7 +69,8 @@ def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None, parse_work
     gc.collect()
     base = reset_peak()
     started = time.perf_counter()
-    summary = manager.sync_status()
+    with structlog.testing.capture_logs() as logs:  # the workers report their own peak RSS
+        summary = manager.sync_status()
     seconds = time.perf_counter() - started
     growth = peak_growth_mb(base)
     stats = store.queue_stats()
@@ -77,7 +78,8 @@ def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None, parse_work
     if summary.applied != vectors or stats["ready"] != vectors:
         raise SystemExit(f"sync applied {summary.applied} of {vectors} (ready={stats['ready']}): {summary.as_dict()}")
     workers = worker_count(parse_workers, vectors)
-    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else 0.0
+    # (Not getrusage(RUSAGE_CHILDREN): Linux carries the forking parent's RSS high-water mark across exec.)
+    worker_mb = max((e["peak_rss_mb"] for e in logs if e["event"] == "parse.workers_done"), default=0.0)
     return {"vectors": summary.applied, "seconds": seconds, "per_s": summary.applied / seconds,
             "peak_rss_mb": growth + workers * worker_mb, "process_rss_mb": growth, "workers": workers,
             "worker_rss_mb": worker_mb, "import_seconds": imports["seconds"], "import_mb": imports["mb"]}
