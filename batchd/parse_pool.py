@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 try:
     import fcntl
@@ -44,6 +45,7 @@ PIPE_BYTES = 1 << 20  # pipe size asked for (fs.pipe-max-size allows 1 MiB to an
 IN_FLIGHT = 3  # chunks per worker sent and not yet answered
 AUTO_MIN_TEXTS = 5_000  # "auto": a smaller batch is parsed in-process (starting workers, ~0.2 s, does not pay)
 AUTO_MAX_WORKERS = 2
+START_TIMEOUT = 60.0  # seconds for a worker to start and load its parser
 WAIT_TICK = 1.0  # seconds between calls of ``wait`` while blocked on the workers (watchdog, stop requests)
 
 
@@ -123,7 +125,8 @@ class _Worker:
         try:
             while (frame := read_frame(self.proc.stdout)) is not None:
                 msg = pickle.loads(frame)  # our own child process, started above: trusted
-                results.put((self.index, "stats" if isinstance(msg, dict) else "lines", msg))
+                kind = "lines" if not isinstance(msg, dict) else "ready" if "ready" in msg else "stats"
+                results.put((self.index, kind, msg))
             results.put((self.index, "end", None))
         except Exception as e:  # noqa: BLE001 - reported by the consumer as the worker's failure
             results.put((self.index, "broken", e))
@@ -186,9 +189,25 @@ class ParsePool:
         self.peak_rss_kb = 0  # the largest worker's peak RSS, once they finished
 
     def __enter__(self) -> ParsePool:
+        """Start the workers and wait until each has loaded its parser (up to START_TIMEOUT): a worker that cannot
+        start (an interpreter or a sandbox that refuses it, a parser that does not import) is a BackendError
+        here, before any output was read, so the caller can parse in its own process instead."""
         try:
             for i in range(self._n):
                 self._workers.append(_Worker(i, self._spec, self._results))
+            ready = 0
+            deadline = time.monotonic() + START_TIMEOUT
+            while ready < self._n:
+                try:
+                    index, kind, msg = self._results.get(timeout=WAIT_TICK)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise BackendError(f"parse workers did not start within {START_TIMEOUT:.0f} s") from None
+                    self._wait()
+                    continue
+                if kind != "ready":
+                    raise self._workers[index].failure("could not start")
+                ready += 1
         except BaseException:
             self.close()
             raise
