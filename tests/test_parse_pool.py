@@ -57,7 +57,7 @@ def test_line_chunks_are_whole_lines_numbered_from_one(lines, cuts, size, final_
         blocks.append(data[pos:pos + c])
         pos += c
     blocks.append(data[pos:])
-    pieces = list(line_chunks([b for b in blocks if b], size))
+    pieces = [(first, b"".join(bytes(p) for p in parts)) for first, parts in line_chunks([b for b in blocks if b], size)]
     joined = b"".join(p for _, p in pieces)
     assert joined == (data if not data or data.endswith(b"\n") else data + b"\n")
     expected_first = 1
