@@ -53,11 +53,8 @@ def write_enqueue_jsonl(path: Path, seed: int, n: int) -> int:
     return path.stat().st_size
 
 
-def write_classic_output(folder: Path, seed: int, n: int, files: int = FILES_PER_JOB) -> list[Path]:
-    """A finished classic job's output for ``texts(seed, n)``: shuffled, split over ``files`` files.
-
-    Values are float64 as Vertex sends them (~19 characters each: ~15 KB per 768-dim line).
-    """
+def _write_output(folder: Path, seed: int, n: int, files: int, line: Any) -> list[Path]:
+    """``line(text, values)`` for every text of ``texts(seed, n)``, shuffled, split over ``files`` files."""
     folder.mkdir(parents=True, exist_ok=True)
     order = list(range(n))
     random.Random(seed + 2).shuffle(order)
@@ -67,19 +64,25 @@ def write_classic_output(folder: Path, seed: int, n: int, files: int = FILES_PER
     handles = [p.open("wb") for p in paths]
     try:
         for pos, idx in enumerate(order):
-            text = all_texts[idx]
-            values = rng.standard_normal(DIMENSIONS) * 0.05
-            line = {
-                "instance": {"content": text, "task_type": TASK},
-                "predictions": [{"embeddings": {"statistics": {"token_count": len(text) // 4, "truncated": False},
-                                                "values": values}}],
-                "status": "",
-            }
-            handles[pos * files // n].write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+            obj = line(all_texts[idx], rng.standard_normal(DIMENSIONS) * 0.05)
+            handles[pos * files // n].write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     finally:
         for h in handles:
             h.close()
     return paths
+
+
+def write_classic_output(folder: Path, seed: int, n: int, files: int = FILES_PER_JOB) -> list[Path]:
+    """A finished classic job's output for ``texts(seed, n)``: shuffled, split over ``files`` files.
+
+    Values are float64 as Vertex sends them (~19 characters each: ~15 KB per 768-dim line).
+    """
+    return _write_output(folder, seed, n, files, lambda text, values: {
+        "instance": {"content": text, "task_type": TASK},
+        "predictions": [{"embeddings": {"statistics": {"token_count": len(text) // 4, "truncated": False},
+                                        "values": values}}],
+        "status": "",
+    })
 
 
 GEMINI_MODEL = "gemini-embedding-001"
@@ -90,22 +93,8 @@ def write_gemini_output(folder: Path, seed: int, n: int, files: int = FILES_PER_
     as the gemini-api backend and Vertex's Gemini-model jobs answer), ``DIMENSIONS`` values, shuffled order."""
     from batchd.backends import content_hash
 
-    folder.mkdir(parents=True, exist_ok=True)
-    order = list(range(n))
-    random.Random(seed + 2).shuffle(order)
-    all_texts = list(texts(seed, n))
-    rng = np.random.default_rng(seed + 3)
-    paths = [folder / f"predictions_{k + 1:04d}.jsonl" for k in range(files)]
-    handles = [p.open("wb") for p in paths]
-    try:
-        for pos, idx in enumerate(order):
-            key = content_hash(all_texts[idx], GEMINI_MODEL, TASK, DIMENSIONS)
-            line = {"key": key, "response": {"embedding": {"values": rng.standard_normal(DIMENSIONS) * 0.05}}}
-            handles[pos * files // n].write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
-    finally:
-        for h in handles:
-            h.close()
-    return paths
+    return _write_output(folder, seed, n, files, lambda text, values: {
+        "key": content_hash(text, GEMINI_MODEL, TASK, DIMENSIONS), "response": {"embedding": {"values": values}}})
 
 
 def config(db_path: Path, backend: str = "bench.filebackend:FilesBackend", **over: Any) -> Config:

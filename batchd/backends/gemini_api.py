@@ -300,14 +300,7 @@ class GeminiApiBackend:
 
         Raises ResultsGone (a PermanentError) when the file has expired or was deleted.
         """
-        job = self._get(job_name)
-        file_name = getattr(job.dest, "file_name", None) if job.dest else None
-        if not file_name:
-            log.warning("job.no_result_file", google_job_id=job_name, state=state_of(job.state).value)
-            return
-        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=".batchd-gemini-") as tmp:
-            path = Path(tmp) / "results.jsonl"
-            self._download(file_name, path, progress)
+        for file_name, path in self._result_file(job_name, progress):
             with path.open("rb") as f:
                 for lineno, raw in enumerate(f, 1):
                     if lineno % PROGRESS_LINES == 0:
@@ -323,6 +316,12 @@ class GeminiApiBackend:
 
     def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterator[bytes]]]:
         """The file :meth:`results` reads, downloaded the same way, as raw bytes (RawResults)."""
+        for file_name, path in self._result_file(job_name, progress):
+            yield file_name, _file_blocks(path, progress)
+
+    def _result_file(self, job_name: str, progress: Progress) -> Iterator[tuple[str, Path]]:
+        """(name, local copy) of the batch's result file, while the caller reads it; nothing for a batch without
+        one (said in a warning). The copy lives in a temporary folder beside the database."""
         job = self._get(job_name)
         file_name = getattr(job.dest, "file_name", None) if job.dest else None
         if not file_name:
@@ -331,7 +330,7 @@ class GeminiApiBackend:
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=".batchd-gemini-") as tmp:
             path = Path(tmp) / "results.jsonl"
             self._download(file_name, path, progress)
-            yield file_name, _file_blocks(path, progress)
+            yield file_name, path
 
     def line_parser(self) -> tuple[str, dict[str, object]]:
         return "batchd.backends.gemini_api_lines:GeminiApiLines", {

@@ -240,7 +240,8 @@ class ScriptedBackend:
                 lines.append(ResultLine((key,), vector=fake_vector(text, self.dimensions), token_count=len(text.split())))
         return lines
 
-    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
+    def _output(self, job_name: str) -> tuple[list[ResultLine], float]:
+        """The job's answers as the knobs shape them, and the delay before each line."""
         self._block("results")
         job = self._load(job_name)
         knobs = self._knobs()
@@ -249,7 +250,10 @@ class ScriptedBackend:
         lines = self._answers(job, knobs)
         if knobs.get("shuffle"):
             random.Random(job_name).shuffle(lines)
-        delay = float(knobs.get("result_delay", 0) or 0)
+        return lines, float(knobs.get("result_delay", 0) or 0)
+
+    def results(self, job_name: str, progress: Progress = lambda: None) -> Iterator[ResultLine]:
+        lines, delay = self._output(job_name)
         for n, line in enumerate(lines, start=1):
             if delay:
                 time.sleep(delay)
@@ -294,15 +298,8 @@ class RawScriptedBackend(ScriptedBackend):
     """ScriptedBackend plus RawResults: the same answers as JSON lines, ``result_delay`` per line."""
 
     def result_files(self, job_name: str, progress: Progress = lambda: None) -> Iterator[tuple[str, Iterator[bytes]]]:
-        self._block("results")
-        job = self._load(job_name)
+        lines, delay = self._output(job_name)
         knobs = self._knobs()
-        if knobs.get("results_error"):
-            raise BackendError(str(knobs["results_error"]))
-        lines = self._answers(job, knobs)
-        if knobs.get("shuffle"):
-            random.Random(job_name).shuffle(lines)
-        delay = float(knobs.get("result_delay", 0) or 0)
 
         def blocks() -> Iterator[bytes]:
             for n, line in enumerate(lines, start=1):
