@@ -189,10 +189,7 @@ def reset_vectors(app: App, yes: bool) -> None:
     """
     app.setup_logging()
     cfg = app.config
-    try:
-        store = app.open_store(check_dimensions=False)
-    except StoreError as e:
-        fail_store(e, cfg)
+    store = app.opened_store(check_dimensions=False)
     s = store.reset_summary()
     old = f"{s['vectors']:,} vectors of {s['database_dimensions']} dimensions" if s["database_dimensions"] \
         else "no vector table yet"
@@ -224,10 +221,7 @@ def uninstall(app: App, yes: bool) -> None:
     75) while another batchd process is flushing or syncing: stop and disable the service first."""
     app.setup_logging()
     cfg = app.config
-    try:
-        store = app.open_store(migrate=False)
-    except StoreError as e:
-        fail_store(e, cfg)
+    store = app.opened_store(migrate=False)
     plan = store.uninstall_plan()
     if not plan:
         click.echo(f"uninstall: nothing of batchd's is in {cfg.database.path}")
