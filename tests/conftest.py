@@ -15,9 +15,9 @@ import pytest
 from batchd.config import Config, from_dict
 from batchd.manager import BatchManager
 from batchd.store import Store
+from tests.configs import MEMBACKEND, MEMBACKEND_EMBEDDING, merge  # MEMBACKEND, merge: also imported from here
 
 REPO = Path(__file__).resolve().parent.parent
-MEMBACKEND = "tests.fakes.membackend:ScriptedBackend"
 
 
 class Clock:
@@ -31,16 +31,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for k, v in over.items():
-        if isinstance(v, dict):
-            out.setdefault(k, {}).update(v)
-        else:
-            out[k] = v
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +55,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         base = {
             "database": {"path": str(tmp_path / "app.db")},
             "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
-            "embedding": {"backend": MEMBACKEND, "model": "test-model", "dimensions": 16},
+            "embedding": MEMBACKEND_EMBEDDING,
         }
         return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
@@ -176,3 +166,34 @@ def batchd_cmd() -> list[str]:
     """The installed console script next to this interpreter, else `python -m batchd.cli`."""
     exe = Path(sys.executable).parent / "batchd"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "batchd.cli"]
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str], *, stderr_too: bool = False, columns: int | None = None,
+                  timeout: float = 120) -> tuple[int, str]:
+    """Run ``argv`` with its output on a new pseudo-terminal (stderr too when ``stderr_too``, else discarded;
+    ``columns`` wide when given) and read all it writes there: (exit status, text)."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=slave,
+                         stderr=slave if stderr_too else subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    try:
+        return p.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(master)

@@ -33,14 +33,22 @@ def write_key(tmp_path: Path, key: str = API_KEY) -> Path:
     return path
 
 
-def gemini_config(tmp_path: Path, fake: FakeGeminiApi, **sections: dict[str, Any]) -> Config:
-    base = {
+def gemini_sections(tmp_path: Path, base_url: str) -> dict[str, dict[str, Any]]:
+    """A config on the gemini-api backend at ``base_url``: tmp_path/app.db, 8 dimensions, short retries, no key
+    (give one: ``api_key_file``, or a systemd credential). Merge the test's own keys over it."""
+    return {
         "database": {"path": str(tmp_path / "app.db")},
-        "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
         "embedding": {"backend": "gemini-api", "dimensions": 8},
-        "gemini_api": {"api_key_file": str(write_key(tmp_path)), "base_url": fake.url, "request_timeout": "10s",
-                       "retry_backoff": "5ms", "retry_deadline": "2s"},
+        "gemini_api": {"base_url": base_url, "request_timeout": "10s", "retry_backoff": "10ms",
+                       "retry_deadline": "2s"},
     }
+
+
+def gemini_config(tmp_path: Path, fake: FakeGeminiApi, **sections: dict[str, Any]) -> Config:
+    base = merge(gemini_sections(tmp_path, fake.url), {
+        "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
+        "gemini_api": {"api_key_file": str(write_key(tmp_path)), "retry_backoff": "5ms"},
+    })
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 

@@ -33,11 +33,22 @@ def start_gcs(bucket: str) -> GCSEmulator:
     return emu
 
 
-def vertex_settings(fake: FakeVertex, *, bucket: str = BUCKET, project: str = PROJECT,
-                    location: str = LOCATION) -> dict[str, Any]:
-    """The [vertex] section that points VertexBackend at the fakes."""
-    return {"project": project, "location": location, "staging_uri": f"gs://{bucket}/stage",
-            "api_endpoint": fake.url, "credentials": "anonymous"}
+def vertex_settings(endpoint: str, *, bucket: str = BUCKET, project: str = PROJECT, location: str = LOCATION,
+                    folder: str = "stage") -> dict[str, Any]:
+    """The [vertex] section that points VertexBackend at the fakes (the fake JobService at ``endpoint``)."""
+    return {"project": project, "location": location, "staging_uri": f"gs://{bucket}/{folder}",
+            "api_endpoint": endpoint, "credentials": "anonymous"}
+
+
+def vertex_sections(tmp_path: Path, endpoint: str, **settings: Any) -> dict[str, dict[str, Any]]:
+    """A config on the Vertex backend and the fakes: tmp_path/app.db, text-embedding-005 at 8 dimensions,
+    short retries; ``settings`` as for :func:`vertex_settings`. Merge the test's own keys over it."""
+    return {
+        "database": {"path": str(tmp_path / "app.db")},
+        "embedding": {"backend": "vertex", "model": "text-embedding-005", "dimensions": 8},
+        "vertex": {**vertex_settings(endpoint, **settings), "request_timeout": "10s", "retry_backoff": "10ms",
+                   "retry_deadline": "2s"},
+    }
 
 
 class VertexServices:
@@ -63,7 +74,7 @@ class VertexServices:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return vertex_settings(self.fake, bucket=self.bucket, project=self.project, location=self.location)
+        return vertex_settings(self.fake.url, bucket=self.bucket, project=self.project, location=self.location)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +94,10 @@ def fake_vertex(gcs: GCSEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[F
 
 
 def vertex_config(tmp_path: Path, fake: FakeVertex, **sections: dict[str, Any]) -> Config:
-    base = {
-        "database": {"path": str(tmp_path / "app.db")},
+    base = merge(vertex_sections(tmp_path, fake.url), {
         "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
-        "embedding": {"backend": "vertex", "model": "text-embedding-005", "dimensions": 8},
-        "vertex": {**vertex_settings(fake), "request_timeout": "10s", "retry_backoff": "5ms", "retry_deadline": "3s"},
-    }
+        "vertex": {"retry_backoff": "5ms", "retry_deadline": "3s"},
+    })
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 
