@@ -62,39 +62,64 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
     return make
 
 
+class World:
+    """One configured batchd in this process: the config, its store (a real SQLite file), the backend
+    ``make_backend`` builds for the config, and a BatchManager on the injected clock."""
+
+    def __init__(self, config: Config, clock: Clock):
+        from batchd.backends import make_backend
+
+        self.config = config
+        self.clock = clock
+        self.store = Store.open(config)
+        self.backend = make_backend(config, self.store.instance_id)
+        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
+
+    def app_connect(self) -> Any:
+        """The application's own connection: same SQLite library as batchd (see Store.sqlite_module),
+        but WITHOUT sqlite-vec loaded, as a typical app has it."""
+        return self.store.sqlite_module.connect(self.config.database.path)
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)  # the backends with HTTP sessions release them
+        if close is not None:
+            close()
+        self.store.close()
+
+
 @pytest.fixture
-def world(make_config: Callable[..., Config], clock: Clock, tmp_path: Path) -> Callable[..., Any]:
-    """Build (config, store, backend, manager) on the test backend; closes the stores at teardown."""
-    from batchd.backends import make_backend
+def worlds() -> Iterator[list[World]]:
+    """The worlds a test builds (append each one): closed at its end."""
+    made: list[World] = []
+    yield made
+    for w in made:
+        w.close()
 
-    opened: list[Store] = []
 
-    class World:
-        def __init__(self, config: Config):
-            self.config = config
-            self.store = Store.open(config)
-            opened.append(self.store)
-            self.backend = make_backend(config, self.store.instance_id)
-            self.manager = BatchManager(self.store, self.backend, config, clock=clock)
-            self.clock = clock
-            self.dir = tmp_path / "testbackend"
+class ScriptedWorld(World):
+    """A world on the file-backed test backend, whose knobs are files in ``dir``."""
 
-        def app_connect(self) -> Any:
-            """The application's own connection: same SQLite library as batchd (see Store.sqlite_module),
-            but WITHOUT sqlite-vec loaded, as a typical app has it."""
-            return self.store.sqlite_module.connect(self.config.database.path)
+    def __init__(self, config: Config, clock: Clock, folder: Path):
+        super().__init__(config, clock)
+        self.dir = folder
 
-        def knobs(self, **knobs: Any) -> None:
-            from tests.fakes.membackend import set_knobs
+    def knobs(self, **knobs: Any) -> None:
+        from tests.fakes.membackend import set_knobs
 
-            set_knobs(self.dir, **knobs)
+        set_knobs(self.dir, **knobs)
 
-    def build(**sections: dict[str, Any]) -> World:
-        return World(make_config(**sections))
 
-    yield build
-    for s in opened:
-        s.close()
+@pytest.fixture
+def world(make_config: Callable[..., Config], clock: Clock, tmp_path: Path,
+          worlds: list[World]) -> Callable[..., ScriptedWorld]:
+    """Build (config, store, backend, manager) on the test backend; closed at teardown."""
+
+    def build(**sections: dict[str, Any]) -> ScriptedWorld:
+        w = ScriptedWorld(make_config(**sections), clock, tmp_path / "testbackend")
+        worlds.append(w)
+        return w
+
+    return build
 
 
 @pytest.fixture

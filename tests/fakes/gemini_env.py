@@ -12,11 +12,8 @@ from typing import Any
 
 import pytest
 
-from batchd.backends.gemini_api import GeminiApiBackend
 from batchd.config import Config, from_dict
-from batchd.manager import BatchManager
-from batchd.store import Store
-from tests.conftest import Clock, merge
+from tests.conftest import Clock, World, merge
 from tests.fakes.fake_gemini_api import API_KEY, FakeGeminiApi
 
 
@@ -52,26 +49,20 @@ def gemini_config(tmp_path: Path, fake: FakeGeminiApi, **sections: dict[str, Any
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 
-class GeminiWorld:
+class GeminiWorld(World):
+    """A world on the REAL GeminiApiBackend, talking to ``fake``."""
+
     def __init__(self, config: Config, clock: Clock, fake: FakeGeminiApi):
-        self.config = config
-        self.clock = clock
+        super().__init__(config, clock)
         self.fake = fake
-        self.store = Store.open(config)
-        self.backend = GeminiApiBackend(config, self.store.instance_id)
-        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
 
 
 @pytest.fixture
-def gworld(tmp_path: Path, clock: Clock, fake_gemini: FakeGeminiApi) -> Iterator[Callable[..., GeminiWorld]]:
-    made: list[GeminiWorld] = []
-
+def gworld(tmp_path: Path, clock: Clock, fake_gemini: FakeGeminiApi,
+           worlds: list[World]) -> Callable[..., GeminiWorld]:
     def make(**sections: dict[str, Any]) -> GeminiWorld:
         w = GeminiWorld(gemini_config(tmp_path, fake_gemini, **sections), clock, fake_gemini)
-        made.append(w)
+        worlds.append(w)
         return w
 
-    yield make
-    for w in made:
-        w.backend.close()
-        w.store.close()
+    return make

@@ -14,11 +14,8 @@ from typing import Any
 
 import pytest
 
-from batchd.backends.vertex import VertexBackend
 from batchd.config import Config, from_dict
-from batchd.manager import BatchManager
-from batchd.store import Store
-from tests.conftest import Clock, merge
+from tests.conftest import Clock, World, merge
 from tests.fakes.fake_vertex import FakeVertex
 from tests.fakes.gcs import GCSEmulator
 
@@ -101,15 +98,13 @@ def vertex_config(tmp_path: Path, fake: FakeVertex, **sections: dict[str, Any]) 
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 
-class VertexWorld:
+class VertexWorld(World):
+    """A world on the REAL VertexBackend, talking to ``fake`` and the storage emulator ``gcs``."""
+
     def __init__(self, config: Config, clock: Clock, fake: FakeVertex, gcs: GCSEmulator):
-        self.config = config
-        self.clock = clock
+        super().__init__(config, clock)
         self.fake = fake
         self.gcs = gcs
-        self.store = Store.open(config)
-        self.backend = VertexBackend(config, self.store.instance_id)
-        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
 
     def staged(self, batch_id: int, name: str = "input.jsonl") -> bytes:
         return self.gcs.read(BUCKET, self.backend.batch_prefix(batch_id) + name)
@@ -119,14 +114,11 @@ class VertexWorld:
 
 
 @pytest.fixture
-def vworld(tmp_path: Path, clock: Clock, fake_vertex: FakeVertex, gcs: GCSEmulator) -> Iterator[Callable[..., VertexWorld]]:
-    made: list[VertexWorld] = []
-
+def vworld(tmp_path: Path, clock: Clock, fake_vertex: FakeVertex, gcs: GCSEmulator,
+           worlds: list[World]) -> Callable[..., VertexWorld]:
     def make(**sections: dict[str, Any]) -> VertexWorld:
         w = VertexWorld(vertex_config(tmp_path, fake_vertex, **sections), clock, fake_vertex, gcs)
-        made.append(w)
+        worlds.append(w)
         return w
 
-    yield make
-    for w in made:
-        w.store.close()
+    return make
