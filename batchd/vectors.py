@@ -54,14 +54,22 @@ def fit_vector(values: Sequence[Any], dimensions: int, *, renormalise: bool = Fa
         vec = array("f", vals)
     except OverflowError:
         raise VectorError("embedding values are not finite") from None
-    # The norm is finite exactly when every value is (1e39 became inf; float32 squares cannot overflow a double).
-    norm = math.hypot(*vec)
-    if not math.isfinite(norm):
-        raise VectorError("embedding values are not finite")
-    if norm == 0.0:
-        raise VectorError("vector has zero length (norm 0)")
     if cut or renormalise:
+        # The norm is finite exactly when every value is (1e39 became inf; float32 squares cannot overflow a
+        # double).
+        norm = math.hypot(*vec)
+        if not math.isfinite(norm):
+            raise VectorError("embedding values are not finite")
+        if norm == 0.0:
+            raise VectorError("vector has zero length (norm 0)")
         vec = array("f", map(operator.truediv, vec, repeat(norm, len(vec))))
+    else:
+        # The same two checks without the norm (half the cost on the hot path): a float32 sum of finite values
+        # cannot overflow a double, so the sum is finite exactly when every value is; all zero is any() False.
+        if not math.isfinite(sum(vec)):
+            raise VectorError("embedding values are not finite")
+        if not any(vec):
+            raise VectorError("vector has zero length (norm 0)")
     if sys.byteorder != "little":  # pragma: no cover - sqlite-vec blobs are little-endian
         vec.byteswap()
     return vec.tobytes(), cut

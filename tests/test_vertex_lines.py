@@ -4,6 +4,7 @@ the UNCONFIRMED variants and broken lines."""
 from __future__ import annotations
 
 import math
+import re
 from array import array
 
 import orjson
@@ -186,3 +187,25 @@ def test_input_lines() -> None:
     assert orjson.loads(raw) == {"key": "k1", "request": {
         "content": {"parts": [{"text": item.text}]},
         "embed_content_config": {"task_type": "RETRIEVAL_DOCUMENT", "output_dimensionality": DIMS}}}
+
+
+@pytest.mark.parametrize("values, error", [
+    ([math.nan, 1.0, 1.0, 1.0], "embedding values are not finite"),
+    ([1.0, math.inf, 1.0, 1.0], "embedding values are not finite"),
+    ([math.inf, -math.inf, 0.0, 0.0], "embedding values are not finite"),  # sums to nan, not to 0
+    ([3.4e38, 3.4e38, 3.4e38, 3.4e38], None),  # huge but finite float32: the sum must not overflow
+    ([0.0, -0.0, 0.0, 0.0], "vector has zero length (norm 0)"),
+    ([1e-45, 0.0, 0.0, 0.0], None),  # the smallest float32 subnormal is not zero
+])
+@pytest.mark.parametrize("renormalise", [False, True])
+def test_fit_vector_non_finite_and_zero_on_both_paths(values: list, error: str | None, renormalise: bool) -> None:
+    """A local model (numpy) can hand over NaN and infinities that JSON cannot carry; the fast path without a
+    norm (exact-length, not renormalised) must refuse exactly what the norm path refuses."""
+    from batchd.vectors import VectorError, fit_vector
+
+    if error is None:
+        blob, cut = fit_vector(values, 4, renormalise=renormalise)
+        assert len(blob) == 16 and not cut
+    else:
+        with pytest.raises(VectorError, match=re.escape(error)):
+            fit_vector(values, 4, renormalise=renormalise)

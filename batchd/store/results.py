@@ -201,6 +201,9 @@ class ResultsMixin(StoreBase):
         c.execute("ATTACH DATABASE ? AS batchd_spool", (str(spool.path),))
         try:
             c.execute("PRAGMA batchd_spool.journal_mode = OFF")
+            # The spool was written without fsync; the attached schema's default (FULL) would make the first
+            # write here fsync its whole file (~0.4 s per 100 MB) for a cache that is never a record.
+            c.execute("PRAGMA batchd_spool.synchronous = OFF")
             c.execute("PRAGMA batchd_spool.cache_size = -32768")
             c.execute("DELETE FROM batchd_spool.plan")
             # Reads the shared database (a WAL snapshot, no write lock) and writes only the spool.
