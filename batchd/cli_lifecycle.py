@@ -19,7 +19,7 @@ import structlog
 
 from batchd.backends import Backend, Checkable, make_backend
 from batchd.cli import EX_CONFIG, EX_TEMPFAIL, App, fail, fail_store, pass_app
-from batchd.config import Config, ConfigError, format_duration, vertex_missing
+from batchd.config import Config, ConfigError, format_duration
 from batchd.errors import one_line
 from batchd.store import Busy, Store, StoreError, lock_path
 
@@ -80,18 +80,17 @@ def check(app: App, live: bool, timeout: str, keep: bool, poll: str) -> None:
     elif not found:
         click.echo("ok    schema up to date (nothing to create or migrate)")
     problems += _check_service_files(cfg)
-    if cfg.embedding.backend == "vertex":
-        missing = vertex_missing(cfg)
-        for line in missing:
-            click.echo(f"FAIL  vertex: {line}")
-        if missing:  # the backend cannot even be built without them
-            sys.exit(1)
     try:
         backend = make_backend(cfg, ins.instance_id or "")
     except ConfigError as e:
         fail(f"config error: {e}", EX_CONFIG)
     except Exception as e:  # noqa: BLE001
         click.echo(f"FAIL  backend {cfg.embedding.backend}: {one_line(e)}")
+        sys.exit(1)
+    missing = getattr(backend, "missing_settings", ())  # the backend says what it cannot work without
+    for line in missing:
+        click.echo(f"FAIL  {cfg.embedding.backend}: {line}")
+    if missing:  # nothing below could work without them
         sys.exit(1)
     click.echo(f"ok    backend {cfg.embedding.backend} constructed ({cfg.embedding.model}, {cfg.embedding.dimensions} dims)")
     if isinstance(backend, Checkable):

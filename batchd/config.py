@@ -44,6 +44,7 @@ CLASSIC_MODELS = _models.CLASSIC_MODELS
 CLASSIC_MAX_ROWS = _models.CLASSIC.max_rows
 GEMINI_MAX_ROWS = _models.GEMINI.max_rows
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_PARSE_WORKERS = 16
 BACKENDS = ("vertex", "gemini-api", "local")
 # [embedding] keys whose default depends on the backend, used when the file does not set them.
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -180,6 +181,9 @@ LocalConfig = LocalSettings
 @dataclass(frozen=True)
 class DaemonConfig:
     log_level: str = "info"
+    # Processes that parse a finished job's output beside the download (batchd.parse_pool): "auto" (up to 2, for
+    # batches of 5,000 texts or more, on 2+ CPUs), or a number; 0 parses in the daemon's own process.
+    parse_workers: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -362,7 +366,7 @@ def _coerce(typ: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(source, key, f"expected a string, got {_tname(value)}")
         return value
-    if isinstance(typ, types.UnionType):  # pragma: no cover - no such keys yet
+    if isinstance(typ, types.UnionType):  # checked by _validate (daemon.parse_workers)
         return value
     raise AssertionError(f"unhandled config type {typ!r} for {key}")
 
@@ -422,6 +426,10 @@ def _validate(cfg: Config) -> None:
 
     if cfg.daemon.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(src, "daemon.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    pw = cfg.daemon.parse_workers
+    if pw != "auto" and (isinstance(pw, bool) or not isinstance(pw, int) or not 0 <= pw <= MAX_PARSE_WORKERS):
+        raise ConfigError(src, "daemon.parse_workers",
+                          f'must be "auto" or a whole number from 0 to {MAX_PARSE_WORKERS}, got {pw!r}')
 
     if q.max_batch_characters < 0:
         raise ConfigError(src, "queue.max_batch_characters", "must be 0 (no limit) or more")
@@ -460,8 +468,3 @@ def _validate_gemini_api(cfg: Config) -> None:
         raise ConfigError(src, "embedding.dimensions",
                           f"{emb.dimensions} is more than the {family.default_dimensions} dimensions {emb.model} "
                           f"produces")
-
-
-def vertex_missing(cfg: Config) -> list[str]:
-    """Keys the Vertex backend needs that are not set, as human lines (for `batchd check`)."""
-    return cfg.vertex.missing()

@@ -17,16 +17,18 @@ that ran real jobs, reviewed 2026-11):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from batchd.backends import JobInfo, JobState, PermanentError, ResultLine
+from batchd.backends import JobInfo, JobState, PermanentError, RawResults, ResultLine
 from batchd.config import format_duration
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
+from batchd.parse_pool import ParsePool, worker_count
 from batchd.progress import Activity, ReadProgress, computes_results
 from batchd.store import ApplyCounts, parse_iso
 from batchd.summary import SyncSummary
@@ -112,9 +114,10 @@ class JobEndings(_Base):
         read = ReadProgress(Activity(batch_id, self.store.batch_text_count(batch_id),
                                      "embedding" if computes_results(self.backend) else "reading"),
                             self.on_activity, self.progress)
-        with self.store.open_spool(batch_id) as spool:
+        with self.store.open_spool(batch_id) as spool, contextlib.ExitStack() as workers:
             try:
-                for chunk in _slices(read.count(self.backend.results(job, progress=read.tick)), RESULT_SLICE):
+                source = self._result_lines(job, read, workers)
+                for chunk in _slices(read.count(source), RESULT_SLICE):
                     spool.add(chunk)
                     lines += len(chunk)
                     read.report()
@@ -154,6 +157,22 @@ class JobEndings(_Base):
         if unmatched:
             log.warning("job.output_unmatched", batch_id=batch_id, google_job_id=job, lines=unmatched)
         return lines
+
+    def _result_lines(self, job: str, read: ReadProgress, workers: contextlib.ExitStack) -> Iterator[ResultLine]:
+        """The job's parsed lines: from parse worker processes fed the raw output (a RawResults backend, a batch
+        big enough; see batchd.parse_pool), else from the backend's own ``results``. The workers are closed
+        with ``workers``."""
+        n = worker_count(self.config.daemon.parse_workers, read.act.total or 0)
+        if not n or not isinstance(self.backend, RawResults):
+            return self.backend.results(job, progress=read.tick)
+
+        def malformed(file: str, line: int) -> None:
+            log.warning("job.output_malformed", google_job_id=job, file=file, line=line)
+
+        pool = workers.enter_context(ParsePool(self.backend.line_parser(), n, wait=self.progress,
+                                               on_malformed=malformed))
+        log.info("job.parse_workers", google_job_id=job, workers=n)
+        return pool.lines(self.backend.result_files(job, progress=read.tick))
 
     def _apply_spool(self, batch_id: int, spool: Any, summary: SyncSummary) -> ApplyCounts:
         def on_slice(applied: int) -> None:

@@ -61,14 +61,17 @@ def computes_results(backend: Any) -> bool:
 class ReadProgress:
     """Follows one batch's read of results for the manager: counts the lines as the backend produces them
     (:meth:`tick`, its ``progress`` callback) and as they are consumed (:meth:`count`), reports the
-    :class:`Activity` to ``on_activity`` and a ``batch.progress`` info event every EVENT_EVERY backend slices."""
+    :class:`Activity` to ``on_activity`` and a ``batch.progress`` info event every EVENT_EVERY backend slices,
+    at most one per EVENT_MIN_SECONDS."""
 
     EVENT_EVERY = 5
+    EVENT_MIN_SECONDS = 5.0  # and never more often: a raw download ticks per 256 KiB block (hundreds per job)
 
     def __init__(self, act: Activity, on_activity: Callable[[Activity], None] | None, progress: Callable[[], None]):
         self.act = act
         self.on_activity = on_activity
         self.progress = progress
+        self._last_event: float | None = None
         self.report()
 
     def tick(self, produced: int | None = None) -> None:
@@ -80,7 +83,12 @@ class ReadProgress:
         if act.base is None:
             act.base = (time.monotonic(), act.done)
         act.slices += 1
-        self.report(event=act.slices % self.EVENT_EVERY == 0)
+        now = time.monotonic()
+        event = act.slices % self.EVENT_EVERY == 0 and (
+            self._last_event is None or now - self._last_event >= self.EVENT_MIN_SECONDS)
+        if event:
+            self._last_event = now
+        self.report(event=event)
         self.progress()
 
     def count(self, lines: Iterable[T]) -> Iterator[T]:

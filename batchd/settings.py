@@ -22,4 +22,12 @@ class SettingError(ValueError):
         self.key, self.reason = key, reason
 
 
-__all__ = ["Duration", "SettingError"]
+def check_backoff(backoff: float, deadline: float, section: str) -> None:
+    """The retry settings both batch services' backends have (``retry_backoff``, the first wait after a 429/5xx,
+    doubling; ``retry_deadline``, when to give up one call): raise SettingError when the first wait alone is
+    longer than the whole deadline."""
+    if backoff > deadline:
+        raise SettingError("retry_backoff", f"{backoff:g}s is longer than {section}.retry_deadline ({deadline:g}s)")
+
+
+__all__ = ["Duration", "SettingError", "check_backoff"]

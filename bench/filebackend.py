@@ -3,7 +3,8 @@
 Used by the benchmark to drive ``BatchManager.sync_status()`` over local files, so the sync figure measures
 batchd's own apply path (parse, match, write) without any network in the way. A job name is a folder path;
 every ``*.jsonl`` in it is streamed line by line and parsed by :class:`batchd.backends.vertex_lines.LineFormat`,
-the parser VertexBackend uses.
+the parser VertexBackend uses — or, as VertexBackend does for big jobs, handed over as raw blocks
+(``RawResults``) to batchd's parse workers.
 Load it through the plugin hook: ``[embedding] backend = "bench.filebackend:FilesBackend"``.
 """
 
@@ -17,6 +18,7 @@ from batchd.backends import Item, JobInfo, JobState, Progress, ResultLine
 from batchd.backends.vertex_lines import LineFormat
 
 PROGRESS_LINES = 500
+RAW_BLOCK = 256 * 1024
 
 
 def _noop() -> None:
@@ -55,3 +57,19 @@ class FilesBackend:
                     if line is not None:
                         yield line
         progress()
+
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterator[bytes]]]:
+        """RawResults: the same files as raw 256 KiB blocks, parsed by batchd's parse workers."""
+        for path in sorted(Path(job_name).glob("*.jsonl")):
+            yield path.name, _blocks(path, progress)
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        return "batchd.backends.vertex_lines:LineFormat", {
+            "model": self.lines.model, "task_type": self.lines.task_type, "dimensions": self.lines.dimensions}
+
+
+def _blocks(path: Path, progress: Progress) -> Iterator[bytes]:
+    with path.open("rb", buffering=0) as f:
+        while block := f.read(RAW_BLOCK):
+            progress()
+            yield block

@@ -151,9 +151,11 @@ def _import_google() -> dict[str, float]:
 def download(db: str, vertex: dict[str, Any], bucket: str, prefix: str) -> dict[str, Any]:
     """Read every output file of a job from the storage emulator the way VertexBackend does (its block
     reader), without splitting or parsing: what the network side of a sync costs here."""
+    from batchd.backends import BackendContext
     from batchd.backends.vertex import VertexBackend
 
-    backend = VertexBackend(_config(db, vertex), "bench")
+    cfg = _config(db, vertex)
+    backend = VertexBackend(cfg.vertex, BackendContext.of(cfg, "bench"))
     _import_google()
     started = time.perf_counter()
     total = 0

@@ -230,3 +230,17 @@ def test_a_plugin_backend_owns_its_section(tmp_path):
     assert cli("--config", str(p), "enqueue", input='{"text": "x"}\n').returncode == 0
     assert cli("--config", str(p), "flush", "--force").returncode == 0
     assert len(list(jobs.glob("job-1-*.json"))) == 1
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), (0, True), (2, True), (16, True), (17, False), (-1, False),
+                                       ("two", False), (True, False), (1.5, False)])
+def test_parse_workers_is_auto_or_a_small_whole_number(tmp_path, value, ok) -> None:
+    from batchd.config import ConfigError, from_dict
+
+    data = {"database": {"path": str(tmp_path / "a.db")}, "embedding": {"backend": "local", "dimensions": 384},
+            "daemon": {"parse_workers": value}}
+    if ok:
+        assert from_dict(data, source="f.toml").daemon.parse_workers == value
+    else:
+        with pytest.raises(ConfigError, match=r"f.toml: daemon.parse_workers: must be \"auto\" or a whole number"):
+            from_dict(data, source="f.toml")

@@ -297,6 +297,35 @@ def test_sigterm_mid_sync_exits_0_and_the_next_run_finishes(tmp_path, batchd_env
     assert counts(tmp_path / "app.db") == {"pending": 0, "running": 0, "ready": n, "failed": 0}
 
 
+def test_sigterm_while_parse_workers_spool_exits_0_leaves_no_worker_and_nothing_half_applied(
+        tmp_path, batchd_env, notify, daemons):
+    """Issue 15: SIGTERM during the spool phase with parse worker processes: the daemon stops within seconds,
+    its workers are gone, no vector was applied (a spool is never applied in part), the next run finishes."""
+    from tests.test_parse_pool import workers_of
+
+    cfg = daemon_config(tmp_path, daemon={"parse_workers": 2},
+                        embedding={"backend": "tests.fakes.membackend:RawScriptedBackend"})
+    folder = tmp_path / "testbackend"
+    n = 400
+    enqueue(cfg, batchd_env, texts("w", n))
+    set_knobs(folder, result_delay=0.02)  # 400 lines take 8 s to download; progress every 50 lines
+    d = daemons(cfg, batchd_env, notify=notify)
+    d.wait_event("job.parse_workers", workers=2)
+    wait_until(lambda: len(workers_of(d.proc.pid)) == 2, what="two parse workers under the daemon")
+    workers = workers_of(d.proc.pid)
+    d.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert d.finish() == 0
+    assert time.monotonic() - t0 < 10
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "a parse worker outlived the daemon"
+    assert counts(tmp_path / "app.db") == {"pending": 0, "running": n, "ready": 0, "failed": 0}
+    set_knobs(folder)
+    nxt = daemons(cfg, batchd_env, "--until-idle", "--poll", "0.2s")
+    assert nxt.finish(timeout=60) == 0, nxt.tail()
+    assert counts(tmp_path / "app.db") == {"pending": 0, "running": 0, "ready": n, "failed": 0}
+    assert not list(tmp_path.glob("app.db-batchd-spool-*"))
+
+
 def test_second_signal_exits_at_once(tmp_path, batchd_env, daemons):
     cfg = daemon_config(tmp_path)
     enqueue(cfg, batchd_env, texts("k", 3))
@@ -401,7 +430,7 @@ def test_bad_config_exits_78_with_one_line(tmp_path, batchd_env):
     (line,) = r.stdout.decode().splitlines()
     event = json.loads(line)
     assert event["event"] == "config.invalid" and event["level"] == "error"
-    assert event["error"].endswith("daemon.log_levle: unknown key (expected one of: log_level)"), event
+    assert event["error"].endswith("daemon.log_levle: unknown key (expected one of: log_level, parse_workers)"), event
 
 
 def test_until_idle_with_nothing_to_do_exits_0(tmp_path, batchd_env):

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchd.backends import Item, make_backend
+from batchd.backends import BackendContext, Item, make_backend
 from batchd.backends.gemini_api import GeminiApiBackend, SetupError, resolve_api_key
 from batchd.backends.gemini_api_lines import GeminiApiLines
 from batchd.config import ConfigError, from_dict, load
@@ -74,9 +74,9 @@ def test_input_line_is_flat_and_keyed() -> None:
 
 def test_input_file_names_fit_the_files_api(tmp_path: Path) -> None:
     cfg = from_dict({"database": {"path": str(tmp_path / "a.db")}, "embedding": {"backend": "gemini-api"}})
-    b = GeminiApiBackend(cfg, "0a1b2c3d4e5f")
+    b = GeminiApiBackend(cfg.gemini_api, BackendContext.of(cfg, "0a1b2c3d4e5f"))
     assert b.input_file(7) == "files/batchd-0a1b2c3d4e5f-7" and b.display_name(7) == "batchd-0a1b2c3d4e5f-7"
-    long = GeminiApiBackend(cfg, "X" * 40).input_file(123456789)
+    long = GeminiApiBackend(cfg.gemini_api, BackendContext.of(cfg, "X" * 40)).input_file(123456789)
     ident = long.removeprefix("files/")
     assert len(ident) <= 40 and ident == ident.lower() and not ident.startswith("-")
 

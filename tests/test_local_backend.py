@@ -98,7 +98,7 @@ def test_a_config_naming_only_the_local_backend_is_accepted(tmp_path: Path, embe
     from batchd.config import from_dict
 
     cfg = from_dict({"database": {"path": str(tmp_path / "a.db")}, "embedding": embedding})
-    backend = LocalBackend(cfg, "abc")
+    backend = make_backend(cfg, "abc")
     assert cfg.embedding.model == "all-MiniLM-L6-v2" and backend.model_dimensions == cfg.embedding.dimensions == 384
     assert cfg.queue.min_batch_size == 1 and cfg.queue.sync_interval == 5
 
@@ -106,7 +106,7 @@ def test_a_config_naming_only_the_local_backend_is_accepted(tmp_path: Path, embe
 def test_dimensions_that_do_not_match_the_model_are_a_config_error(make_config: Callable[..., Config]) -> None:
     cfg = make_config(embedding={"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 768})
     with pytest.raises(ConfigError) as e:
-        LocalBackend(cfg, "abc")
+        make_backend(cfg, "abc")
     assert e.value.key == "embedding.dimensions"
     assert "768" in str(e.value) and "384" in str(e.value)
 
@@ -114,7 +114,7 @@ def test_dimensions_that_do_not_match_the_model_are_a_config_error(make_config: 
 def test_embedding_model_left_at_a_vertex_model_is_a_config_error(make_config: Callable[..., Config]) -> None:
     cfg = make_config(embedding={"backend": "local", "model": "text-embedding-005", "dimensions": 384})
     with pytest.raises(ConfigError) as e:
-        LocalBackend(cfg, "abc")
+        make_backend(cfg, "abc")
     assert e.value.key == "embedding.model" and "all-MiniLM-L6-v2" in str(e.value)
 
 
@@ -122,7 +122,7 @@ def test_a_model_that_is_not_on_this_machine_is_a_config_error(make_config: Call
     cfg = make_config(embedding={"backend": "local", "model": "x", "dimensions": 384},
                       local={"model": "no-such-org/no-such-model-anywhere"})
     with pytest.raises(ConfigError) as e:
-        LocalBackend(cfg, "abc")
+        make_backend(cfg, "abc")
     assert e.value.key == "local.model" and "no-such-model-anywhere" in str(e.value)
 
 
@@ -130,7 +130,7 @@ def test_a_folder_that_is_not_a_model_is_a_config_error(make_config: Callable[..
     cfg = make_config(embedding={"backend": "local", "model": "x", "dimensions": 384},
                       local={"model": str(tmp_path)})
     with pytest.raises(ConfigError, match="not a sentence-transformers model folder"):
-        LocalBackend(cfg, "abc")
+        make_backend(cfg, "abc")
 
 
 def test_job_files_lifecycle(local: Callable[..., Any]) -> None:

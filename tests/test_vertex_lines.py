@@ -209,3 +209,28 @@ def test_fit_vector_non_finite_and_zero_on_both_paths(values: list, error: str |
     else:
         with pytest.raises(VectorError, match=re.escape(error)):
             fit_vector(values, 4, renormalise=renormalise)
+
+
+@pytest.mark.parametrize("values", [
+    [0.5, True, 0.5, 0.5], [0.5, 0.5, 0.5, False], [0.5, 0.5, 0.5, "0.5"], [0.5, [0.5], 0.5, 0.5],
+    [0.5, 0.5, 0.5, {"v": 1}],
+])
+@pytest.mark.parametrize("extra", [[], [0.5, True], [0.5, "x"]])  # equal length, and cut from 6 to 4
+def test_fit_vector_refuses_every_non_number_even_in_a_cut_tail(values: list, extra: list) -> None:
+    """The cheap check (the float32 bit patterns a bool can become) must never let a bool through; a cut
+    vector's dropped values are checked too."""
+    from batchd.vectors import VectorError, fit_vector
+
+    with pytest.raises(VectorError, match="not numbers"):
+        fit_vector(values + extra, 4)
+    if extra and any(not isinstance(v, float) for v in extra):
+        with pytest.raises(VectorError, match="not numbers"):
+            fit_vector([0.5, 0.5, 0.5, 0.5] + extra, 4)
+
+
+def test_fit_vector_keeps_exact_ones_zeros_and_integers() -> None:
+    """1.0, 0.0 and JSON integers (proto3 JSON writes 0 for a zero float) are numbers: the slow check passes."""
+    from batchd.vectors import fit_vector
+
+    blob, cut = fit_vector([1.0, 0.0, 0, 1], 4)
+    assert blob == array("f", [1.0, 0.0, 0.0, 1.0]).tobytes() and not cut

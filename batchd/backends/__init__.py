@@ -8,6 +8,11 @@ in the manager, once. Concrete backends import only this module.
 Every method may raise :class:`BackendError`. :class:`PermanentError` means
 "retrying the same call will not help" (a 400/403/404, a model that does not
 exist); any other exception is treated as transient and retried later.
+
+A built-in backend is constructed from its own settings (the frozen dataclass of its section, e.g.
+``[vertex]``) and a :class:`BackendContext` (the few facts from the rest of the config it uses), never from the
+whole ``Config``; :func:`make_backend` builds both, and runs whatever validation needs this machine's files
+(the local model) before constructing, so a constructor never raises ConfigError.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import enum
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from batchd.errors import BatchdError
@@ -43,6 +49,20 @@ class JobState(enum.Enum):
     @property
     def terminal(self) -> bool:
         return self in _TERMINAL
+
+    @classmethod
+    def named(cls, value: object, *prefixes: str) -> JobState:
+        """A service's job state (its client's enum member, or the name) as one of these: the first of
+        ``prefixes`` it starts with removed (``JOB_STATE_RUNNING`` -> RUNNING); UNKNOWN for a name not here."""
+        name = getattr(value, "name", None) or str(value or "")
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                name = name.removeprefix(prefix)
+                break
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.UNKNOWN
 
     @property
     def has_results(self) -> bool:
@@ -127,6 +147,42 @@ class PermanentError(BackendError):
     """A backend call failed in a way retrying will not fix (bad request, forbidden, no such model)."""
 
 
+class SetupError(BackendError):
+    """Settings or credentials are missing or unusable (no project, no API key, an unreadable key file).
+
+    Deliberately not a PermanentError: the operator fixes the setup and batches proceed, without their
+    chunks having burnt attempts meanwhile (they wait, PENDING, with this message on their batch).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """What a built-in backend knows of the configuration beyond its own section: nothing more than it uses.
+
+    ``model``, ``task_type`` and ``dimensions`` are ``[embedding]``'s (they make the content hashes, so every
+    backend must embed exactly this); ``database`` is the database file: the backend's own files live next to it
+    (:attr:`state_dir`) and are given its owner (``files.adopt``); ``source`` names the config file in messages.
+    """
+
+    instance_id: str
+    model: str
+    task_type: str
+    dimensions: int
+    database: str
+    source: str = "<config>"
+
+    @property
+    def state_dir(self) -> Path:
+        """Folder for a backend's own files (local jobs, temporary downloads): the database's folder."""
+        return Path(self.database).resolve().parent
+
+    @classmethod
+    def of(cls, config: Config, instance_id: str) -> BackendContext:
+        emb = config.embedding
+        return cls(instance_id=instance_id, model=emb.model, task_type=emb.task_type, dimensions=emb.dimensions,
+                   database=config.database.path, source=config.source)
+
+
 class Stopped(BaseException):
     """Raised by a progress callback to abandon a long operation at a safe boundary (shutdown).
 
@@ -151,6 +207,9 @@ def _noop(produced: int | None = None) -> None:
 @runtime_checkable
 class Backend(Protocol):
     """What the manager needs from an embedding service. Five calls, all idempotent or best effort.
+
+    Optional: ``missing_settings``, the settings it cannot work without that are not set, one human line each
+    (``batchd check`` prints each as a FAIL and exits 1; every call that needs them raises :class:`SetupError`).
 
     A new backend is accepted when it passes the contract suite, ``tests/contract/``: the same scenarios (lost
     create, failed lookup, timeout, bad final states, failed lines, shutdown mid-results, a broken result
@@ -185,6 +244,22 @@ class Backend(Protocol):
 
     def cancel(self, job_name: str) -> None:
         """Ask for the job to be cancelled. Best effort; never raises for a job already final."""
+
+
+@runtime_checkable
+class RawResults(Protocol):
+    """Optional: a backend whose output is lines of JSON hands over the raw bytes, and the manager parses them in
+    worker processes beside the download (:mod:`batchd.parse_pool`, ``daemon.parse_workers``). Without it, or
+    for small batches, :meth:`Backend.results` is used. Both must give the same lines: the contract suite
+    runs its scenarios through both paths for a backend that has this."""
+
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterable[bytes]]]:
+        """(name, its bytes in blocks) for every output file :meth:`Backend.results` would read, in order.
+        Reading may raise like ``results`` does (PermanentError for output that is gone)."""
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        """``("module:Class", kwargs)``: ``Class(**kwargs).parse(raw_line)`` gives the ResultLine ``results``
+        gives for that line (None: a line tied to no row), in another process. kwargs must be JSON."""
 
 
 @runtime_checkable
@@ -232,23 +307,30 @@ def plugin_settings(cls: type, config: Config) -> object:
 
 
 def make_backend(config: Config, instance_id: str) -> Backend:
-    """The only place that names concrete backends."""
+    """The only place that names concrete backends, and the one that loads them.
+
+    A built-in backend gets its own section's settings and a :class:`BackendContext`. What can only be validated
+    against this machine (the local model: installed, found, its dimensions) is checked here, before construction:
+    raises ConfigError naming the file, key and reason (exit 78). A plugin is constructed as
+    ``Class(config, instance_id)``, or ``Class(config, instance_id, settings)`` when it declares its own settings
+    (see :func:`plugin_settings`). Raises PermanentError for a backend that cannot be loaded.
+    """
     kind = config.embedding.backend
+    context = BackendContext.of(config, instance_id)
     if kind == "vertex":
         from batchd.backends.vertex import VertexBackend
 
-        return VertexBackend(config, instance_id)
+        return VertexBackend(config.vertex, context)
     if kind == "gemini-api":
         from batchd.backends.gemini_api import GeminiApiBackend
 
-        return GeminiApiBackend(config, instance_id)
+        return GeminiApiBackend(config.gemini_api, context)
     if kind == "local":
         from batchd.backends.local import LocalBackend
+        from batchd.backends.local_model import find_model
 
-        return LocalBackend(config, instance_id)
+        return LocalBackend(config.local, context, find_model(config.local, context))
     if ":" in kind:
-        # A third-party backend: "package.module:Class", constructed as Class(config, instance_id), or as
-        # Class(config, instance_id, settings) when it declares its own settings (see plugin_settings).
         import importlib
 
         module_name, _, attr = kind.partition(":")
@@ -264,6 +346,7 @@ def make_backend(config: Config, instance_id: str) -> Backend:
 
 __all__ = [
     "Backend",
+    "BackendContext",
     "BackendError",
     "CheckResult",
     "Checkable",
@@ -274,7 +357,9 @@ __all__ = [
     "PermanentError",
     "Progress",
     "QueryEmbedder",
+    "RawResults",
     "ResultLine",
+    "SetupError",
     "Stopped",
     "content_hash",
     "make_backend",

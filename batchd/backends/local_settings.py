@@ -1,5 +1,6 @@
 """The local backend's settings: the ``[local]`` section, built and validated by itself (the model is looked
-up, and its dimensions compared, when the backend is constructed: that reads files, which parsing never does)."""
+up, and its dimensions compared, by :func:`batchd.backends.local_model.find_model` when the backend is loaded:
+that reads files, which parsing never does)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from batchd.backends import (
+    BackendContext,
     BackendError,
     CheckResult,
     Item,
@@ -29,11 +30,11 @@ from batchd.backends import (
     PermanentError,
     Progress,
     ResultLine,
+    SetupError,
     _noop,
 )
 from batchd.backends.models import CLASSIC, family_of
 from batchd.backends.vertex_common import (
-    SetupError,
     load_credentials,
     make_retry,
     message,
@@ -41,12 +42,12 @@ from batchd.backends.vertex_common import (
     retryable,
 )
 from batchd.backends.vertex_lines import LineFormat, embedding_of
-from batchd.backends.vertex_storage import VertexStorage
+from batchd.backends.vertex_storage import RAW_BLOCK, VertexStorage
 from batchd.faults import crash_point
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import Config
+    from batchd.backends.vertex_settings import VertexSettings
 
 log = structlog.get_logger("batchd.vertex")
 
@@ -60,24 +61,28 @@ LABEL_BATCH = "batchd-batch"
 
 
 class VertexBackend:
-    """Embeds batches with Vertex AI batch prediction jobs. Clients are built on first use."""
+    """Embeds batches with Vertex AI batch prediction jobs. Clients are built on first use.
 
-    def __init__(self, config: Config, instance_id: str):
-        self.config = config
-        self.instance_id = instance_id
-        emb, vx = config.embedding, config.vertex
-        self.model, self.task_type, self.dimensions = emb.model, emb.task_type, emb.dimensions
+    Constructed from ``[vertex]`` and the context alone; settings it cannot work without (project, bucket) are
+    :attr:`missing_settings`: construction succeeds, ``check`` reports them, and every remote call raises
+    SetupError (batches wait, no attempt burnt, until the operator sets them).
+    """
+
+    def __init__(self, settings: VertexSettings, context: BackendContext):
+        self.settings, self.instance_id = settings, context.instance_id
+        self.model, self.task_type, self.dimensions = context.model, context.task_type, context.dimensions
+        self.missing_settings = tuple(settings.missing())  # the one place that asks; see _require_settings
         self.family = family_of(self.model)
         self.gemini = self.family.name == "gemini"
         self.lines = LineFormat(self.model, self.task_type, self.dimensions)
-        self.project, self.location = vx.project, vx.location
-        self.bucket_name = vx.bucket
-        self.root = "/".join(p for p in (vx.prefix, instance_id) if p)  # object prefix of this instance
-        self.timeout = float(vx.request_timeout)
+        self.project, self.location = settings.project, settings.location
+        self.bucket_name = settings.bucket
+        self.root = "/".join(p for p in (settings.prefix, self.instance_id) if p)  # object prefix of this instance
+        self.timeout = float(settings.request_timeout)
         self._jobs_client: Any = None
         self._predict_client: Any = None
         self._credentials: Any = None
-        self.gcs = VertexStorage(vx, self._creds)
+        self.gcs = VertexStorage(settings, self._creds)
 
     # ------------------------------------------------------------------ names
 
@@ -100,21 +105,19 @@ class VertexBackend:
     # ------------------------------------------------------------------ clients
 
     def _require_settings(self) -> None:
-        from batchd.config import vertex_missing
-
-        missing = vertex_missing(self.config)
-        if missing:
-            raise SetupError("; ".join(missing))
+        """Raise SetupError naming every key in :attr:`missing_settings` (one line, ``; `` between them)."""
+        if self.missing_settings:
+            raise SetupError("; ".join(self.missing_settings))
 
     def _creds(self) -> Any:
         if self._credentials is None:
-            self._credentials = load_credentials(self.config.vertex.credentials)
+            self._credentials = load_credentials(self.settings.credentials)
         return self._credentials
 
     def _client_options(self) -> tuple[str, Any]:
         from google.api_core.client_options import ClientOptions
 
-        endpoint = self.config.vertex.api_endpoint or f"{self.location}-aiplatform.googleapis.com"
+        endpoint = self.settings.api_endpoint or f"{self.location}-aiplatform.googleapis.com"
         # The REST transport keeps an explicit http:// scheme (emulators); gRPC cannot reach such a fake.
         return "rest", ClientOptions(api_endpoint=endpoint)
 
@@ -130,7 +133,7 @@ class VertexBackend:
         return self._jobs_client
 
     def _retry(self, *, create: bool = False) -> Any:
-        return make_retry(self.config.vertex, create=create)
+        return make_retry(self.settings, create=create)
 
     # ------------------------------------------------------------------ submit
 
@@ -204,7 +207,7 @@ class VertexBackend:
         if not found:
             return None
         bad = {JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.CANCELLING}
-        found.sort(key=lambda j: (_state(j.state) in bad, _ts(j.create_time)))
+        found.sort(key=lambda j: (JobState.named(j.state, "JOB_STATE_") in bad, _ts(j.create_time)))
         return str(found[0].name)
 
     def status(self, job_name: str) -> JobInfo:
@@ -212,7 +215,7 @@ class VertexBackend:
         stats = job.completion_stats
         output = job.output_info.gcs_output_directory or None
         return JobInfo(
-            name=job.name, state=_state(job.state),
+            name=job.name, state=JobState.named(job.state, "JOB_STATE_"),
             error=(job.error.message or f"code {job.error.code}") if job.error.code or job.error.message else None,
             succeeded=int(stats.successful_count) if stats else None,
             failed=int(stats.failed_count) if stats else None,
@@ -248,11 +251,41 @@ class VertexBackend:
         that ended FAILED, CANCELLED or EXPIRED still exports (and bills) the rows it completed. A line tied
         to no row is yielded with no keys (counted as unmatched by the caller).
         """
+        n = 0
+        for bucket, name in self._output_objects(job_name):
+            for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
+                n += 1
+                if n % PROGRESS_LINES == 0:
+                    progress()
+                if not raw.strip():
+                    continue
+                result = self.lines.parse(raw)
+                if result is None:
+                    log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
+                    result = ResultLine((), error=f"{name}:{lineno}: an output line tied to no row")
+                yield result
+        progress()
+
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterator[bytes]]]:
+        """The files :meth:`results` reads, as raw bytes in RAW_BLOCK pieces (ranged, resumable reads)."""
+        for bucket, name in self._output_objects(job_name):
+            yield name, self._blocks(bucket, name, progress)
+
+    def _blocks(self, bucket: str, name: str, progress: Progress) -> Iterator[bytes]:
+        for block in self.gcs.read_blocks(self.gcs.client.bucket(bucket).blob(name), RAW_BLOCK):
+            progress()
+            yield block
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        return "batchd.backends.vertex_lines:LineFormat", {
+            "model": self.model, "task_type": self.task_type, "dimensions": self.dimensions}
+
+    def _output_objects(self, job_name: str) -> Iterator[tuple[str, str]]:
+        """(bucket, object name) of every result file of the job, folder by folder (logged as found)."""
         job = self._get(job_name)
         folder = job.output_info.gcs_output_directory
         folders = [folder] if folder else \
             self.gcs.subfolders(job.output_config.gcs_destination.output_uri_prefix, "prediction-")
-        n = 0
         for folder in folders:
             files, skipped = self.gcs.list_output(folder)
             log.debug("job.output_files", google_job_id=job_name, folder=folder, files=[f for _, f in files],
@@ -260,19 +293,7 @@ class VertexBackend:
             if skipped:
                 log.info("job.output_skipped", google_job_id=job_name, folder=folder, objects=len(skipped),
                          first=skipped[0])
-            for bucket, name in files:
-                for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
-                    n += 1
-                    if n % PROGRESS_LINES == 0:
-                        progress()
-                    if not raw.strip():
-                        continue
-                    result = self.lines.parse(raw)
-                    if result is None:
-                        log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
-                        result = ResultLine((), error=f"{name}:{lineno}: an output line tied to no row")
-                    yield result
-        progress()
+            yield from files
 
     def output_files(self, job_name: str) -> list[str]:
         """gs:// URIs of the result files :meth:`results` reads (for ``check --live``)."""
@@ -286,7 +307,7 @@ class VertexBackend:
 
     def cleanup(self, batch_id: int, job_name: str) -> None:
         """Delete the batch's staged input and output objects (when vertex.cleanup). Idempotent."""
-        if not self.config.vertex.cleanup:
+        if not self.settings.cleanup:
             return
         self._require_settings()
         deleted = self.gcs.delete_prefix(self.batch_prefix(batch_id))
@@ -322,11 +343,10 @@ class VertexBackend:
 
     def check(self) -> list[CheckResult]:
         """Settings, credentials, bucket writable, JobService answering: one CheckResult each."""
-        from batchd.config import vertex_missing
-
-        missing = vertex_missing(self.config)
-        if missing:
-            return [CheckResult("vertex settings", False, "; ".join(missing))]
+        try:
+            self._require_settings()
+        except SetupError as e:
+            return [CheckResult("vertex settings", False, str(e))]
         out = [CheckResult("vertex settings", True, f"project {self.project}, {self.location}, model {self.model}")]
         if self.gemini and self.location not in GEMINI_BATCH_REGIONS:
             out.append(CheckResult(
@@ -335,7 +355,7 @@ class VertexBackend:
                 warning=True))
         try:
             self._creds()
-            out.append(CheckResult("credentials", True, self.config.vertex.credentials))
+            out.append(CheckResult("credentials", True, self.settings.credentials))
         except Exception as e:  # noqa: BLE001
             return out + [CheckResult("credentials", False, message(e))]
         out.append(self.gcs.probe(f"{self.root}/.batchd-check"))
@@ -346,7 +366,7 @@ class VertexBackend:
         name = "vertex job service"
         try:
             pager = self.jobs.list_batch_prediction_jobs(
-                request={"parent": self.parent, "page_size": 1}, retry=quick_retry(self.config.vertex),
+                request={"parent": self.parent, "page_size": 1}, retry=quick_retry(self.settings),
                 timeout=self.timeout)
             next(iter(pager.pages), None)
         except Exception as e:  # noqa: BLE001
@@ -386,15 +406,6 @@ class VertexBackend:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _state(value: Any) -> JobState:
-    name = getattr(value, "name", None) or str(value)
-    name = name.removeprefix("JOB_STATE_")
-    try:
-        return JobState(name)
-    except ValueError:
-        return JobState.UNKNOWN
 
 
 def _ts(value: Any) -> float:

@@ -1,5 +1,5 @@
 """What both sides of the Vertex backend share: credentials and the retry policies (an error's words come from
-:func:`batchd.errors.message`, re-exported here as ``message``).
+:func:`batchd.errors.message`, and ``SetupError`` from :mod:`batchd.backends`; both re-exported here).
 
 The JobService side (:mod:`batchd.backends.vertex`) and the Cloud Storage side
 (:mod:`batchd.backends.vertex_storage`) retry the same errors the same way: 429 / 5xx / dropped connections
@@ -10,21 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from batchd.backends import BackendError
+from batchd.backends import BackendError, SetupError
 from batchd.errors import message
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import VertexConfig
+    from batchd.backends.vertex_settings import VertexSettings
 
 _SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
-
-
-class SetupError(BackendError):
-    """Settings or credentials are missing or unusable.
-
-    Deliberately not a PermanentError: the operator fixes the setup and batches proceed, without their
-    chunks having burnt attempts meanwhile (they wait, PENDING, with this message on their batch).
-    """
 
 
 def load_credentials(spec: str) -> Any:
@@ -53,7 +45,7 @@ def load_credentials(spec: str) -> Any:
         raise SetupError(f"vertex.credentials: {spec} is not a usable service-account JSON file: {e}") from None
 
 
-def make_retry(vx: VertexConfig, *, create: bool = False) -> Any:
+def make_retry(vx: VertexSettings, *, create: bool = False) -> Any:
     """Exponential backoff with jitter on 429/5xx/connection errors; a create retries only 429s."""
     from google.api_core import retry as r
 
@@ -63,7 +55,7 @@ def make_retry(vx: VertexConfig, *, create: bool = False) -> Any:
                    multiplier=2.0, timeout=float(vx.retry_deadline))
 
 
-def quick_retry(vx: VertexConfig) -> Any:
+def quick_retry(vx: VertexSettings) -> Any:
     """For `batchd check`: an operator is waiting, so give up after 10 s at most."""
     from google.api_core import retry as r
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from batchd.settings import Duration, SettingError
+from batchd.settings import Duration, SettingError, check_backoff
 
 GS_URI = re.compile(r"^gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/[^\s]*)?$")
 # A host name: labels of letters, digits and '-', not starting or ending with '-'.
@@ -54,9 +54,7 @@ class VertexSettings:
             raise SettingError("api_endpoint", f"{self.api_endpoint!r} is not a host[:port] or http(s):// URL")
         if not self.location:
             raise SettingError("location", "must not be empty")
-        if self.retry_backoff > self.retry_deadline:
-            raise SettingError("retry_backoff", f"{self.retry_backoff:g}s is longer than vertex.retry_deadline "
-                                                f"({self.retry_deadline:g}s)")
+        check_backoff(self.retry_backoff, self.retry_deadline, "vertex")
         if not self.credentials:
             raise SettingError("credentials",
                                "must be \"default\", \"anonymous\" or the path of a service-account JSON file")

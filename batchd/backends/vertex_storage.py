@@ -16,18 +16,19 @@ from batchd.backends import CheckResult, PermanentError, Progress, _noop
 from batchd.backends.vertex_common import make_retry, message, quick_retry, retryable, split_gs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from batchd.config import VertexConfig
+    from batchd.backends.vertex_settings import VertexSettings
 
 log = structlog.get_logger("batchd.vertex")
 
 UPLOAD_BLOCK = 4 * 1024 * 1024  # resumable upload chunk (a multiple of 256 KiB); progress() once per block
-READ_BLOCK = 4 * 1024 * 1024  # bytes per ranged read of an output file
+READ_BLOCK = 4 * 1024 * 1024  # bytes per read of an output file split into lines here
+RAW_BLOCK = 256 * 1024  # bytes per read of an output file handed to the parse workers (stays in the CPU cache)
 
 
 class VertexStorage:
     """One bucket's objects, through google-cloud-storage. The client is built on first use."""
 
-    def __init__(self, vx: VertexConfig, credentials: Any):
+    def __init__(self, vx: VertexSettings, credentials: Any):
         """``credentials``: a callable returning google-auth credentials (called only when needed)."""
         self.vx = vx
         self.bucket_name = vx.bucket
@@ -166,8 +167,8 @@ class VertexStorage:
         if rest:
             yield rest
 
-    def read_blocks(self, blob: Any) -> Iterator[bytes]:
-        """The object's bytes in READ_BLOCK pieces from one streaming GET.
+    def read_blocks(self, blob: Any, size: int = READ_BLOCK) -> Iterator[bytes]:
+        """The object's bytes in ``size`` pieces from one streaming GET.
 
         A 429/5xx or a connection dropped mid-way resumes at the byte reached (Range), with backoff, until
         vertex.retry_deadline. (Reading through BlobReader/download_as_bytes goes through the client's 8 KiB
@@ -194,7 +195,7 @@ class VertexStorage:
                         raise gexc.from_http_response(resp)
                     skip = offset if resp.status_code != 206 else 0  # the server ignored the Range
                     while True:
-                        block = resp.raw.read(READ_BLOCK, decode_content=True)
+                        block = resp.raw.read(size, decode_content=True)
                         if not block:
                             return
                         if skip:
@@ -213,4 +214,4 @@ class VertexStorage:
                 delay = min(delay * 2, 60.0)
 
 
-__all__ = ["READ_BLOCK", "UPLOAD_BLOCK", "VertexStorage"]
+__all__ = ["RAW_BLOCK", "READ_BLOCK", "UPLOAD_BLOCK", "VertexStorage"]

@@ -29,6 +29,7 @@ from batchd.backends import (
     JobInfo,
     JobState,
     Progress,
+    RawResults,
     ResultLine,
     _noop,
     make_backend,
@@ -40,7 +41,9 @@ from tests.fakes.gemini_env import fake_gemini, gemini_config  # fixtures for th
 from tests.fakes.membackend import jobs_for_batch, set_knobs
 from tests.fakes.vertex_env import fake_vertex, gcs, vertex_config  # fixtures for the vertex rig
 
-RIGS = ["scripted", "local", "vertex", "gemini-api"]
+# "-workers": the same backend with its output parsed by batchd's parse worker processes (RawResults, forced for
+# every batch with daemon.parse_workers = 2) instead of its own results().
+RIGS = ["scripted", "local", "vertex", "vertex-workers", "gemini-api", "gemini-api-workers"]
 
 
 class Faults:
@@ -110,7 +113,7 @@ class Rig:
         self.store = Store.open(config)
         stores.append(self.store)
         self.inner = make_backend(config, self.store.instance_id)
-        self.faults = Faults(self.inner)
+        self.faults = RawFaults(self.inner) if isinstance(self.inner, RawResults) else Faults(self.inner)
         self.manager = BatchManager(self.store, self.faults, config, clock=clock)
 
     def app(self) -> Any:
@@ -220,6 +223,31 @@ class GeminiApiRig(VertexRig):
             return sum(1 for b in self.fake.batches.values() if b.display_name == display)
 
 
+class RawFaults(Faults):
+    """:class:`Faults` for a backend with RawResults: the manager reads the raw files; ``break_after`` breaks
+    the byte stream once it has carried that many lines (line failures go to the service's fake instead)."""
+
+    def result_files(self, job_name: str, progress: Progress = _noop) -> Iterator[tuple[str, Iterable[bytes]]]:
+        assert not self.fail_texts, "route fail_lines to the backend's fake for a RawResults backend"
+        assert isinstance(self.inner, RawResults)
+        carried = 0
+
+        def broken(blocks: Iterable[bytes]) -> Iterator[bytes]:
+            nonlocal carried
+            for block in blocks:
+                carried += block.count(b"\n")
+                if self.break_after is not None and carried > self.break_after:
+                    raise BackendError("injected: connection reset while reading results")
+                yield block
+
+        for name, blocks in self.inner.result_files(job_name, progress):
+            yield name, broken(blocks)
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        assert isinstance(self.inner, RawResults)
+        return self.inner.line_parser()
+
+
 LOCAL = {"embedding": {"backend": "local", "model": "all-MiniLM-L6-v2", "dimensions": 384},
          "local": {"slice_size": 4, "batch_size": 8}}
 
@@ -241,12 +269,15 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterato
         pytest.importorskip("sentence_transformers")
         r = Rig(from_dict(merge(base, LOCAL), source=source), clock, stores)
         r.name = "local"
-    elif request.param == "gemini-api":
+    elif request.param.startswith("gemini-api"):
         fake = request.getfixturevalue("fake_gemini")
-        r = GeminiApiRig(gemini_config(tmp_path, fake, **base), clock, stores, fake)
+        workers = {"daemon": {"parse_workers": 2}} if request.param.endswith("-workers") else {}
+        r = GeminiApiRig(gemini_config(tmp_path, fake, **base, **workers), clock, stores, fake)
     else:
         fake = request.getfixturevalue("fake_vertex")
-        r = VertexRig(vertex_config(tmp_path, fake, **base), clock, stores, fake)
+        workers = {"daemon": {"parse_workers": 2}} if request.param.endswith("-workers") else {}
+        r = VertexRig(vertex_config(tmp_path, fake, **base, **workers), clock, stores, fake)
+    r.name = request.param
     yield r
     for s in stores:
         s.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from batchd.backends import Stopped
 from batchd.manager import BatchManager
@@ -47,10 +48,13 @@ def assert_all_ready_once(r: Rig, n: int = len(TEXTS)) -> None:
 def test_every_chunk_gets_its_vector_once_and_a_second_sync_changes_nothing(rig):
     enqueue(rig)
     assert rig.manager.flush_queue().created == [1]
-    s = rig.manager.sync_status()
+    with structlog.testing.capture_logs() as logs:
+        s = rig.manager.sync_status()
     assert s.finished == 1 and s.applied == len(TEXTS) and not s.errors
     assert_all_ready_once(rig)
     assert rig.store.batch(1).status == "COMPLETED"
+    # The "-workers" rigs really went through the parse worker processes; the others never start one.
+    assert any(e["event"] == "job.parse_workers" for e in logs) == rig.name.endswith("-workers")
     again = rig.manager.sync_status()
     assert (again.checked, again.applied) == (0, 0)
 

@@ -34,6 +34,10 @@ daemon runs (use :func:`set_knobs`). All optional:
 - ``foreign_output`` (str): status() writes this line straight to file descriptors 1 and 2, as a C library
   would (PyTorch's ``Error in cpuinfo: ...``), bypassing Python's sys.stdout/sys.stderr.
 
+``RawScriptedBackend`` is the same backend with RawResults: its output is JSON lines (``ScriptedLines``), parsed by
+batchd's parse worker processes. Its extra knobs: ``parser_die_at`` (int N: the worker parsing the Nth line of a
+chunk exits with status 3), ``parser_raise_at`` (int N: the parser raises ValueError there).
+
 Counters (``submits``, ``creates``, ``cancels``, ``lines_sent``) are kept in ``counters.json`` for assertions.
 """
 
@@ -283,3 +287,64 @@ class ScriptedBackend:
 
 
 MemoryBackend = ScriptedBackend  # the old name: configs and tests written for it keep loading
+
+
+class RawScriptedBackend(ScriptedBackend):
+    """ScriptedBackend plus RawResults: the same answers as JSON lines, ``result_delay`` per line."""
+
+    def result_files(self, job_name: str, progress: Progress = lambda: None) -> Iterator[tuple[str, Iterator[bytes]]]:
+        self._block("results")
+        job = self._load(job_name)
+        knobs = self._knobs()
+        if knobs.get("results_error"):
+            raise BackendError(str(knobs["results_error"]))
+        lines = self._answers(job, knobs)
+        if knobs.get("shuffle"):
+            random.Random(job_name).shuffle(lines)
+        delay = float(knobs.get("result_delay", 0) or 0)
+
+        def blocks() -> Iterator[bytes]:
+            for n, line in enumerate(lines, start=1):
+                if delay:
+                    time.sleep(delay)
+                vec = list(struct.unpack(f"<{len(line.vector) // 4}f", line.vector)) if line.vector else None
+                yield json.dumps({"key": line.keys[0], "values": vec, "error": line.error,
+                                  "tokens": line.token_count}).encode() + b"\n"
+                if n % 50 == 0:
+                    progress()
+
+        yield "results.jsonl", blocks()
+        if knobs.get("malformed_line"):
+            yield "errors.jsonl", iter([b"not json at all\n"])
+
+    def line_parser(self) -> tuple[str, dict[str, object]]:
+        knobs = self._knobs()
+        return "tests.fakes.membackend:ScriptedLines", {
+            "dimensions": self.dimensions, "die_at": knobs.get("parser_die_at"), "raise_at": knobs.get("parser_raise_at")}
+
+
+class ScriptedLines:
+    """The parser of RawScriptedBackend's lines, run inside batchd's parse workers."""
+
+    def __init__(self, dimensions: int, die_at: int | None = None, raise_at: int | None = None, sleep: float = 0.0):
+        self.dimensions, self.die_at, self.raise_at, self.sleep = dimensions, die_at, raise_at, sleep
+        self.n = 0
+
+    def parse(self, raw: bytes) -> ResultLine | None:
+        from batchd.vectors import fit_vector
+
+        self.n += 1
+        time.sleep(self.sleep)
+        if self.die_at and self.n == self.die_at:
+            os._exit(3)
+        if self.raise_at and self.n == self.raise_at:
+            raise ValueError("scripted parser failure")
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            return None
+        if obj.get("error"):
+            return ResultLine((obj["key"],), error=obj["error"])
+        return ResultLine((obj["key"],), vector=fit_vector(obj["values"], self.dimensions)[0],
+                          token_count=obj.get("tokens"))
+
