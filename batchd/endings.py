@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from batchd.backends import JobInfo, JobState, PermanentError, RawResults, ResultLine
+from batchd.backends import BackendError, JobInfo, JobState, PermanentError, RawResults, ResultLine
 from batchd.config import format_duration
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
@@ -169,8 +169,12 @@ class JobEndings(_Base):
         def malformed(file: str, line: int) -> None:
             log.warning("job.output_malformed", google_job_id=job, file=file, line=line)
 
-        pool = workers.enter_context(ParsePool(self.backend.line_parser(), n, wait=self.progress,
-                                               on_malformed=malformed))
+        try:
+            pool = workers.enter_context(ParsePool(self.backend.line_parser(), n, wait=self.progress,
+                                                   on_malformed=malformed))
+        except BackendError as e:  # nothing read yet: parse in this process, as for a small batch
+            log.warning("job.parse_workers_unavailable", google_job_id=job, workers=n, error=one_line(e))
+            return self.backend.results(job, progress=read.tick)
         log.info("job.parse_workers", google_job_id=job, workers=n)
         return pool.lines(self.backend.result_files(job, progress=read.tick))
 

@@ -23,17 +23,29 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not Unix
+    fcntl = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from batchd.backends import BackendError, ResultLine
-from batchd.parse_worker import read_frame, write_frame
+import structlog
 
-CHUNK_BYTES = 1 << 20  # bytes of whole lines per chunk sent to a worker
+from batchd.backends import BackendError, ResultLine
+from batchd.parse_worker import HEADER, read_frame, write_frame
+
+log = structlog.get_logger("batchd.parse_pool")
+
+CHUNK_BYTES = 256 << 10  # bytes of whole lines per chunk sent to a worker (a few lines of 3,072 values)
+PIPE_BYTES = 1 << 20  # pipe size asked for (fs.pipe-max-size allows 1 MiB to anyone by default)
 IN_FLIGHT = 3  # chunks per worker sent and not yet answered
 AUTO_MIN_TEXTS = 5_000  # "auto": a smaller batch is parsed in-process (starting workers, ~0.2 s, does not pay)
 AUTO_MAX_WORKERS = 2
+START_TIMEOUT = 60.0  # seconds for a worker to start and load its parser
 WAIT_TICK = 1.0  # seconds between calls of ``wait`` while blocked on the workers (watchdog, stop requests)
 
 
@@ -49,30 +61,42 @@ def worker_count(setting: str | int, texts: int) -> int:
     return int(setting)
 
 
-def line_chunks(blocks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """(number of the first line, whole lines) pieces of about ``size`` bytes from a file's blocks. The last
-    piece always ends with a newline (one is added to a file that does not end with one)."""
-    parts: list[bytes] = []
+def line_chunks(blocks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[tuple[int, list[Any]]]:
+    """(number of the first line, whole lines as a list of buffers) pieces of about ``size`` bytes from a file's
+    blocks. The last piece always ends with a newline (one is added to a file that does not end with one).
+
+    No byte is copied here (memoryview slices; the pipe write is the one copy): this process's CPU is shared
+    with the workers."""
+    parts: list[Any] = []
     have = 0
     first = 1
     for block in blocks:
-        parts.append(block)
-        have += len(block)
-        if have < size:
+        cut = block.rfind(b"\n") + 1
+        if cut == 0 or have + cut < size:  # not enough whole lines yet: keep gathering
+            parts.append(block)
+            have += len(block)
             continue
-        data = b"".join(parts)
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:  # one line longer than size: keep gathering
-            parts, have = [data], len(data)
-            continue
-        piece = data[:cut]
-        yield first, piece
-        first += piece.count(b"\n")
-        rest = data[cut:]
-        parts, have = ([rest], len(rest)) if rest else ([], 0)
+        view = memoryview(block)
+        parts.append(view[:cut])
+        yield first, parts
+        first += sum(p.count(b"\n") if isinstance(p, bytes) else 0 for p in parts[:-1]) + block.count(b"\n", 0, cut)
+        parts, have = ([view[cut:]], len(block) - cut) if cut < len(block) else ([], 0)
     if have:
-        data = b"".join(parts)
-        yield first, data if data.endswith(b"\n") else data + b"\n"
+        if bytes(parts[-1][-1:]) != b"\n":
+            parts.append(b"\n")
+        yield first, parts
+
+
+def _widen(pipe: Any) -> None:
+    """Give a pipe room for a whole chunk (Linux: 64 KiB by default, up to fs.pipe-max-size, 1 MiB by default).
+
+    With the default size, writing a chunk waits until the worker has read most of it, that is until it has
+    parsed its previous chunk: meanwhile the other worker may run dry (measured: workers idle half the time)."""
+    setsz = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl else None
+    if setsz is None or pipe is None:
+        return  # pragma: no cover - not Linux
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe.fileno(), setsz, PIPE_BYTES)
 
 
 class _Worker:
@@ -90,6 +114,8 @@ class _Worker:
         except OSError as e:
             self.stderr.close()
             raise BackendError(f"cannot start a parse worker: {e}") from None
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            _widen(pipe)
         self.reader = threading.Thread(target=self._read, args=(results,), daemon=True,
                                        name=f"batchd-parse-reader-{index}")
         self.reader.start()
@@ -99,16 +125,20 @@ class _Worker:
         try:
             while (frame := read_frame(self.proc.stdout)) is not None:
                 msg = pickle.loads(frame)  # our own child process, started above: trusted
-                results.put((self.index, "stats" if isinstance(msg, dict) else "lines", msg))
+                kind = "lines" if not isinstance(msg, dict) else "ready" if "ready" in msg else "stats"
+                results.put((self.index, kind, msg))
             results.put((self.index, "end", None))
         except Exception as e:  # noqa: BLE001 - reported by the consumer as the worker's failure
             results.put((self.index, "broken", e))
 
-    def send(self, name: str, first: int, chunk: bytes) -> None:
+    def send(self, name: str, first: int, chunk: list[Any]) -> None:
         assert self.proc.stdin is not None
-        write_frame(self.proc.stdin, json.dumps({"file": name, "line": first}).encode())
-        write_frame(self.proc.stdin, chunk)
-        self.proc.stdin.flush()
+        f = self.proc.stdin
+        write_frame(f, json.dumps({"file": name, "line": first}).encode())
+        f.write(sum(len(p) for p in chunk).to_bytes(HEADER, "little"))
+        for part in chunk:
+            f.write(part)
+        f.flush()
         self.in_flight += 1
 
     def finish_input(self) -> None:
@@ -162,9 +192,25 @@ class ParsePool:
         self.peak_rss_kb = 0  # the largest worker's peak RSS, once they finished
 
     def __enter__(self) -> ParsePool:
+        """Start the workers and wait until each has loaded its parser (up to START_TIMEOUT): a worker that cannot
+        start (an interpreter or a sandbox that refuses it, a parser that does not import) is a BackendError
+        here, before any output was read, so the caller can parse in its own process instead."""
         try:
             for i in range(self._n):
                 self._workers.append(_Worker(i, self._spec, self._results))
+            ready = 0
+            deadline = time.monotonic() + START_TIMEOUT
+            while ready < self._n:
+                try:
+                    index, kind, msg = self._results.get(timeout=WAIT_TICK)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise BackendError(f"parse workers did not start within {START_TIMEOUT:.0f} s") from None
+                    self._wait()
+                    continue
+                if kind != "ready":
+                    raise self._workers[index].failure("could not start")
+                ready += 1
         except BaseException:
             self.close()
             raise
@@ -201,6 +247,7 @@ class ParsePool:
                 else:
                     yield line
         self.peak_rss_kb = max((w.peak_rss_kb for w in self._workers), default=0)
+        log.debug("parse.workers_done", workers=self._n, peak_rss_mb=round(self.peak_rss_kb / 1024, 1))
 
     def _take_until_end(self) -> Iterator[tuple[str, Any]]:
         index, kind, msg = self._get(block=True)

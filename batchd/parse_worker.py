@@ -8,7 +8,7 @@ fork is unsafe with the daemon's threads and client sockets). ``SPEC`` is JSON: 
 Protocol (both directions: 8-byte little-endian length, then that many bytes):
   in   a header frame ``{"file": name, "line": number of the chunk's first line}`` (JSON), then the chunk: whole
        lines, newline-terminated. End of input = end of stdin.
-  out  per chunk, a pickle of ``(tuples, malformed)``: one tuple of ResultLine's fields per non-empty line, and
+  out  first ``{"ready": true}`` once the parser is loaded; then per chunk, a pickle of ``(tuples, malformed)``: one tuple of ResultLine's fields per non-empty line, and
        the ``(file, line)`` of each line that named no row (the parent logs them). Last, a pickle of
        ``{"peak_rss_kb": ...}``.
 The worker holds no database, no credentials and no network connection; it only computes. Anything it prints
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     frames = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
     os.dup2(2, 1)  # a stray print must never corrupt the frames
     parser = load_parser(json.loads(argv[1]))
+    write_frame(frames, pickle.dumps({"ready": True}, protocol=5))  # started: the parent may send
+    frames.flush()
     stdin = sys.stdin.buffer
     while True:
         head = read_frame(stdin)

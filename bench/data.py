@@ -82,6 +82,32 @@ def write_classic_output(folder: Path, seed: int, n: int, files: int = FILES_PER
     return paths
 
 
+GEMINI_MODEL = "gemini-embedding-001"
+
+
+def write_gemini_output(folder: Path, seed: int, n: int, files: int = FILES_PER_JOB) -> list[Path]:
+    """A finished job's output for ``texts(seed, n)`` in the Gemini shape (``key`` + ``response.embedding``,
+    as the gemini-api backend and Vertex's Gemini-model jobs answer), ``DIMENSIONS`` values, shuffled order."""
+    from batchd.backends import content_hash
+
+    folder.mkdir(parents=True, exist_ok=True)
+    order = list(range(n))
+    random.Random(seed + 2).shuffle(order)
+    all_texts = list(texts(seed, n))
+    rng = np.random.default_rng(seed + 3)
+    paths = [folder / f"predictions_{k + 1:04d}.jsonl" for k in range(files)]
+    handles = [p.open("wb") for p in paths]
+    try:
+        for pos, idx in enumerate(order):
+            key = content_hash(all_texts[idx], GEMINI_MODEL, TASK, DIMENSIONS)
+            line = {"key": key, "response": {"embedding": {"values": rng.standard_normal(DIMENSIONS) * 0.05}}}
+            handles[pos * files // n].write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    finally:
+        for h in handles:
+            h.close()
+    return paths
+
+
 def config(db_path: Path, backend: str = "bench.filebackend:FilesBackend", **over: Any) -> Config:
     data: dict[str, Any] = {
         "database": {"path": str(db_path)},

@@ -37,22 +37,30 @@ def peak_growth_mb(baseline_kb: int) -> float:
     return max(0, _status_kb("VmHWM") - baseline_kb) / 1024
 
 
-def _config(db: str, vertex: dict[str, Any] | None) -> Any:
+def _config(db: str, vertex: dict[str, Any] | None, **over: Any) -> Any:
     if vertex is None:
-        return data.config(Path(db))
-    return data.config(Path(db), backend="vertex", vertex=vertex)
+        return data.config(Path(db), **over)
+    return data.config(Path(db), backend="vertex", vertex=vertex, **over)
 
 
-def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None) -> dict[str, Any]:
-    """BatchManager.sync_status() over the prepared database: vectors/s and peak RSS growth.
+def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None, parse_workers: str | int = "auto",
+         model: str | None = None) -> dict[str, Any]:
+    """BatchManager.sync_status() over the prepared database: vectors/s and peak RSS growth, the parse
+    workers' own peak RSS counted in (each worker's whole RSS, as it reports it: the largest, times their number).
 
     With ``vertex`` settings the real VertexBackend reads the job from the fake JobService and the storage
     emulator; without, the bench's FilesBackend streams local files (batchd's apply path alone)."""
+    import structlog.testing
+
     from batchd.backends import make_backend
     from batchd.manager import BatchManager
+    from batchd.parse_pool import worker_count
     from batchd.store import Store
 
-    cfg = _config(db, vertex)
+    over: dict[str, Any] = {"daemon": {"parse_workers": parse_workers}}
+    if model:
+        over["embedding"] = {"model": model}
+    cfg = _config(db, vertex, **over)
     store = Store.open(cfg)
     manager = BatchManager(store, make_backend(cfg, store.instance_id), cfg)
     imports = _import_google() if vertex else {"seconds": 0.0, "mb": 0.0}
@@ -61,15 +69,20 @@ def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None) -> dict[st
     gc.collect()
     base = reset_peak()
     started = time.perf_counter()
-    summary = manager.sync_status()
+    with structlog.testing.capture_logs() as logs:  # the workers report their own peak RSS
+        summary = manager.sync_status()
     seconds = time.perf_counter() - started
     growth = peak_growth_mb(base)
     stats = store.queue_stats()
     store.close()
     if summary.applied != vectors or stats["ready"] != vectors:
         raise SystemExit(f"sync applied {summary.applied} of {vectors} (ready={stats['ready']}): {summary.as_dict()}")
+    workers = worker_count(parse_workers, vectors)
+    # (Not getrusage(RUSAGE_CHILDREN): Linux carries the forking parent's RSS high-water mark across exec.)
+    worker_mb = max((e["peak_rss_mb"] for e in logs if e["event"] == "parse.workers_done"), default=0.0)
     return {"vectors": summary.applied, "seconds": seconds, "per_s": summary.applied / seconds,
-            "peak_rss_mb": growth, "import_seconds": imports["seconds"], "import_mb": imports["mb"]}
+            "peak_rss_mb": growth + workers * worker_mb, "process_rss_mb": growth, "workers": workers,
+            "worker_rss_mb": worker_mb, "import_seconds": imports["seconds"], "import_mb": imports["mb"]}
 
 
 class TimedBackend:

@@ -109,3 +109,4 @@ def test_error_lines_of_the_spool_go_through_the_retry_path(world):
     bad = [c for c in store_chunks(w.store) if c["text"] == "bad 1"][0]
     assert bad["embedding_status"] == "PENDING" and bad["attempts"] == 1
     assert "simulated line failure" in bad["error_message"]
+

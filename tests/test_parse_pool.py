@@ -57,7 +57,7 @@ def test_line_chunks_are_whole_lines_numbered_from_one(lines, cuts, size, final_
         blocks.append(data[pos:pos + c])
         pos += c
     blocks.append(data[pos:])
-    pieces = list(line_chunks([b for b in blocks if b], size))
+    pieces = [(first, b"".join(bytes(p) for p in parts)) for first, parts in line_chunks([b for b in blocks if b], size)]
     joined = b"".join(p for _, p in pieces)
     assert joined == (data if not data or data.endswith(b"\n") else data + b"\n")
     expected_first = 1
@@ -178,6 +178,32 @@ def test_a_worker_dying_mid_job_defers_the_batch_with_the_reason_and_applies_not
         assert s.finished == 1 and s.applied == 120, s
         assert [(e["file"], e["line"]) for e in logs if e["event"] == "job.output_malformed"] == [("errors.jsonl", 1)]
         assert store.batch(1).unmatched_lines == 1
+    finally:
+        store.close()
+    assert workers_of(os.getpid()) == []
+
+
+def test_workers_that_cannot_start_fall_back_to_parsing_in_process(tmp_path, clock) -> None:
+    """A worker that cannot start (here: its parser does not import; on a server, a sandbox that refuses it) is
+    found before any output is read: the batch is parsed in the daemon's own process, with a warning."""
+    from batchd.backends import make_backend
+    from batchd.manager import BatchManager
+    from batchd.store import Store
+
+    cfg = config_raw(tmp_path)
+    store = Store.open(cfg)
+    try:
+        m = BatchManager(store, make_backend(cfg, store.instance_id), cfg, clock=clock)
+        m.enqueue([(None, f"text {i}") for i in range(40)])
+        m.flush_queue(force=True)
+        set_knobs(tmp_path / "testbackend", parser_missing=True)
+        with structlog.testing.capture_logs() as logs:
+            s = m.sync_status()
+        assert s.finished == 1 and s.applied == 40, s
+        warn = [e for e in logs if e["event"] == "job.parse_workers_unavailable"]
+        assert len(warn) == 1 and warn[0]["log_level"] == "warning"
+        assert warn[0]["error"].startswith("parse worker could not start (exit status 1)")
+        assert "No module named 'tests.fakes.no_such_module'" in warn[0]["error"]
     finally:
         store.close()
     assert workers_of(os.getpid()) == []

@@ -42,7 +42,7 @@ class Spool:
         c = self._conn
         c.execute("PRAGMA journal_mode = OFF")
         c.execute("PRAGMA synchronous = OFF")
-        c.execute("PRAGMA cache_size = -16384")
+        c.execute("PRAGMA cache_size = -4096")  # appends, plus a key index of ~50 bytes a line
         # A rowid table (not WITHOUT ROWID): its rows carry ~3 KB vectors, which belong in overflow pages of a
         # table, not in the leaves of an index.
         # truncated: the service cut the input to the model's token limit (classic statistics.truncated).

@@ -36,7 +36,8 @@ daemon runs (use :func:`set_knobs`). All optional:
 
 ``RawScriptedBackend`` is the same backend with RawResults: its output is JSON lines (``ScriptedLines``), parsed by
 batchd's parse worker processes. Its extra knobs: ``parser_die_at`` (int N: the worker parsing the Nth line of a
-chunk exits with status 3), ``parser_raise_at`` (int N: the parser raises ValueError there).
+chunk exits with status 3), ``parser_raise_at`` (int N: the parser raises ValueError there), ``parser_missing``
+(bool: line_parser() names a module that does not exist, so no worker can start).
 
 Counters (``submits``, ``creates``, ``cancels``, ``lines_sent``) are kept in ``counters.json`` for assertions.
 """
@@ -319,6 +320,8 @@ class RawScriptedBackend(ScriptedBackend):
 
     def line_parser(self) -> tuple[str, dict[str, object]]:
         knobs = self._knobs()
+        if knobs.get("parser_missing"):
+            return "tests.fakes.no_such_module:ScriptedLines", {}
         return "tests.fakes.membackend:ScriptedLines", {
             "dimensions": self.dimensions, "die_at": knobs.get("parser_die_at"), "raise_at": knobs.get("parser_raise_at")}
 
