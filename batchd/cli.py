@@ -62,15 +62,17 @@ class App:
             self._store = Store.open(self.config, create=self.may_create, **options)
         return self._store
 
+    def opened_store(self, **options: Any) -> Store:
+        """:meth:`open_store`, ending the command on one line when it fails (exit 78 when the config does not
+        fit the database, see :func:`fail_store`)."""
+        try:
+            return self.open_store(**options)
+        except StoreError as e:
+            fail_store(e, self.config)
+
     @property
     def store(self) -> Store:
-        if self._store is None:
-            try:
-                self.open_store()
-            except StoreError as e:
-                fail_store(e, self.config)
-        assert self._store is not None
-        return self._store
+        return self.opened_store()
 
     @property
     def backend(self) -> Backend:

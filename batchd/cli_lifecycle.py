@@ -8,8 +8,10 @@ and make their change in one transaction (store/lifecycle.py).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -154,6 +156,26 @@ def _live_check(backend: Backend, cfg: Config, timeout: float, keep: bool, poll:
 
 
 
+def _dry_run(command: str, would: str, plan: list[str], kept: str) -> None:
+    """What a destructive command without ``--yes`` prints: what it would do, what it keeps, how to do it."""
+    click.echo(f"{command} {would}")
+    for line in plan:
+        click.echo(f"  {line}")
+    click.echo(kept)
+    click.echo(f"Nothing changed: run `batchd {command} --yes` to do it (stop the service first).")
+
+
+@contextlib.contextmanager
+def _locked(store: Store, command: str) -> Iterator[None]:
+    """The worker lock around a destructive command's change: while another batchd process flushes or syncs,
+    one line naming the command and exit 75 (nothing changed)."""
+    try:
+        with store.worker_lock():
+            yield
+    except Busy as e:
+        fail(f"{command}: {e}", EX_TEMPFAIL)
+
+
 @click.command("reset-vectors")
 @click.option("--yes", is_flag=True, help="Do it. Without --yes: say what would be done and change nothing.")
 @pass_app
@@ -166,10 +188,7 @@ def reset_vectors(app: App, yes: bool) -> None:
     """
     app.setup_logging()
     cfg = app.config
-    try:
-        store = app.open_store(check_dimensions=False)
-    except StoreError as e:
-        fail_store(e, cfg)
+    store = app.opened_store(check_dimensions=False)
     s = store.reset_summary()
     old = f"{s['vectors']:,} vectors of {s['database_dimensions']} dimensions" if s["database_dimensions"] \
         else "no vector table yet"
@@ -180,18 +199,12 @@ def reset_vectors(app: App, yes: bool) -> None:
              f"send all {s['chunks']:,} chunks back to PENDING, attempts reset, to be embedded with "
              f"{cfg.embedding.model}"]
     if not yes:
-        click.echo(f"reset-vectors would, in {cfg.database.path}:")
-        for line in plan:
-            click.echo(f"  {line}")
-        click.echo("Texts and your table's other columns are kept.")
-        click.echo("Nothing changed: run `batchd reset-vectors --yes` to do it (stop the service first).")
+        _dry_run("reset-vectors", f"would, in {cfg.database.path}:", plan,
+                 "Texts and your table's other columns are kept.")
         return
-    try:
-        with store.worker_lock():
-            _cancel_in_flight(app, store, s["in_flight"], "reset-vectors")
-            n = store.reset_vectors(time.time())
-    except Busy as e:
-        fail(f"reset-vectors: {e}", EX_TEMPFAIL)
+    with _locked(store, "reset-vectors"):
+        _cancel_in_flight(app, store, s["in_flight"], "reset-vectors")
+        n = store.reset_vectors(time.time())
     log.info("vectors.reset", dropped_vectors=s["vectors"], old_dimensions=s["database_dimensions"],
              dimensions=s["dimensions"], model=cfg.embedding.model, requeued=n, cancelled_batches=s["in_flight"])
     click.echo(f"reset-vectors: dropped {s['vectors']:,} vectors; chunks_vec is now {s['dimensions']} dimensions; "
@@ -207,28 +220,21 @@ def uninstall(app: App, yes: bool) -> None:
     75) while another batchd process is flushing or syncing: stop and disable the service first."""
     app.setup_logging()
     cfg = app.config
-    try:
-        store = app.open_store(migrate=False)
-    except StoreError as e:
-        fail_store(e, cfg)
+    store = app.opened_store(migrate=False)
     plan = store.uninstall_plan()
     if not plan:
         click.echo(f"uninstall: nothing of batchd's is in {cfg.database.path}")
         return
     if not yes:
-        click.echo(f"uninstall would remove from {cfg.database.path}:")
-        for ch in plan:
-            click.echo(f"  {ch.kind.replace('_', ' ')} {ch.name}")
-        click.echo(f"Your table {cfg.database.chunks_table} keeps its own columns and rows.")
-        click.echo("Nothing changed: run `batchd uninstall --yes` to do it (stop the service first).")
+        _dry_run("uninstall", f"would remove from {cfg.database.path}:",
+                 [f"{ch.kind.replace('_', ' ')} {ch.name}" for ch in plan],
+                 f"Your table {cfg.database.chunks_table} keeps its own columns and rows.")
         return
     try:
-        with store.worker_lock():
+        with _locked(store, "uninstall"):
             in_flight = [b.id for b in store.batches(["PENDING", "RUNNING"])] if store.table_exists("batch_jobs") else []
             _cancel_in_flight(app, store, in_flight, "uninstall")
             removed = store.uninstall()
-    except Busy as e:
-        fail(f"uninstall: {e}", EX_TEMPFAIL)
     except StoreError as e:
         fail(f"uninstall: {e}")
     log.info("batchd.uninstalled", database=cfg.database.path, removed=[f"{c.kind} {c.name}" for c in removed])

@@ -15,9 +15,9 @@ import pytest
 from batchd.config import Config, from_dict
 from batchd.manager import BatchManager
 from batchd.store import Store
+from tests.configs import MEMBACKEND, MEMBACKEND_EMBEDDING, merge  # MEMBACKEND, merge: also imported from here
 
 REPO = Path(__file__).resolve().parent.parent
-MEMBACKEND = "tests.fakes.membackend:ScriptedBackend"
 
 
 class Clock:
@@ -31,16 +31,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for k, v in over.items():
-        if isinstance(v, dict):
-            out.setdefault(k, {}).update(v)
-        else:
-            out[k] = v
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -65,46 +55,71 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         base = {
             "database": {"path": str(tmp_path / "app.db")},
             "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
-            "embedding": {"backend": MEMBACKEND, "model": "test-model", "dimensions": 16},
+            "embedding": MEMBACKEND_EMBEDDING,
         }
         return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
     return make
 
 
+class World:
+    """One configured batchd in this process: the config, its store (a real SQLite file), the backend
+    ``make_backend`` builds for the config, and a BatchManager on the injected clock."""
+
+    def __init__(self, config: Config, clock: Clock):
+        from batchd.backends import make_backend
+
+        self.config = config
+        self.clock = clock
+        self.store = Store.open(config)
+        self.backend = make_backend(config, self.store.instance_id)
+        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
+
+    def app_connect(self) -> Any:
+        """The application's own connection: same SQLite library as batchd (see Store.sqlite_module),
+        but WITHOUT sqlite-vec loaded, as a typical app has it."""
+        return self.store.sqlite_module.connect(self.config.database.path)
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)  # the backends with HTTP sessions release them
+        if close is not None:
+            close()
+        self.store.close()
+
+
 @pytest.fixture
-def world(make_config: Callable[..., Config], clock: Clock, tmp_path: Path) -> Callable[..., Any]:
-    """Build (config, store, backend, manager) on the test backend; closes the stores at teardown."""
-    from batchd.backends import make_backend
+def worlds() -> Iterator[list[World]]:
+    """The worlds a test builds (append each one): closed at its end."""
+    made: list[World] = []
+    yield made
+    for w in made:
+        w.close()
 
-    opened: list[Store] = []
 
-    class World:
-        def __init__(self, config: Config):
-            self.config = config
-            self.store = Store.open(config)
-            opened.append(self.store)
-            self.backend = make_backend(config, self.store.instance_id)
-            self.manager = BatchManager(self.store, self.backend, config, clock=clock)
-            self.clock = clock
-            self.dir = tmp_path / "testbackend"
+class ScriptedWorld(World):
+    """A world on the file-backed test backend, whose knobs are files in ``dir``."""
 
-        def app_connect(self) -> Any:
-            """The application's own connection: same SQLite library as batchd (see Store.sqlite_module),
-            but WITHOUT sqlite-vec loaded, as a typical app has it."""
-            return self.store.sqlite_module.connect(self.config.database.path)
+    def __init__(self, config: Config, clock: Clock, folder: Path):
+        super().__init__(config, clock)
+        self.dir = folder
 
-        def knobs(self, **knobs: Any) -> None:
-            from tests.fakes.membackend import set_knobs
+    def knobs(self, **knobs: Any) -> None:
+        from tests.fakes.membackend import set_knobs
 
-            set_knobs(self.dir, **knobs)
+        set_knobs(self.dir, **knobs)
 
-    def build(**sections: dict[str, Any]) -> World:
-        return World(make_config(**sections))
 
-    yield build
-    for s in opened:
-        s.close()
+@pytest.fixture
+def world(make_config: Callable[..., Config], clock: Clock, tmp_path: Path,
+          worlds: list[World]) -> Callable[..., ScriptedWorld]:
+    """Build (config, store, backend, manager) on the test backend; closed at teardown."""
+
+    def build(**sections: dict[str, Any]) -> ScriptedWorld:
+        w = ScriptedWorld(make_config(**sections), clock, tmp_path / "testbackend")
+        worlds.append(w)
+        return w
+
+    return build
 
 
 @pytest.fixture
@@ -176,3 +191,34 @@ def batchd_cmd() -> list[str]:
     """The installed console script next to this interpreter, else `python -m batchd.cli`."""
     exe = Path(sys.executable).parent / "batchd"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "batchd.cli"]
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str], *, stderr_too: bool = False, columns: int | None = None,
+                  timeout: float = 120) -> tuple[int, str]:
+    """Run ``argv`` with its output on a new pseudo-terminal (stderr too when ``stderr_too``, else discarded;
+    ``columns`` wide when given) and read all it writes there: (exit status, text)."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=slave,
+                         stderr=slave if stderr_too else subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    try:
+        return p.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(master)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchd.config import ConfigError, load, parse_duration
+from tests.configs import assert_refused
 from tests.conftest import REPO, batchd_cmd
 
 
@@ -123,13 +124,7 @@ def test_what_the_operator_sets_wins_over_the_backend_defaults(tmp_path):
     ],
 )
 def test_bad_values_name_the_file_key_and_reason(tmp_path, body, key, reason):
-    p = write(tmp_path, body)
-    with pytest.raises(ConfigError) as err:
-        load(p)
-    msg = str(err.value)
-    assert msg.startswith(f"{p}: {key}: "), msg
-    assert reason in msg
-    assert "\n" not in msg
+    assert_refused(tmp_path, body, key, reason)
 
 
 @pytest.mark.parametrize("endpoint", ["localhost:8080", "http://127.0.0.1:9", "https://[::1]:8443",

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from batchd.cli import main
 from batchd.cost import budget_state, cost_report, estimate
 from batchd.pricing import BUILT_IN, billable_characters, price_for
+from tests.configs import MEMBACKEND_EMBEDDING, assert_refused, write_config
 from tests.fakes.membackend import read_counters
 from tests.fakes.vertex_env import BUCKET, fake_vertex, gcs, vworld
 from tests.storehelp import store_chunks
@@ -34,28 +35,16 @@ def words(texts: list[str]) -> int:
     return sum(len(t.split()) for t in texts)
 
 
-def write_toml(w: Any, tmp_path, extra: str = "") -> str:
-    from tests.conftest import MEMBACKEND
-
-    p = tmp_path / "cli.toml"
-    p.write_text(f"""
-[database]
-path = "{w.config.database.path}"
-[queue]
-min_batch_size = 1
-max_batch_size = {w.config.queue.max_batch_size}
-[embedding]
-backend = "{MEMBACKEND}"
-model = "test-model"
-dimensions = 16
-[pricing]
-model = "test-model"
-unit = "{w.config.pricing.unit}"
-batch_usd = {w.config.pricing.batch_usd}
-online_usd = {w.config.pricing.online_usd}
-{extra}
-""")
-    return str(p)
+def write_toml(w: Any, tmp_path, **sections: dict[str, Any]) -> str:
+    """A config file for the CLI with ``w``'s database, batch size and prices, and ``sections``."""
+    price = w.config.pricing
+    return str(write_config(tmp_path / "cli.toml", {
+        "database": {"path": w.config.database.path},
+        "queue": {"min_batch_size": 1, "max_batch_size": w.config.queue.max_batch_size},
+        "embedding": MEMBACKEND_EMBEDDING,
+        "pricing": {"model": "test-model", "unit": price.unit, "batch_usd": price.batch_usd,
+                    "online_usd": price.online_usd},
+        **sections}))
 
 
 def cli(config: str, *args: str) -> Any:
@@ -176,11 +165,11 @@ def test_estimate_is_exact_for_what_flush_then_sends_and_changes_nothing(world, 
     assert e.cost_usd == pytest.approx(bill(to_send) / 1000 * 0.5, rel=1e-12)
     assert e.jobs == 2  # 6 chunks to claim ("new one" twice), 3 per job
 
-    out = cli(write_toml(w, tmp_path, "[budget]\ndaily_usd = 5.0"), "estimate", "--json")
+    out = cli(write_toml(w, tmp_path, budget={"daily_usd": 5.0}), "estimate", "--json")
     assert out.exit_code == 0, out.output
     assert orjson.loads(out.output) == e.as_dict()
     assert dump() == before
-    assert "budget   today" in cli(write_toml(w, tmp_path, "[budget]\ndaily_usd = 5.0"), "estimate").output
+    assert "budget   today" in cli(write_toml(w, tmp_path, budget={"daily_usd": 5.0}), "estimate").output
 
     # What the estimate said is what flush then sends and the ledger records.
     w.manager.flush_queue(force=True)
@@ -220,7 +209,7 @@ def test_budget_blocks_flush_splits_to_fit_and_ignore_budget_overrides(world, tm
 
     assert "spent today $0.2000; over budget until " in Worker(w.manager).status_line()
 
-    cfg = write_toml(w, tmp_path, "[budget]\ndaily_usd = 0.12")
+    cfg = write_toml(w, tmp_path, budget={"daily_usd": 0.12})
     out = cli(cfg, "flush", "--force")
     assert out.exit_code == 0 and "over budget until" in out.output and "submitted 0" in out.output
     stats = cli(cfg, "stats")
@@ -347,13 +336,7 @@ def test_a_database_made_before_the_ledger_is_upgraded_and_its_old_batches_are_l
     ("[embedding]\nauto_truncate = \"no\"", "embedding.auto_truncate", "true or false"),
 ])
 def test_money_and_metrics_settings_are_validated(tmp_path, body, key, reason):
-    from batchd.config import ConfigError, load
-
-    p = tmp_path / "batchd.toml"
-    p.write_text(body + "\n")
-    with pytest.raises(ConfigError) as e:
-        load(p)
-    assert e.value.key == key and reason in e.value.reason and str(p) in str(e.value)
+    assert_refused(tmp_path, body + "\n", key, reason)
 
 
 def test_a_claimed_batch_whose_submit_failed_still_counts_against_the_budget(world):

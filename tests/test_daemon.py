@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MEMBACKEND, batchd_cmd
+from tests.configs import daemon_config
+from tests.conftest import batchd_cmd
 from tests.fakes.membackend import read_counters, set_knobs
 
 PRIORITY = re.compile(r"^<([0-7])>")
@@ -29,26 +30,6 @@ STATUS_COUNTS = re.compile(r"pending=\d+ running=\d+ ready=\d+ failed=\d+")
 
 
 # ----------------------------------------------------------------------------------------- harness
-
-
-def write_config(folder: Path, *, flush: str = "0.5s", sync: str = "0.5s", extra: str = "",
-                 min_batch_size: int = 1) -> Path:
-    cfg = folder / "batchd.toml"
-    cfg.write_text(f"""
-[database]
-path = "{folder / 'app.db'}"
-[queue]
-min_batch_size = {min_batch_size}
-max_batch_size = 5000
-flush_interval = "{flush}"
-sync_interval = "{sync}"
-[embedding]
-backend = "{MEMBACKEND}"
-model = "test-model"
-dimensions = 16
-{extra}
-""")
-    return cfg
 
 
 class NotifySocket:
@@ -215,7 +196,7 @@ def texts(prefix: str, n: int) -> list[str]:
 
 
 def test_notify_ready_status_watchdog_stopping_and_queue_drains(tmp_path, batchd_env, notify, daemons):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     first = texts("before", 20)
     enqueue(cfg, batchd_env, first)
     # A batch claimed before a "crash" and never submitted: recovery must submit it before READY=1.
@@ -269,7 +250,7 @@ def test_notify_ready_status_watchdog_stopping_and_queue_drains(tmp_path, batchd
 
 
 def test_wedged_worker_stops_the_watchdog_pings(tmp_path, batchd_env, notify, daemons):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     enqueue(cfg, batchd_env, texts("w", 5))
     folder = tmp_path / "testbackend"
     set_knobs(folder, block="submit")  # the first submit hangs, reporting no progress
@@ -291,7 +272,7 @@ def test_wedged_worker_stops_the_watchdog_pings(tmp_path, batchd_env, notify, da
 
 
 def test_sigterm_mid_sync_exits_0_and_the_next_run_finishes(tmp_path, batchd_env, notify, daemons):
-    cfg = write_config(tmp_path, flush="0.5s", sync="0.5s")
+    cfg = daemon_config(tmp_path, flush="0.5s", sync="0.5s")
     folder = tmp_path / "testbackend"
     n = 400
     enqueue(cfg, batchd_env, texts("s", n))
@@ -322,8 +303,8 @@ def test_sigterm_while_parse_workers_spool_exits_0_leaves_no_worker_and_nothing_
     its workers are gone, no vector was applied (a spool is never applied in part), the next run finishes."""
     from tests.test_parse_pool import workers_of
 
-    cfg = write_config(tmp_path, extra="[daemon]\nparse_workers = 2\n")
-    cfg.write_text(cfg.read_text().replace(MEMBACKEND, "tests.fakes.membackend:RawScriptedBackend"))
+    cfg = daemon_config(tmp_path, daemon={"parse_workers": 2},
+                        embedding={"backend": "tests.fakes.membackend:RawScriptedBackend"})
     folder = tmp_path / "testbackend"
     n = 400
     enqueue(cfg, batchd_env, texts("w", n))
@@ -346,7 +327,7 @@ def test_sigterm_while_parse_workers_spool_exits_0_leaves_no_worker_and_nothing_
 
 
 def test_second_signal_exits_at_once(tmp_path, batchd_env, daemons):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     enqueue(cfg, batchd_env, texts("k", 3))
     set_knobs(tmp_path / "testbackend", block="status")  # a stuck sync ignores the first SIGTERM
     d = daemons(cfg, batchd_env)
@@ -365,7 +346,7 @@ def test_second_signal_exits_at_once(tmp_path, batchd_env, daemons):
 
 
 def test_failures_are_logged_retried_and_the_scheduler_survives(tmp_path, batchd_env, notify, daemons):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     folder = tmp_path / "testbackend"
     set_knobs(folder, submit_errors=2, status_errors=2)  # transient backend failures
     d = daemons(cfg, batchd_env, notify=notify)
@@ -398,7 +379,7 @@ def test_failures_are_logged_retried_and_the_scheduler_survives(tmp_path, batchd
 
 
 def test_daemon_waits_for_min_batch_size(tmp_path, batchd_env, notify, daemons):
-    cfg = write_config(tmp_path, min_batch_size=10)
+    cfg = daemon_config(tmp_path, min_batch_size=10)
     d = daemons(cfg, batchd_env, notify=notify)
     d.wait_event("daemon.ready")
     enqueue(cfg, batchd_env, texts("m", 3))
@@ -413,7 +394,7 @@ def test_daemon_waits_for_min_batch_size(tmp_path, batchd_env, notify, daemons):
 
 
 def test_once_exits_0_then_nonzero_when_a_step_fails(tmp_path, batchd_env, daemons):
-    cfg = write_config(tmp_path, extra="")
+    cfg = daemon_config(tmp_path)
     folder = tmp_path / "testbackend"
     enqueue(cfg, batchd_env, texts("o", 4))
     # min_batch_size is 1 here, but --once forces a flush of whatever is pending anyway.
@@ -440,7 +421,7 @@ def test_once_exits_0_then_nonzero_when_a_step_fails(tmp_path, batchd_env, daemo
 
 
 def test_bad_config_exits_78_with_one_line(tmp_path, batchd_env):
-    cfg = write_config(tmp_path, extra="[daemon]\nlog_levle = \"debug\"\n")
+    cfg = daemon_config(tmp_path, daemon={"log_levle": "debug"})
     r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "run"], env=batchd_env, capture_output=True,
                        timeout=60)
     assert r.returncode == 78
@@ -453,7 +434,7 @@ def test_bad_config_exits_78_with_one_line(tmp_path, batchd_env):
 
 
 def test_until_idle_with_nothing_to_do_exits_0(tmp_path, batchd_env):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "run", "--until-idle", "--poll", "0.1s"],
                        env=batchd_env, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
@@ -467,7 +448,7 @@ def test_daemon_waits_its_turn_while_another_worker_holds_the_database(tmp_path,
 
     from tests.test_cli import HOLD_LOCK
 
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     enqueue(cfg, batchd_env, [f"chunk {i}" for i in range(5)])
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cfg)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=batchd_env)

@@ -15,29 +15,16 @@ from click.testing import CliRunner
 from batchd.cli import main
 from batchd.config import load
 from batchd.store import Store
+from tests.configs import merge, write_config
 from tests.conftest import batchd_cmd
 from tests.fakes.fake_gemini_api import API_KEY, decode, expected_values
-from tests.fakes.gemini_env import fake_gemini
+from tests.fakes.gemini_env import fake_gemini, gemini_sections
 from tests.storehelp import store_chunks, store_vector
 
 
-def write_config(tmp_path: Path, base_url: str) -> Path:
-    path = tmp_path / "batchd.toml"
-    path.write_text(f"""
-[database]
-path = "{tmp_path / 'app.db'}"
-[queue]
-min_batch_size = 1
-max_batch_size = 20
-[embedding]
-backend = "gemini-api"
-dimensions = 8
-[gemini_api]
-base_url = "{base_url}"
-request_timeout = "10s"
-retry_backoff = "10ms"
-retry_deadline = "2s"
-""")
+def cli_config(tmp_path: Path, base_url: str) -> Path:
+    path = write_config(tmp_path / "batchd.toml", merge(gemini_sections(tmp_path, base_url),
+                                                        {"queue": {"min_batch_size": 1, "max_batch_size": 20}}))
     Store.open(load(path)).close()  # the database exists: `batchd check` reports a missing one, creates nothing
     return path
 
@@ -66,7 +53,7 @@ def batchd_process(config: Path, creds: Path, *args: str) -> subprocess.Complete
 
 
 def test_cli_on_gemini_api(tmp_path: Path, fake_gemini) -> None:
-    cfg = write_config(tmp_path, fake_gemini.url)
+    cfg = cli_config(tmp_path, fake_gemini.url)
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "gemini-api-key").write_text(API_KEY + "\n")
@@ -108,7 +95,7 @@ def test_cli_on_gemini_api(tmp_path: Path, fake_gemini) -> None:
 
 
 def test_check_names_what_fails(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, "http://127.0.0.1:9")  # nothing listens there
+    cfg = cli_config(tmp_path, "http://127.0.0.1:9")  # nothing listens there
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "gemini-api-key").write_text(API_KEY)
@@ -119,7 +106,7 @@ def test_check_names_what_fails(tmp_path: Path) -> None:
 
 
 def test_check_live_runs_a_three_text_batch_end_to_end(tmp_path: Path, fake_gemini) -> None:
-    cfg = write_config(tmp_path, fake_gemini.url)
+    cfg = cli_config(tmp_path, fake_gemini.url)
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "gemini-api-key").write_text(API_KEY)

@@ -297,6 +297,7 @@ def test_reset_vectors_says_what_it_would_do_then_re_embeds_everything(world, tm
         r = batchd(batchd_env, cfg, "reset-vectors", "--yes")
         assert r.returncode == 75, r.stderr
         assert "another batchd process" in r.stderr
+        assert r.stderr.startswith("batchd: reset-vectors: ") and len(r.stderr.splitlines()) == 1, r.stderr
     finally:
         holder.communicate("\n", timeout=60)
 
@@ -349,6 +350,7 @@ def test_uninstall_leaves_the_app_exactly_as_it_was(world, tmp_path, batchd_env)
     try:
         r = batchd(batchd_env, cfg, "uninstall", "--yes")
         assert r.returncode == 75, r.stderr
+        assert r.stderr.startswith("batchd: uninstall: ") and len(r.stderr.splitlines()) == 1, r.stderr
     finally:
         holder.communicate("\n", timeout=60)
     assert app_dump(db) == installed

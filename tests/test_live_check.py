@@ -17,30 +17,16 @@ from click.testing import CliRunner
 from batchd.cli import main
 from batchd.config import load
 from batchd.store import Store
+from tests.configs import merge, write_config
 from tests.conftest import batchd_cmd
-from tests.fakes.vertex_env import BUCKET, LOCATION, PROJECT, fake_vertex, gcs
+from tests.fakes.vertex_env import BUCKET, LOCATION, fake_vertex, gcs, vertex_sections
 from tests.storehelp import store_chunks
 
 
-def write_config(tmp_path: Path, endpoint: str, model: str = "text-embedding-005", location: str = LOCATION) -> Path:
-    path = tmp_path / "batchd.toml"
-    path.write_text(f"""
-[database]
-path = "{tmp_path / 'app.db'}"
-[embedding]
-backend = "vertex"
-model = "{model}"
-dimensions = 8
-[vertex]
-project = "{PROJECT}"
-location = "{location}"
-staging_uri = "gs://{BUCKET}/live"
-api_endpoint = "{endpoint}"
-credentials = "anonymous"
-request_timeout = "10s"
-retry_backoff = "10ms"
-retry_deadline = "2s"
-""")
+def cli_config(tmp_path: Path, endpoint: str, model: str = "text-embedding-005", location: str = LOCATION) -> Path:
+    sections = merge(vertex_sections(tmp_path, endpoint, folder="live", location=location),
+                     {"embedding": {"model": model}})
+    path = write_config(tmp_path / "batchd.toml", sections)
     Store.open(load(path)).close()  # the database exists: `batchd check` reports a missing one and creates nothing
     return path
 
@@ -86,7 +72,7 @@ def nothing_written(cfg: Path) -> None:
 ])
 def test_live_check_passes_on_what_batchd_accepts(tmp_path: Path, fake_vertex, gcs, model: str, switches: dict,
                                                    expect: str) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url, model)
+    cfg = cli_config(tmp_path, fake_vertex.url, model)
     fake_vertex.auto_finish = True
     for k, v in switches.items():
         setattr(fake_vertex, k, v)
@@ -105,7 +91,7 @@ def test_live_check_passes_on_what_batchd_accepts(tmp_path: Path, fake_vertex, g
 
 
 def test_live_check_waits_through_a_pause_and_keeps_files_when_asked(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url)
+    cfg = cli_config(tmp_path, fake_vertex.url)
     fake_vertex.auto_finish = True
     fake_vertex.hold = "PAUSED"
     threading.Timer(1.0, lambda: setattr(fake_vertex, "hold", None)).start()
@@ -121,7 +107,7 @@ def test_live_check_waits_through_a_pause_and_keeps_files_when_asked(tmp_path: P
 
 
 def test_live_check_warns_about_a_region_without_gemini_batch(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url, "gemini-embedding-001", location="asia-south1")
+    cfg = cli_config(tmp_path, fake_vertex.url, "gemini-embedding-001", location="asia-south1")
     r = CliRunner().invoke(main, ["--config", str(cfg), "check"])
     assert r.exit_code == 0, r.output
     assert "warn  vertex region: vertex.location = 'asia-south1'" in r.output and "us-central1" in r.output
@@ -147,7 +133,7 @@ def test_live_check_warns_about_a_region_without_gemini_batch(tmp_path: Path, fa
      ["FAIL  each line parsed: expected 3 lines, each with a vector; got 3 lines: text 3 failed: fake: blocked"]),
 ])
 def test_live_check_fails_with_clear_lines(tmp_path: Path, fake_vertex, gcs, switches: dict, expect: list[str]) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url)
+    cfg = cli_config(tmp_path, fake_vertex.url)
     fake_vertex.auto_finish = True
     for k, v in switches.items():
         setattr(fake_vertex, k, v)
@@ -161,7 +147,7 @@ def test_live_check_fails_with_clear_lines(tmp_path: Path, fake_vertex, gcs, swi
 
 
 def test_gemini_without_token_counts_fails(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url, "gemini-embedding-001")
+    cfg = cli_config(tmp_path, fake_vertex.url, "gemini-embedding-001")
     fake_vertex.auto_finish = True
     code, out = live(cfg)
     assert code == 1
@@ -170,7 +156,7 @@ def test_gemini_without_token_counts_fails(tmp_path: Path, fake_vertex, gcs) -> 
 
 
 def test_live_check_timeout_cancels_and_cleans(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url)
+    cfg = cli_config(tmp_path, fake_vertex.url)
     code, out = live(cfg, "--timeout", "1s")
     assert code == 1
     line(out, "FAIL  job finished: expected the job to end within 1s; it did not (cancelled)")
@@ -179,7 +165,7 @@ def test_live_check_timeout_cancels_and_cleans(tmp_path: Path, fake_vertex, gcs)
 
 
 def test_ctrl_c_cancels_the_job_and_deletes_its_files(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url)
+    cfg = cli_config(tmp_path, fake_vertex.url)
     env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs.url)
     proc = subprocess.Popen([*batchd_cmd(), "--config", str(cfg), "check", "--live", "--poll", "100ms"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

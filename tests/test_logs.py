@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from tests.conftest import on_a_terminal
 
 SCRIPT = textwrap.dedent("""
     import logging, sys, warnings
@@ -115,21 +116,7 @@ def test_level_filters(tmp_path):
 def test_terminal_gets_readable_lines(tmp_path):
     script = tmp_path / "emit.py"
     script.write_text(SCRIPT)
-    master, slave = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-    p = subprocess.Popen([sys.executable, str(script), "info"], stdout=slave, stderr=subprocess.DEVNULL, env=env)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    p.wait(timeout=30)
-    os.close(master)
-    text = b"".join(chunks).decode(errors="replace")
+    _, text = on_a_terminal([sys.executable, str(script), "info"], env, timeout=30)
     assert "batch.submitted" in text and "\x1b[" in text  # colored
     assert not text.lstrip().startswith("{")

@@ -21,8 +21,9 @@ from batchd.daemon import Worker
 from batchd.manager import BatchManager
 from batchd.metrics import Metrics, MetricsServer
 from batchd.store import Store
+from tests.configs import daemon_config
 from tests.conftest import MEMBACKEND
-from tests.test_daemon import Daemon, daemons, wait_until, write_config
+from tests.test_daemon import Daemon, daemons, wait_until
 
 FAMILIES = {"batchd_chunks", "batchd_batches", "batchd_oldest_pending_seconds",
             "batchd_last_success_timestamp_seconds", "batchd_vectors_applied", "batchd_chunk_failures",
@@ -206,8 +207,8 @@ def test_daemon_serves_metrics_and_healthz_over_http(tmp_path, batchd_env, daemo
 
     port = free_port()
     prom = tmp_path / "batchd.prom"
-    cfg = write_config(tmp_path, flush="0.3s", sync="0.3s",
-                       extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\ntextfile = "{prom}"\n')
+    cfg = daemon_config(tmp_path, flush="0.3s", sync="0.3s",
+                        metrics={"listen": f"127.0.0.1:{port}", "textfile": prom})
     enqueue(cfg, batchd_env, [f"daemon metric text {i}" for i in range(8)])
     d: Daemon = daemons(cfg, batchd_env)
     d.wait_event("metrics.listening")

@@ -24,9 +24,10 @@ from batchd import daemon
 from batchd.reload import reload
 from batchd.store import lock_path
 from batchd.systemd import Notifier
-from tests.conftest import batchd_cmd
+from tests.configs import daemon_config, write_config
+from tests.conftest import batchd_cmd, on_a_terminal
 from tests.fakes.membackend import set_knobs
-from tests.test_daemon import NotifySocket, counts, daemons, enqueue, texts, wait_until, write_config
+from tests.test_daemon import NotifySocket, counts, daemons, enqueue, texts, wait_until
 
 PROGRESS = re.compile(r"reading batch (\d+): (\d+)/(\d+) \((\d+)/s\)")
 
@@ -99,22 +100,12 @@ def test_reload_applies_live_keys_names_restart_keys_and_keeps_the_config_when_t
     path = tmp_path / "batchd.toml"
     base = Path(w.config.source)
     assert base == path
-    path.write_text(f"""
-[database]
-path = "{w.config.database.path}"
-[queue]
-min_batch_size = 7
-max_batch_size = 1000
-max_attempts = 3
-flush_interval = "2s"
-max_running_jobs = 9
-[embedding]
-backend = "{w.config.embedding.backend}"
-model = "another-model"
-dimensions = 16
-[daemon]
-log_level = "debug"
-""")
+    write_config(path, {
+        "database": {"path": w.config.database.path},
+        "queue": {"min_batch_size": 7, "max_batch_size": 1000, "max_attempts": 3, "flush_interval": "2s",
+                  "max_running_jobs": 9},
+        "embedding": {"backend": w.config.embedding.backend, "model": "another-model", "dimensions": 16},
+        "daemon": {"log_level": "debug"}})
     with structlog.testing.capture_logs() as logs:
         assert reload(worker, str(path)) is True
     cfg = w.manager.config
@@ -137,7 +128,7 @@ log_level = "debug"
 
 
 def test_sighup_reloads_the_running_daemon(tmp_path, batchd_env, notify, daemons):
-    cfg = write_config(tmp_path, flush="1h", sync="0.5s")
+    cfg = daemon_config(tmp_path, flush="1h", sync="0.5s")
     d = daemons(cfg, batchd_env, notify=notify)
     d.wait_event("daemon.ready")
     enqueue(cfg, batchd_env, texts("h", 5))  # the first flush tick is over: nothing flushes for an hour
@@ -168,7 +159,7 @@ def test_sighup_reloads_the_running_daemon(tmp_path, batchd_env, notify, daemons
 
 
 def test_what_c_libraries_write_to_fd_1_and_2_becomes_json_events(tmp_path, batchd_env, daemons):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     set_knobs(tmp_path / "testbackend",
               foreign_output="Error in cpuinfo: failed to parse processor information from /proc/cpuinfo")
     d = daemons(cfg, batchd_env)
@@ -202,7 +193,7 @@ def _run(env: dict[str, str], cfg: Path, *args: str, umask: int = 0o022, stdin: 
 
 
 def test_files_batchd_creates_are_never_readable_by_others(tmp_path, batchd_env):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     r = _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "a private text"}\n')
     assert r.returncode == 0, r.stderr
     r = _run(batchd_env, cfg, "flush", "--force")
@@ -214,7 +205,7 @@ def test_files_batchd_creates_are_never_readable_by_others(tmp_path, batchd_env)
 
 
 def test_an_unusable_lock_is_one_line_not_a_traceback(tmp_path, batchd_env):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     assert _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "t"}\n').returncode == 0
     lock = lock_path(str(tmp_path / "app.db"))
     os.mkdir(lock)  # something batchd cannot open as its lock, even as root
@@ -233,7 +224,7 @@ def test_files_root_creates_get_the_owner_and_group_of_the_database(tmp_path, ba
     folder = tmp_path / "state"
     folder.mkdir()
     os.chown(folder, nobody.pw_uid, nobody.pw_gid)
-    cfg = write_config(folder)
+    cfg = daemon_config(folder)
     r = _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "t"}\n')  # root creates the database...
     assert r.returncode == 0, r.stderr
     assert _run(batchd_env, cfg, "flush", "--force").returncode == 0  # ...and the worker lock
@@ -243,7 +234,7 @@ def test_files_root_creates_get_the_owner_and_group_of_the_database(tmp_path, ba
 
 
 def test_check_reports_files_the_service_group_cannot_write(tmp_path, batchd_env):
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     assert _run(batchd_env, cfg, "enqueue", stdin=b'{"text": "t"}\n').returncode == 0
     db = tmp_path / "app.db"
     r = _run(batchd_env, cfg, "check")
@@ -266,31 +257,12 @@ def test_check_reports_files_the_service_group_cannot_write(tmp_path, batchd_env
 
 
 def test_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path, batchd_env):
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path)
     enqueue(cfg, batchd_env, texts("bar", 120))
     set_knobs(tmp_path / "testbackend", result_delay=0.02)  # ~2.5 s of reading, progress every 50 lines
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
-    p = subprocess.Popen([*batchd_cmd(), "--config", str(cfg), "run", "--until-idle", "--poll", "0.2s"],
-                         env=batchd_env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert p.wait(timeout=120) == 0
-    os.close(master)
-    text = b"".join(chunks).decode(errors="replace")
+    code, text = on_a_terminal([*batchd_cmd(), "--config", str(cfg), "run", "--until-idle", "--poll", "0.2s"],
+                               batchd_env, stderr_too=True, columns=120)  # a terminal has a size
+    assert code == 0, text
     print(text)
     assert re.search(r"reading batch 1: +100%\|.*\| 120/120 \[", text), text  # tqdm's bar: count, time, rate
     assert "text/s" in text and "pending=0 running=0 ready=120 failed=0" in text

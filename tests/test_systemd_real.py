@@ -10,6 +10,7 @@ The tests share one instance and run in file order: start, enqueue, journal, wat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from tests.test_daemon import counts, wait_until
 TOOL = REPO.parent / "shared" / "tools" / "boot-systemd.sh"
 UNIT = "batch-worker.service"
 ONCE = REPO / "packaging" / "systemd" / "batch-worker-once.service"
+EXE = Path(sys.executable).parent / "batchd"  # this environment's console script
 CONFIG = f"""
 [database]
 path = "/var/lib/batchd/batchd.db"
@@ -54,22 +57,55 @@ def _skip_reason() -> str | None:
         return "boot-systemd.sh needs root"
     if not (Path("/lib/systemd/systemd").exists() or Path("/usr/lib/systemd/systemd").exists()):
         return "systemd is not installed"
-    if not (Path(sys.executable).parent / "batchd").exists():
+    if not EXE.exists():
         return "the batchd console script is not installed in this environment"
     return None
 
 
 class Instance:
-    def __init__(self, handle: str, state: Path):
+    def __init__(self, handle: str, tmp: Path):
         self.handle = handle
-        self.state = state  # host side of /var/lib/batchd
+        self.tmp = tmp  # host side: files to copy in
+        self.state = tmp / "state"  # host side of /var/lib/batchd
+
+    def run(self, *cmd: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(TOOL), "exec", self.handle, *cmd], capture_output=True, timeout=timeout,
+                              input=input)
 
     def x(self, *cmd: str, check: bool = True, timeout: float = 60, input: bytes | None = None) -> str:
-        r = subprocess.run([str(TOOL), "exec", self.handle, *cmd], capture_output=True, timeout=timeout,
-                           input=input)
+        r = self.run(*cmd, timeout=timeout, input=input)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout.decode()}\n{r.stderr.decode()}")
         return r.stdout.decode()
+
+    def as_user(self, user: str, *cmd: str, check: bool = True, timeout: float = 60,
+                input: bytes | None = None) -> str:
+        return self.x("setpriv", "--reuid", user, "--regid", user, "--init-groups", *cmd, check=check,
+                      timeout=timeout, input=input)
+
+    def batchd(self, *args: str, env: tuple[str, ...] = (), check: bool = True, timeout: float = 60,
+               input: bytes | None = None) -> str:
+        """`batchd --config /etc/batchd/batchd.toml ARGS` inside the instance as the service user (with ``env``:
+        VAR=value settings), the way the application would share the file."""
+        return self.as_user("batchd", *(["env", *env] if env else []), str(EXE), "--config",
+                            "/etc/batchd/batchd.toml", *args, check=check, timeout=timeout, input=input)
+
+    def install_config(self, text: str) -> None:
+        """``text`` as /etc/batchd/batchd.toml, root:batchd 0640 (README step 3)."""
+        (self.tmp / "batchd.toml").write_text(text)
+        self.cp_in(self.tmp / "batchd.toml", "/tmp/batchd.toml")
+        self.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+
+    def start_app(self, script: str) -> subprocess.Popen[str]:
+        """The application: ``script`` run by Debian's python3 as user myapp, once it has printed "ready"."""
+        app = subprocess.Popen([str(TOOL), "exec", self.handle, "setpriv", "--reuid", "myapp", "--regid", "myapp",
+                                "--init-groups", "/usr/bin/python3", "-c", script],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert app.stdout is not None and app.stdin is not None
+        if app.stdout.readline().strip() != "ready":
+            app.kill()
+            raise AssertionError(f"the application did not start: {app.stderr.read() if app.stderr else ''}")
+        return app
 
     def cp_in(self, src: Path, dst: str) -> None:
         subprocess.run([str(TOOL), "cp-in", self.handle, str(src), dst], check=True, timeout=60)
@@ -77,14 +113,10 @@ class Instance:
     def prop(self, name: str) -> str:
         return self.x("systemctl", "show", "-P", name, UNIT).strip()
 
-    def as_app(self, *args: str, input: bytes | None = None) -> str:
-        """`batchd` run inside the instance as the service user, the way the application would share the file."""
-        return self.x("setpriv", "--reuid", "batchd", "--regid", "batchd", "--init-groups", "env",
-                      f"PYTHONPATH={REPO}", str(Path(sys.executable).parent / "batchd"), "--config",
-                      "/etc/batchd/batchd.toml", *args, input=input)
-
     def enqueue(self, texts: list[str]) -> None:
-        self.as_app("enqueue", input="".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+        """`batchd enqueue` on the test backend (importable through PYTHONPATH)."""
+        self.batchd("enqueue", env=(f"PYTHONPATH={REPO}",),
+                    input="".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
 
     def journal(self) -> list[dict[str, Any]]:
         out = self.x("journalctl", "--no-pager", "-u", UNIT, "-o", "json")
@@ -108,44 +140,57 @@ class Instance:
         return wait_until(find, timeout, f"journal event {name} {fields}")
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def _booted(tmp: Path) -> Iterator[Instance]:
+    """A throwaway systemd seeing this checkout and its virtual environment, with tmp/state bind-mounted as
+    /var/lib/batchd; stopped at the end. Skips the test when this machine cannot run one."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    tmp = tmp_path_factory.mktemp("systemd")
-    state = tmp / "state"
-    state.mkdir()
+    (tmp / "state").mkdir()
     venv = Path(sys.prefix)
-    binds = ["--bind", str(REPO), "--bind", f"{state}:/var/lib/batchd"]
+    binds = ["--bind", str(REPO), "--bind", f"{tmp / 'state'}:/var/lib/batchd"]
     if REPO not in venv.parents and venv != REPO:
         binds += ["--bind", str(venv)]
-    started = time.monotonic()
     r = subprocess.run([str(TOOL), "start", *binds], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         pytest.fail(f"boot-systemd.sh start failed: {r.stderr}")
-    inst = Instance(r.stdout.strip().splitlines()[-1], state)
-    print(f"\nsystemd booted in {time.monotonic() - started:.2f}s")
+    inst = Instance(r.stdout.strip().splitlines()[-1], tmp)
     try:
-        _install(inst, tmp)
         yield inst
     finally:
         subprocess.run([str(TOOL), "stop", inst.handle], capture_output=True, timeout=120)
-        print(f"real-systemd tests: {time.monotonic() - started:.1f}s including boot and teardown")
+
+
+def _python_visible(inst: Instance) -> list[str]:
+    """Drop-in lines that show this interpreter to the unit when it lives under /root or /home (which the unit's
+    ProtectHome=yes hides), its top folder made enterable inside the instance only (overlay); else none."""
+    base = Path(sys.base_prefix).resolve()
+    if not any(base.is_relative_to(h) for h in ("/root", "/home")):
+        return []
+    inst.x("chmod", "o+x", str(Path(*base.parts[:2])))
+    return ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
+
+
+def _unit_file(shipped: Path) -> str:
+    """A shipped unit with ExecStart= pointed at this environment's batchd."""
+    return shipped.read_text().replace("/opt/batchd/bin/batchd", str(EXE))
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory: pytest.TempPathFactory):
+    started = time.monotonic()
+    with _booted(tmp_path_factory.mktemp("systemd")) as inst:
+        print(f"\nsystemd booted in {time.monotonic() - started:.2f}s")
+        _install(inst, inst.tmp)
+        yield inst
+    print(f"real-systemd tests: {time.monotonic() - started:.1f}s including boot and teardown")
 
 
 def _install(inst: Instance, tmp: Path) -> None:
-    exe = Path(sys.executable).parent / "batchd"
-    unit = (REPO / "packaging" / "systemd" / UNIT).read_text().replace("/opt/batchd/bin/batchd", str(exe))
-    (tmp / UNIT).write_text(unit)
-    once = ONCE.read_text().replace("/opt/batchd/bin/batchd", str(exe))
-    (tmp / ONCE.name).write_text(once)
-    dropin = ["[Service]", f"Environment=PYTHONPATH={REPO}"]
-    base = Path(sys.base_prefix).resolve()
-    if any(base.is_relative_to(h) for h in ("/root", "/home")):
-        # The unit hides /root and /home (ProtectHome=yes); this interpreter lives there.
-        dropin += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
-        inst.x("chmod", "o+x", str(Path(*base.parts[:2])))  # inside the instance only (overlay)
+    (tmp / UNIT).write_text(_unit_file(REPO / "packaging" / "systemd" / UNIT))
+    (tmp / ONCE.name).write_text(_unit_file(ONCE))
+    dropin = ["[Service]", f"Environment=PYTHONPATH={REPO}", *_python_visible(inst)]
     (tmp / "once.conf").write_text("\n".join(dropin) + "\n")
     (tmp / "test.conf").write_text("\n".join([*dropin, "WatchdogSec=2s", "RestartSec=1s"]) + "\n")
     (tmp / "batchd.toml").write_text(CONFIG)
@@ -275,8 +320,7 @@ def test_bad_config_fails_once_with_78_and_no_restart_loop(sd: Instance, tmp_pat
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG + '[daemon]\nlog_levle = "debug"\n')
     sd.cp_in(bad, "/etc/batchd/batchd.toml")
-    r = subprocess.run([str(TOOL), "exec", sd.handle, "systemctl", "start", UNIT], capture_output=True, timeout=60)
-    assert r.returncode != 0
+    assert sd.run("systemctl", "start", UNIT).returncode != 0
     time.sleep(3)  # three RestartSec= periods: a restart loop would show by now
     assert sd.prop("ExecMainStatus") == "78"
     assert sd.prop("ActiveState") == "failed" and sd.prop("Result") == "exit-code"
@@ -343,42 +387,22 @@ db.close()
 
 @pytest.fixture(scope="module")
 def op(tmp_path_factory: pytest.TempPathFactory):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    try:
-        import sentence_transformers
-    except ImportError:
-        pytest.skip("the local backend is not installed in this environment (pip install -e '.[local]')")
-    tmp = tmp_path_factory.mktemp("operator")
-    state = tmp / "state"
-    state.mkdir()
-    venv = Path(sys.prefix)
-    binds = ["--bind", str(REPO), "--bind", f"{state}:/var/lib/batchd"]
-    if REPO not in venv.parents and venv != REPO:
-        binds += ["--bind", str(venv)]
-    r = subprocess.run([str(TOOL), "start", *binds], capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        pytest.fail(f"boot-systemd.sh start failed: {r.stderr}")
-    inst = Instance(r.stdout.strip().splitlines()[-1], state)
-    try:
-        yield inst, tmp
-    finally:
-        subprocess.run([str(TOOL), "stop", inst.handle], capture_output=True, timeout=120)
-
-
-def _as(inst: Instance, user: str, *cmd: str, check: bool = True, timeout: float = 300) -> str:
-    return inst.x("setpriv", "--reuid", user, "--regid", user, "--init-groups", *cmd, check=check, timeout=timeout)
+    if _skip_reason() is None:
+        try:
+            import sentence_transformers
+        except ImportError:
+            pytest.skip("the local backend is not installed in this environment (pip install -e '.[local]')")
+    with _booted(tmp_path_factory.mktemp("operator")) as inst:
+        yield inst, inst.tmp
 
 
 def _batchd(inst: Instance, *args: str, check: bool = True) -> str:
-    return _as(inst, "batchd", str(Path(sys.executable).parent / "batchd"), "--config", "/etc/batchd/batchd.toml",
-               *args, check=check)
+    """`batchd ARGS` as the service user, as the README has the operator run it (no test PYTHONPATH)."""
+    return inst.batchd(*args, check=check, timeout=300)
 
 
 def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
     inst, tmp = op
-    exe = Path(sys.executable).parent / "batchd"
     t0 = time.monotonic()
     # README step 2: user and group, the application's user in the group, the setgid state folder, the database
     # file made group-writable up front.
@@ -387,40 +411,30 @@ def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
     inst.x("usermod", "-aG", "batchd", "myapp")
     inst.x("install", "-d", "-m", "2770", "-o", "batchd", "-g", "batchd", "/var/lib/batchd")
     inst.x("install", "-m", "0660", "-o", "batchd", "-g", "batchd", "/dev/null", "/var/lib/batchd/batchd.db")
-    base = Path(sys.base_prefix).resolve()
-    in_home = any(base.is_relative_to(h) for h in ("/root", "/home"))
-    if in_home:
-        inst.x("chmod", "o+x", str(Path(*base.parts[:2])))  # inside the instance only (overlay)
+    python_visible = _python_visible(inst)
+    in_home = bool(python_visible)
     # Step 3: the configuration, then `check` as the service user.
-    (tmp / "batchd.toml").write_text(LOCAL_CONFIG)
     inst.x("install", "-d", "-m", "0755", "/etc/batchd")
-    inst.cp_in(tmp / "batchd.toml", "/tmp/batchd.toml")
-    inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+    inst.install_config(LOCAL_CONFIG)
     check = _batchd(inst, "check", check=False)
     print(check)
     assert "FAIL" not in check and "ok    database folder" in check, check
     assert ("WARN  python:" in check) == in_home
     # Step 4: the unit and the local backend's drop-in, as shipped.
-    unit = (REPO / "packaging" / "systemd" / UNIT).read_text().replace("/opt/batchd/bin/batchd", str(exe))
-    (tmp / UNIT).write_text(unit)
+    (tmp / UNIT).write_text(_unit_file(REPO / "packaging" / "systemd" / UNIT))
     inst.cp_in(tmp / UNIT, f"/etc/systemd/system/{UNIT}")
     inst.x("install", "-D", "-m", "0644", str(REPO / "packaging" / "systemd" / "local-backend.conf"),
            f"/etc/systemd/system/{UNIT}.d/local-backend.conf")
-    test_dropin = ["[Service]", "RestartSec=1s"]
-    if in_home:
-        test_dropin += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
+    test_dropin = ["[Service]", "RestartSec=1s", *python_visible]
     (tmp / "test.conf").write_text("\n".join(test_dropin) + "\n")
     inst.cp_in(tmp / "test.conf", f"/etc/systemd/system/{UNIT}.d/test.conf")
     inst.x("systemctl", "daemon-reload")
     assert inst.prop("MemoryDenyWriteExecute") == "no" and inst.prop("ProcSubset") == "all"
 
     # The application opens the database first (its -wal/-shm are created by myapp), then the service starts.
-    app = subprocess.Popen([str(TOOL), "exec", inst.handle, "setpriv", "--reuid", "myapp", "--regid", "myapp",
-                            "--init-groups", "/usr/bin/python3", "-c", APP],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app = inst.start_app(APP)
     try:
         assert app.stdout is not None and app.stdin is not None
-        assert app.stdout.readline().strip() == "ready", app.stderr.read() if app.stderr else ""
         ls = inst.x("stat", "-c", "%n %U:%G %a", "/var/lib/batchd", "/var/lib/batchd/batchd.db",
                     "/var/lib/batchd/batchd.db-wal", "/var/lib/batchd/batchd.db-shm")
         print(ls)
@@ -451,10 +465,8 @@ def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
     assert inst.prop("NRestarts") == "0"
 
     # The journal: every line batchd's process wrote is one JSON object (jq -e fails on anything else).
-    r = subprocess.run([str(TOOL), "exec", inst.handle, "sh", "-c",
-                        f"journalctl --no-pager -u {UNIT} -t batchd -o cat | jq -e . > /dev/null"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    r = inst.run("sh", "-c", f"journalctl --no-pager -u {UNIT} -t batchd -o cat | jq -e . > /dev/null")
+    assert r.returncode == 0, r.stderr.decode()
     events = [e for _, e in inst.events()]
     names = [e["event"] for e in events]
     assert "daemon.ready" in names and "batch.progress" in names
@@ -463,9 +475,7 @@ def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
 
     # Reload: a new flush_interval applies without a restart.
     pid = inst.prop("MainPID")
-    (tmp / "batchd.toml").write_text(LOCAL_CONFIG.replace('flush_interval = "1s"', 'flush_interval = "3s"'))
-    inst.cp_in(tmp / "batchd.toml", "/tmp/batchd.toml")
-    inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+    inst.install_config(LOCAL_CONFIG.replace('flush_interval = "1s"', 'flush_interval = "3s"'))
     inst.x("systemctl", "reload", UNIT)
     rec, e = inst.wait_event("config.reloaded", applied=["queue.flush_interval"])
     assert e["values"] == {"queue.flush_interval": 3.0}
@@ -474,13 +484,8 @@ def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
     assert all(json.loads(line)["error_message"] is None for line in jobs.splitlines()), jobs
 
     # A dimensions change that does not fit the database: exit 78 with a config.invalid event, no restart loop.
-    def install_config(text: str) -> None:
-        (tmp / "batchd.toml").write_text(text)
-        inst.cp_in(tmp / "batchd.toml", "/tmp/batchd.toml")
-        inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
-
     seen = len(inst.events())
-    install_config(LOCAL_CONFIG.replace("dimensions = 384", "dimensions = 256"))
+    inst.install_config(LOCAL_CONFIG.replace("dimensions = 384", "dimensions = 256"))
     inst.x("systemctl", "restart", UNIT, check=False, timeout=300)
     wait_until(lambda: inst.prop("ActiveState") in ("failed", "inactive"), timeout=120, what="the service stopped")
     time.sleep(3)  # RestartSec=1s: a restart loop would have begun by now
@@ -490,7 +495,7 @@ def test_operator_path_local_backend_shared_database(op: tuple[Instance, Path]):
     assert invalid and "256" in json.dumps(invalid[0]) and "384" in json.dumps(invalid[0]), invalid
 
     # Back to 384, then reset-vectors (the operator's way to start over): every chunk is embedded again.
-    install_config(LOCAL_CONFIG)
+    inst.install_config(LOCAL_CONFIG)
     dry = _batchd(inst, "reset-vectors")
     assert db(inst)["ready"] == 60, dry  # without --yes nothing changes
     _batchd(inst, "reset-vectors", "--yes")
@@ -523,26 +528,19 @@ def test_app_files_without_the_readme_steps_fail_the_start_instead_of_ready(op: 
     inst, tmp = op
     inst.x("systemctl", "stop", UNIT)
     inst.x("install", "-d", "-m", "0775", "-o", "myapp", "-g", "batchd", "/srv/app")
-    (tmp / "bad.toml").write_text(LOCAL_CONFIG.replace("/var/lib/batchd/batchd.db", "/srv/app/app.db"))
-    inst.cp_in(tmp / "bad.toml", "/tmp/batchd.toml")
-    inst.x("install", "-m", "0640", "-g", "batchd", "/tmp/batchd.toml", "/etc/batchd/batchd.toml")
+    inst.install_config(LOCAL_CONFIG.replace("/var/lib/batchd/batchd.db", "/srv/app/app.db"))
     (tmp / "rw.conf").write_text("[Service]\nReadWritePaths=/srv/app\nRestart=no\n")
     inst.cp_in(tmp / "rw.conf", f"/etc/systemd/system/{UNIT}.d/rw.conf")
     inst.x("systemctl", "daemon-reload")
-    app = subprocess.Popen([str(TOOL), "exec", inst.handle, "setpriv", "--reuid", "myapp", "--regid", "myapp",
-                            "--init-groups", "/usr/bin/python3", "-c", BAD_APP],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app = inst.start_app(BAD_APP)
     try:
-        assert app.stdout is not None and app.stdin is not None
-        assert app.stdout.readline().strip() == "ready", app.stderr.read() if app.stderr else ""
+        assert app.stdin is not None
         print(inst.x("stat", "-c", "%n %U:%G %a", "/srv/app/app.db", "/srv/app/app.db-wal", "/srv/app/app.db-shm"))
         check = _batchd(inst, "check", check=False)
         print(check)
         assert "FAIL  file app.db-wal" in check and "FAIL  file app.db-shm" in check
         before = len(inst.events())
-        r = subprocess.run([str(TOOL), "exec", inst.handle, "systemctl", "start", UNIT], capture_output=True,
-                           timeout=300)
-        assert r.returncode != 0  # never READY=1
+        assert inst.run("systemctl", "start", UNIT, timeout=300).returncode != 0  # never READY=1
         rec, e = inst.wait_event("database.unusable", after=before)
         print(e["error"])
         assert rec["PRIORITY"] == "3" and e["database"] == "/srv/app/app.db" and "read-only" in e["error"], e

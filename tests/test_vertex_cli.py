@@ -10,35 +10,17 @@ from pathlib import Path
 
 from batchd.config import load
 from batchd.store import Store
+from tests.configs import merge, write_config
 from tests.conftest import batchd_cmd
 from tests.fakes.fake_vertex import fake_vector
-from tests.fakes.vertex_env import BUCKET, LOCATION, PROJECT, fake_vertex, gcs
+from tests.fakes.vertex_env import BUCKET, fake_vertex, gcs, vertex_sections
 from tests.storehelp import store_chunks, store_vector
 
 
-def write_config(tmp_path: Path, endpoint: str, bucket: str = BUCKET) -> Path:
-    path = tmp_path / "batchd.toml"
-    path.write_text(f"""
-[database]
-path = "{tmp_path / 'app.db'}"
-[queue]
-min_batch_size = 1
-max_batch_size = 20
-[embedding]
-backend = "vertex"
-model = "gemini-embedding-001"
-dimensions = 8
-[vertex]
-project = "{PROJECT}"
-location = "{LOCATION}"
-staging_uri = "gs://{bucket}/cli"
-api_endpoint = "{endpoint}"
-credentials = "anonymous"
-request_timeout = "10s"
-retry_backoff = "10ms"
-retry_deadline = "2s"
-""")
-    return path
+def cli_config(tmp_path: Path, endpoint: str, bucket: str = BUCKET) -> Path:
+    sections = merge(vertex_sections(tmp_path, endpoint, bucket=bucket, folder="cli"),
+                     {"queue": {"min_batch_size": 1, "max_batch_size": 20}, "embedding": {"model": "gemini-embedding-001"}})
+    return write_config(tmp_path / "batchd.toml", sections)
 
 
 def batchd(config: Path, gcs_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,7 +29,7 @@ def batchd(config: Path, gcs_url: str, *args: str, stdin: str | None = None) -> 
 
 
 def test_cli_on_vertex(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, fake_vertex.url)
+    cfg = cli_config(tmp_path, fake_vertex.url)
     texts = [f"manual page {i}" for i in range(50)]
     r = batchd(cfg, gcs.url, "enqueue", stdin="".join(json.dumps({"text": t}) + "\n" for t in texts))
     assert r.returncode == 0, r.stderr  # enqueue creates the database (check never does)
@@ -76,7 +58,7 @@ def test_cli_on_vertex(tmp_path: Path, fake_vertex, gcs) -> None:
 
 
 def test_cli_check_names_what_fails(tmp_path: Path, fake_vertex, gcs) -> None:
-    cfg = write_config(tmp_path, "http://127.0.0.1:9", bucket="no-such-bucket")
+    cfg = cli_config(tmp_path, "http://127.0.0.1:9", bucket="no-such-bucket")
     r = batchd(cfg, gcs.url, "check")
     assert r.returncode == 1
     assert "FAIL  bucket gs://no-such-bucket" in r.stdout

@@ -32,18 +32,28 @@ def assert_all_ready(w, t: list[str]) -> None:
         assert store_vector(w.store, r["id"]) == fake_vector(text, DIMS)
 
 
+def finish_and_assert_all_ready(w, t: list[str]) -> None:
+    """The fake's jobs end; one sync applies them: every text READY with its own vector."""
+    w.fake.finish()
+    w.manager.sync_status()
+    assert_all_ready(w, t)
+
+
+def assert_one_job_recorded(w, batch_id: int = 1) -> None:
+    """Exactly one remote job was ever created, and the batch records its name."""
+    assert w.fake.count("create") == 1 and len(w.fake.job_names()) == 1
+    assert w.store.batch(batch_id).google_job_id == w.fake.job_names()[0]
+
+
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_lost_create_is_adopted(vworld, mode: str) -> None:
     w = vworld()
     t = enqueue(w)
     w.fake.lose_create, w.fake.lose_create_mode = 1, mode
     assert w.manager.flush_queue().created == [1]
-    assert w.fake.count("create") == 1 and len(w.fake.job_names()) == 1
-    assert w.store.batch(1).google_job_id == w.fake.job_names()[0]
+    assert_one_job_recorded(w)
     assert w.store.batch(1).status == "RUNNING"
-    w.fake.finish()
-    w.manager.sync_status()
-    assert_all_ready(w, t)
+    finish_and_assert_all_ready(w, t)
 
 
 def test_lost_create_adopted_by_the_next_flush(vworld) -> None:
@@ -59,11 +69,8 @@ def test_lost_create_adopted_by_the_next_flush(vworld) -> None:
     assert len(w.fake.job_names()) == 1
     w.fake.clear_faults()
     assert w.manager.flush_queue().created == []  # recover() adopts; nothing new to claim
-    assert len(w.fake.job_names()) == 1 and w.fake.count("create") == 1
-    assert w.store.batch(1).google_job_id == w.fake.job_names()[0]
-    w.fake.finish()
-    w.manager.sync_status()
-    assert_all_ready(w, t)
+    assert_one_job_recorded(w)
+    finish_and_assert_all_ready(w, t)
 
 
 def test_crash_between_create_and_commit_is_adopted(vworld) -> None:
@@ -74,11 +81,8 @@ def test_crash_between_create_and_commit_is_adopted(vworld) -> None:
     w.backend.submit(batch_id, w.store.batch_items(batch_id))  # ... and then the process died
     assert w.store.batch(batch_id).google_job_id is None
     assert w.manager.recover() == 1
-    assert len(w.fake.job_names()) == 1 and w.fake.count("create") == 1
-    assert w.store.batch(batch_id).google_job_id == w.fake.job_names()[0]
-    w.fake.finish()
-    w.manager.sync_status()
-    assert_all_ready(w, t)
+    assert_one_job_recorded(w, batch_id)
+    finish_and_assert_all_ready(w, t)
 
 
 def test_storms_of_429_and_503_are_ridden_out(vworld) -> None:
@@ -106,9 +110,7 @@ def test_503_on_create_never_makes_two_jobs(vworld) -> None:
     assert w.store.batch(1).status == "PENDING" and w.fake.job_names() == []
     w.manager.flush_queue()
     assert len(w.fake.job_names()) == 1 and w.store.batch(1).status == "RUNNING"
-    w.fake.finish()
-    w.manager.sync_status()
-    assert_all_ready(w, t)
+    finish_and_assert_all_ready(w, t)
 
 
 def test_storm_longer_than_the_deadline_is_retried_next_cycle(vworld) -> None:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import orjson
 
 from batchd.backends import Item, ResultLine
-from batchd.backends.vertex_lines import result_for
+from batchd.backends.vertex_lines import json_object, result_for
 
-MAX_ERROR = 500  # characters of a line's error kept for error_message
 FULL_DIMENSIONS = 3_072  # gemini-embedding-001's own size, the only one that comes unit length
 
 
@@ -48,11 +47,8 @@ class GeminiApiLines:
         An ``error``, a missing embedding or an unusable vector is an error line for its row. The response
         shapes are read by the same functions as Vertex's Gemini lines (``vertex_lines.result_for``).
         """
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
+        obj = json_object(raw)
+        if obj is None:
             return None
         key = obj.get("key")
         if not isinstance(key, str) or not key:

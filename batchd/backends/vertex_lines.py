@@ -3,8 +3,8 @@
 Classic models (``text-embedding-005`` ...) get ``{"content", "task_type"}`` per distinct text and echo the
 instance in their output, so a line is tied to its rows by hashing the echoed content. Gemini
 (``gemini-embedding-001``) gets ``{"key", "request"}`` and answers with the same ``key``. Pure functions of
-bytes: no network, no SQL. :func:`gemini_embedding` and :func:`line_error` are shared with other backends
-that read Gemini ``EmbedContentResponse`` objects (the Gemini Developer API's batch mode).
+bytes: no network, no SQL. :func:`json_object` and :func:`result_for` are shared with other backends that read
+Gemini ``EmbedContentResponse`` objects (the Gemini Developer API's batch mode).
 
 What each accepted shape rests on (issue 10; VERTEX.md "What real jobs do"):
 
@@ -72,11 +72,8 @@ class LineFormat:
         A line with a non-empty ``status``, an ``error`` object, no embedding, or a vector that
         :func:`fit_vector` refuses is an error for its rows; only a line naming no row at all is None.
         """
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
+        obj = json_object(raw)
+        if obj is None:
             return None
         key = self.key_of(obj)
         if key is None:
@@ -109,6 +106,15 @@ class LineFormat:
 
     def _hash(self, text: str) -> str:
         return content_hash(text, self.model, self.task_type, self.dimensions)
+
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """One output line as a JSON object, or None when it is not one (truncated, garbage, an array...)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def result_for(keys: tuple[str, ...], obj: dict[str, Any], dimensions: int, *, renormalise: bool) -> ResultLine:
@@ -202,4 +208,4 @@ def float32_blob(values: list[Any]) -> bytes:
 
 
 __all__ = ["Embedding", "LineFormat", "as_count", "embedding_of", "embedding_values", "float32_blob",
-           "gemini_embedding", "line_error", "result_for"]
+           "gemini_embedding", "json_object", "line_error", "result_for"]

@@ -29,31 +29,23 @@ application's batch in the same project).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import itertools
-import json
 import math
 import random
-import threading
 import urllib.parse
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+
+from tests.fakes.httpfake import FakeService, JsonHandler, error_body, fake_values
 
 API_KEY = "test-gemini-key-4f1d9c0b7e2a"  # a recognisable string: tests grep every output for it
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 _FLOW = ("PENDING", "RUNNING")
 _GONE = "You do not have permission to access the File {id} or it may not exist."
-
-
-def fake_values(text: str, dims: int) -> list[float]:
-    """The fake's embedding of ``text``: multiples of 1/8 in [-1, 1] (NOT unit length, like Gemini's < 3072)."""
-    digest = hashlib.shake_128(text.encode("utf-8", "surrogatepass")).digest(dims)
-    return [((b % 17) - 8) / 8 for b in digest]
 
 
 def expected_values(text: str, dims: int, out_dims: int | None = None) -> list[float]:
@@ -127,15 +119,16 @@ class FakeBatch:
         return op
 
 
-class FakeGeminiApi:
+class FakeGeminiApi(FakeService):
     """The fake service. ``with FakeGeminiApi() as fake: ...`` or ``start()`` / ``stop()``."""
 
+    thread_name = "fake-gemini-api"
+
     def __init__(self, api_key: str = API_KEY) -> None:
+        super().__init__(_Handler)
         self.api_key = api_key
         self.files: dict[str, FakeFile] = {}
         self.batches: dict[str, FakeBatch] = {}
-        self.requests: list[tuple[str, str]] = []  # (op, path) of every request served
-        self.lock = threading.RLock()
         self.answered: set[str] = set()  # texts the service has returned a vector for
         self.sent_again_after_answer = 0  # "never pay twice": texts in a new batch that were answered before
         self.texts_sent = 0
@@ -154,54 +147,12 @@ class FakeGeminiApi:
         self.lose_create = 0
         self.lose_create_mode = "503"  # or "reset"
         self.auto_finish = False
-        self._faults: list[tuple[int, str | None, str]] = []
         self._ids = itertools.count(1)
         self._uploads: dict[str, dict[str, Any]] = {}
-        self._server: ThreadingHTTPServer | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> FakeGeminiApi:
-        fake = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.fake = fake
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-gemini-api", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeGeminiApi:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ test controls
-
-    def fail_next(self, status: int, times: int = 1, op: str | None = None, message: str = "") -> None:
-        """Answer the next ``times`` requests of ``op`` (upload_start, upload, file_get, file_delete, download,
-        create, get, list, cancel, delete, embed; None = any) with ``status``."""
-        with self.lock:
-            self._faults.extend([(status, op, message or f"fake: injected {status}")] * times)
-
-    def count(self, op: str) -> int:
-        with self.lock:
-            return sum(1 for o, _ in self.requests if o == op)
+    # (and FakeService's fail_next / count; the ops are upload_start, upload, file_get, file_delete, download,
+    # create, get, list, cancel, delete and embed)
 
     def ours(self) -> list[FakeBatch]:
         with self.lock:
@@ -307,14 +258,6 @@ class FakeGeminiApi:
 
     # ------------------------------------------------------------------ request handling (called by _Handler)
 
-    def take_fault(self, op: str) -> tuple[int, str] | None:
-        with self.lock:
-            for i, (status, fop, msg) in enumerate(self._faults):
-                if fop is None or fop == op:
-                    del self._faults[i]
-                    return status, msg
-        return None
-
     def create_batch(self, model: str, body: dict[str, Any]) -> tuple[int, Any]:
         batch = body.get("batch") or {}
         cfg = batch.get("inputConfig") or batch.get("input_config") or {}
@@ -322,7 +265,7 @@ class FakeGeminiApi:
         with self.lock:
             f = self.files.get(file_name.removeprefix("files/"))
             if f is None or f.expired:
-                return 400, _err(400, f"fake: input file {file_name!r} does not exist", "INVALID_ARGUMENT")
+                return 400, error_body(400, f"fake: input file {file_name!r} does not exist", "INVALID_ARGUMENT")
             bid = f"b{next(self._ids):04d}x{random.randrange(16**6):06x}"
             b = FakeBatch(bid, batch.get("displayName") or batch.get("display_name") or "", f"models/{model}",
                           file_name)
@@ -348,58 +291,27 @@ class FakeGeminiApi:
             return out
 
 
-def _err(code: int, message: str, status: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "status": status}}
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     fake: FakeGeminiApi
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    # -- plumbing
-
-    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
-              raw: bytes | None = None) -> None:
-        data = raw if raw is not None else json.dumps(body if body is not None else {}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self) -> bytes:
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
 
     def _route(self, method: str) -> None:
         fake = self.fake
         url = urllib.parse.urlsplit(self.path)
         path, query = url.path, dict(urllib.parse.parse_qsl(url.query))
-        body = self._body()
+        body = self.read_body()
         op = _op(method, path, query, self.headers)
-        with fake.lock:
-            fake.requests.append((op, self.path))
+        fake.record(op, self.path)
         # The upload session URL is its own credential: the SDK sends its chunks without the key.
         if op != "upload" and self.headers.get("x-goog-api-key") != fake.api_key:
-            self._send(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+            self.send(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
                                        "status": "INVALID_ARGUMENT",
                                        "details": [{"reason": "API_KEY_INVALID"}]}})
             return
-        fault = fake.take_fault(op)
-        if fault:
-            status, msg = fault
-            names = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 400: "INVALID_ARGUMENT",
-                     403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
-            self._send(status, _err(status, msg, names.get(status, "UNKNOWN")))
+        if self.answered_fault(op):
             return
         handler = getattr(self, "_" + op, None)
         if handler is None:
-            self._send(404, _err(404, f"fake: no route for {method} {path}", "NOT_FOUND"))
+            self.send(404, error_body(404, f"fake: no route for {method} {path}", "NOT_FOUND"))
             return
         handler(path, query, body)
 
@@ -420,14 +332,14 @@ class _Handler(BaseHTTPRequestHandler):
         fid = (meta.get("name") or "").removeprefix("files/") or f"f{next(fake._ids):06d}"
         with fake.lock:
             if fid in fake.files and not fake.files[fid].expired:
-                self._send(409, _err(409, f"fake: File files/{fid} already exists.", "ALREADY_EXISTS"))
+                self.send(409, error_body(409, f"fake: File files/{fid} already exists.", "ALREADY_EXISTS"))
                 return
             upload_id = f"u{next(fake._ids)}"
             fake._uploads[upload_id] = {"id": fid, "display": meta.get("displayName") or "",
                                         "mime": self.headers.get("X-Goog-Upload-Header-Content-Type") or "",
                                         "size": int(self.headers.get("X-Goog-Upload-Header-Content-Length") or 0),
                                         "buf": bytearray()}
-        self._send(200, {}, {"x-goog-upload-url": f"{fake.url}/upload/v1beta/files?upload_id={upload_id}",
+        self.send(200, {}, {"x-goog-upload-url": f"{fake.url}/upload/v1beta/files?upload_id={upload_id}",
                              "x-goog-upload-status": "active"})
 
     def _upload(self, path: str, query: dict[str, str], body: bytes) -> None:
@@ -435,41 +347,41 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             up = fake._uploads.get(query.get("upload_id", ""))
             if up is None or int(self.headers.get("X-Goog-Upload-Offset") or -1) != len(up["buf"]):
-                self._send(400, _err(400, "fake: bad upload session or offset", "INVALID_ARGUMENT"))
+                self.send(400, error_body(400, "fake: bad upload session or offset", "INVALID_ARGUMENT"))
                 return
             up["buf"] += body
             if "finalize" not in (self.headers.get("X-Goog-Upload-Command") or ""):
-                self._send(200, {}, {"x-goog-upload-status": "active"})
+                self.send(200, {}, {"x-goog-upload-status": "active"})
                 return
             del fake._uploads[query["upload_id"]]
             f = FakeFile(up["id"], up["display"], up["mime"], bytes(up["buf"]), "UPLOADED")
             fake.files[f.id] = f
-        self._send(200, {"file": f.as_json()}, {"x-goog-upload-status": "final"})
+        self.send(200, {"file": f.as_json()}, {"x-goog-upload-status": "final"})
 
     def _file(self, path: str) -> FakeFile | None:
         fid = path.removeprefix("/v1beta/files/").removesuffix(":download")
         f = self.fake.files.get(fid)
         if f is None or f.expired:
-            self._send(403, _err(403, _GONE.format(id=fid), "PERMISSION_DENIED"))
+            self.send(403, error_body(403, _GONE.format(id=fid), "PERMISSION_DENIED"))
             return None
         return f
 
     def _file_get(self, path: str, query: dict[str, str], body: bytes) -> None:
         f = self._file(path)
         if f:
-            self._send(200, f.as_json())
+            self.send(200, f.as_json())
 
     def _file_delete(self, path: str, query: dict[str, str], body: bytes) -> None:
         f = self._file(path)
         if f:
             with self.fake.lock:
                 del self.fake.files[f.id]
-            self._send(200, {})
+            self.send(200, {})
 
     def _download(self, path: str, query: dict[str, str], body: bytes) -> None:
         f = self._file(path)
         if f:
-            self._send(200, raw=f.data)
+            self.send(200, raw=f.data)
 
     # -- batches
 
@@ -484,15 +396,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            self._send(503, _err(503, "fake: the batch was created but the answer was lost", "UNAVAILABLE"))
+            self.send(503, error_body(503, "fake: the batch was created but the answer was lost", "UNAVAILABLE"))
             return
-        self._send(status, answer)
+        self.send(status, answer)
 
     def _batch(self, path: str) -> FakeBatch | None:
         bid = path.removeprefix("/v1beta/batches/").removesuffix(":cancel")
         b = self.fake.batches.get(bid)
         if b is None or b.deleted:
-            self._send(404, _err(404, f"fake: batches/{bid} not found", "NOT_FOUND"))
+            self.send(404, error_body(404, f"fake: batches/{bid} not found", "NOT_FOUND"))
             return None
         return b
 
@@ -503,20 +415,20 @@ class _Handler(BaseHTTPRequestHandler):
         if self.fake.auto_finish and not b.foreign:
             self.fake.finish(f"batches/{b.id}")
         with self.fake.lock:
-            self._send(200, b.as_json())
+            self.send(200, b.as_json())
 
     def _list(self, path: str, query: dict[str, str], body: bytes) -> None:
-        self._send(200, self.fake.list_page(int(query.get("pageSize") or 0), query.get("pageToken") or ""))
+        self.send(200, self.fake.list_page(int(query.get("pageSize") or 0), query.get("pageToken") or ""))
 
     def _cancel(self, path: str, query: dict[str, str], body: bytes) -> None:
         b = self._batch(path)
         if b is None:
             return
         if b.state in FINAL:
-            self._send(400, _err(400, f"fake: batch is already {b.state}", "FAILED_PRECONDITION"))
+            self.send(400, error_body(400, f"fake: batch is already {b.state}", "FAILED_PRECONDITION"))
             return
         self.fake._finalise(b, "CANCELLED")
-        self._send(200, {})
+        self.send(200, {})
 
     def _delete(self, path: str, query: dict[str, str], body: bytes) -> None:
         b = self._batch(path)
@@ -524,7 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.fake.lock:
             b.deleted = True  # deleting does not cancel: a running batch goes on (and is billed)
-        self._send(200, {})
+        self.send(200, {})
 
     # -- online embedding (batchd search)
 
@@ -536,7 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
             dims = self.fake.output_dims or int(r.get("outputDimensionality") or r.get("output_dimensionality")
                                                 or 3072)
             out.append({"values": fake_values(text, dims)})
-        self._send(200, {"embeddings": out})
+        self.send(200, {"embeddings": out})
 
 
 def _op(method: str, path: str, query: dict[str, str], headers: Any) -> str:

@@ -24,28 +24,21 @@ cancel goes through CANCELLING first). :meth:`FakeVertex.resent_after_answer` is
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import random
-import threading
 import urllib.parse
 from array import array
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
 from google.cloud import aiplatform_v1
 
+from tests.fakes.httpfake import FakeService, JsonHandler, error_body, fake_values
+
 FINAL_STATES = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 _FLOW = ("QUEUED", "PENDING", "RUNNING")
-
-
-def fake_values(text: str, dims: int) -> list[float]:
-    """The fake's embedding of ``text``: multiples of 1/8 in [-1, 1], exact in float32, short in JSON."""
-    digest = hashlib.shake_128(text.encode("utf-8", "surrogatepass")).digest(dims)
-    return [((b % 17) - 8) / 8 for b in digest]
 
 
 def fake_vector(text: str, dims: int, *, unit: bool = False) -> bytes:
@@ -65,15 +58,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class FakeVertex:
+class FakeVertex(FakeService):
     """The fake service. ``with FakeVertex(gcs_client) as fake: ...`` or ``start()`` / ``stop()``."""
 
+    thread_name = "fake-vertex"
+
     def __init__(self, storage_client: Any, project: str = "proj", location: str = "us-central1") -> None:
+        super().__init__(_Handler)
         self.storage = storage_client
         self.project, self.location = project, location
         self.jobs: dict[str, aiplatform_v1.BatchPredictionJob] = {}
-        self.requests: list[tuple[str, str]] = []  # (op, path) of every request served
-        self.lock = threading.RLock()
         # knobs
         self.shuffle = False
         self.split = 1
@@ -104,63 +98,14 @@ class FakeVertex:
         self.sent: dict[str, list[str]] = {}  # job name -> the texts of its input (recorded when it ran)
         self.resent: list[tuple[str, str]] = []  # filled by resent_after_answer()
         self._clock = 0  # orders creates and exports
-        self._faults: list[tuple[int, str | None, str]] = []
         self._seq = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
 
     @property
     def parent(self) -> str:
         return f"projects/{self.project}/locations/{self.location}"
 
-    def start(self) -> FakeVertex:
-        fake = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.fake = fake
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-vertex",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeVertex:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
     # ------------------------------------------------------------------ test controls
-
-    def fail_next(self, status: int, times: int = 1, op: str | None = None, message: str = "") -> None:
-        """Answer the next ``times`` requests (of ``op``: create/get/list/cancel/predict, or any) with ``status``."""
-        with self.lock:
-            self._faults.extend([(status, op, message or f"fake: injected {status}")] * times)
-
-    def clear_faults(self) -> None:
-        with self.lock:
-            self._faults.clear()
-
-    def count(self, op: str) -> int:
-        with self.lock:
-            return sum(1 for o, _ in self.requests if o == op)
+    # (and FakeService's fail_next / clear_faults / count; the ops are create, get, list, cancel and predict)
 
     def state(self, name: str) -> str:
         with self.lock:
@@ -383,14 +328,6 @@ class FakeVertex:
 
     # ------------------------------------------------------------------ request handlers
 
-    def take_fault(self, op: str) -> tuple[int, str] | None:
-        with self.lock:
-            for i, (status, fop, msg) in enumerate(self._faults):
-                if fop is None or fop == op:
-                    del self._faults[i]
-                    return status, msg
-        return None
-
     def create(self, parent: str, body: bytes) -> aiplatform_v1.BatchPredictionJob:
         job = aiplatform_v1.BatchPredictionJob.from_json(body.decode(), ignore_unknown_fields=True)
         if not job.model.startswith("publishers/google/models/"):
@@ -472,17 +409,11 @@ def _job_dict(job: aiplatform_v1.BatchPredictionJob) -> dict[str, Any]:
 class _HTTPError(Exception):
     def __init__(self, code: int, message: str, status: str | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
-        self.status = status or {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(code, "UNKNOWN")
+        self.code, self.body = code, error_body(code, message, status)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     fake: FakeVertex
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:  # quiet
-        pass
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -493,19 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self.read_body()
         path = urllib.parse.unquote(url.path)
         fake = self.fake
         if not path.startswith("/v1/"):
             return self._error(_HTTPError(404, f"fake: no route {path}"))
         path = path[4:]
         op, target = _route(method, path)
-        with fake.lock:
-            fake.requests.append((op, path))
-        fault = fake.take_fault(op)
-        if fault is not None:
-            return self._error(_HTTPError(fault[0], fault[1]))
+        fake.record(op, path)
+        if self.answered_fault(op):
+            return None
         try:
             if op == "create":
                 job = fake.create(target, body)
@@ -539,16 +467,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _HTTPError as e:
             return self._error(e)
 
-    def _json(self, obj: Any, code: int = 200) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def _json(self, obj: Any) -> None:
+        self.send(200, obj)
 
     def _error(self, e: _HTTPError) -> None:
-        self._json({"error": {"code": e.code, "message": e.message, "status": e.status}}, e.code)
+        self.send(e.code, e.body)
 
 
 def _route(method: str, path: str) -> tuple[str, str]:

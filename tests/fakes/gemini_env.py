@@ -12,12 +12,8 @@ from typing import Any
 
 import pytest
 
-from batchd.backends import BackendContext
-from batchd.backends.gemini_api import GeminiApiBackend
 from batchd.config import Config, from_dict
-from batchd.manager import BatchManager
-from batchd.store import Store
-from tests.conftest import Clock, merge
+from tests.conftest import Clock, World, merge
 from tests.fakes.fake_gemini_api import API_KEY, FakeGeminiApi
 
 
@@ -34,37 +30,39 @@ def write_key(tmp_path: Path, key: str = API_KEY) -> Path:
     return path
 
 
-def gemini_config(tmp_path: Path, fake: FakeGeminiApi, **sections: dict[str, Any]) -> Config:
-    base = {
+def gemini_sections(tmp_path: Path, base_url: str) -> dict[str, dict[str, Any]]:
+    """A config on the gemini-api backend at ``base_url``: tmp_path/app.db, 8 dimensions, short retries, no key
+    (give one: ``api_key_file``, or a systemd credential). Merge the test's own keys over it."""
+    return {
         "database": {"path": str(tmp_path / "app.db")},
-        "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
         "embedding": {"backend": "gemini-api", "dimensions": 8},
-        "gemini_api": {"api_key_file": str(write_key(tmp_path)), "base_url": fake.url, "request_timeout": "10s",
-                       "retry_backoff": "5ms", "retry_deadline": "2s"},
+        "gemini_api": {"base_url": base_url, "request_timeout": "10s", "retry_backoff": "10ms",
+                       "retry_deadline": "2s"},
     }
+
+
+def gemini_config(tmp_path: Path, fake: FakeGeminiApi, **sections: dict[str, Any]) -> Config:
+    base = merge(gemini_sections(tmp_path, fake.url), {
+        "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
+        "gemini_api": {"api_key_file": str(write_key(tmp_path)), "retry_backoff": "5ms"},
+    })
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 
-class GeminiWorld:
+class GeminiWorld(World):
+    """A world on the REAL GeminiApiBackend, talking to ``fake``."""
+
     def __init__(self, config: Config, clock: Clock, fake: FakeGeminiApi):
-        self.config = config
-        self.clock = clock
+        super().__init__(config, clock)
         self.fake = fake
-        self.store = Store.open(config)
-        self.backend = GeminiApiBackend(config.gemini_api, BackendContext.of(config, self.store.instance_id))
-        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
 
 
 @pytest.fixture
-def gworld(tmp_path: Path, clock: Clock, fake_gemini: FakeGeminiApi) -> Iterator[Callable[..., GeminiWorld]]:
-    made: list[GeminiWorld] = []
-
+def gworld(tmp_path: Path, clock: Clock, fake_gemini: FakeGeminiApi,
+           worlds: list[World]) -> Callable[..., GeminiWorld]:
     def make(**sections: dict[str, Any]) -> GeminiWorld:
         w = GeminiWorld(gemini_config(tmp_path, fake_gemini, **sections), clock, fake_gemini)
-        made.append(w)
+        worlds.append(w)
         return w
 
-    yield make
-    for w in made:
-        w.backend.close()
-        w.store.close()
+    return make

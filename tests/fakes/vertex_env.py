@@ -14,12 +14,8 @@ from typing import Any
 
 import pytest
 
-from batchd.backends import BackendContext
-from batchd.backends.vertex import VertexBackend
 from batchd.config import Config, from_dict
-from batchd.manager import BatchManager
-from batchd.store import Store
-from tests.conftest import Clock, merge
+from tests.conftest import Clock, World, merge
 from tests.fakes.fake_vertex import FakeVertex
 from tests.fakes.gcs import GCSEmulator
 
@@ -34,11 +30,22 @@ def start_gcs(bucket: str) -> GCSEmulator:
     return emu
 
 
-def vertex_settings(fake: FakeVertex, *, bucket: str = BUCKET, project: str = PROJECT,
-                    location: str = LOCATION) -> dict[str, Any]:
-    """The [vertex] section that points VertexBackend at the fakes."""
-    return {"project": project, "location": location, "staging_uri": f"gs://{bucket}/stage",
-            "api_endpoint": fake.url, "credentials": "anonymous"}
+def vertex_settings(endpoint: str, *, bucket: str = BUCKET, project: str = PROJECT, location: str = LOCATION,
+                    folder: str = "stage") -> dict[str, Any]:
+    """The [vertex] section that points VertexBackend at the fakes (the fake JobService at ``endpoint``)."""
+    return {"project": project, "location": location, "staging_uri": f"gs://{bucket}/{folder}",
+            "api_endpoint": endpoint, "credentials": "anonymous"}
+
+
+def vertex_sections(tmp_path: Path, endpoint: str, **settings: Any) -> dict[str, dict[str, Any]]:
+    """A config on the Vertex backend and the fakes: tmp_path/app.db, text-embedding-005 at 8 dimensions,
+    short retries; ``settings`` as for :func:`vertex_settings`. Merge the test's own keys over it."""
+    return {
+        "database": {"path": str(tmp_path / "app.db")},
+        "embedding": {"backend": "vertex", "model": "text-embedding-005", "dimensions": 8},
+        "vertex": {**vertex_settings(endpoint, **settings), "request_timeout": "10s", "retry_backoff": "10ms",
+                   "retry_deadline": "2s"},
+    }
 
 
 class VertexServices:
@@ -64,7 +71,7 @@ class VertexServices:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return vertex_settings(self.fake, bucket=self.bucket, project=self.project, location=self.location)
+        return vertex_settings(self.fake.url, bucket=self.bucket, project=self.project, location=self.location)
 
 
 @pytest.fixture(scope="module")
@@ -84,24 +91,20 @@ def fake_vertex(gcs: GCSEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[F
 
 
 def vertex_config(tmp_path: Path, fake: FakeVertex, **sections: dict[str, Any]) -> Config:
-    base = {
-        "database": {"path": str(tmp_path / "app.db")},
+    base = merge(vertex_sections(tmp_path, fake.url), {
         "queue": {"min_batch_size": 1, "max_batch_size": 1000, "max_attempts": 3},
-        "embedding": {"backend": "vertex", "model": "text-embedding-005", "dimensions": 8},
-        "vertex": {**vertex_settings(fake), "request_timeout": "10s", "retry_backoff": "5ms", "retry_deadline": "3s"},
-    }
+        "vertex": {"retry_backoff": "5ms", "retry_deadline": "3s"},
+    })
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 
-class VertexWorld:
+class VertexWorld(World):
+    """A world on the REAL VertexBackend, talking to ``fake`` and the storage emulator ``gcs``."""
+
     def __init__(self, config: Config, clock: Clock, fake: FakeVertex, gcs: GCSEmulator):
-        self.config = config
-        self.clock = clock
+        super().__init__(config, clock)
         self.fake = fake
         self.gcs = gcs
-        self.store = Store.open(config)
-        self.backend = VertexBackend(config.vertex, BackendContext.of(config, self.store.instance_id))
-        self.manager = BatchManager(self.store, self.backend, config, clock=clock)
 
     def staged(self, batch_id: int, name: str = "input.jsonl") -> bytes:
         return self.gcs.read(BUCKET, self.backend.batch_prefix(batch_id) + name)
@@ -111,14 +114,11 @@ class VertexWorld:
 
 
 @pytest.fixture
-def vworld(tmp_path: Path, clock: Clock, fake_vertex: FakeVertex, gcs: GCSEmulator) -> Iterator[Callable[..., VertexWorld]]:
-    made: list[VertexWorld] = []
-
+def vworld(tmp_path: Path, clock: Clock, fake_vertex: FakeVertex, gcs: GCSEmulator,
+           worlds: list[World]) -> Callable[..., VertexWorld]:
     def make(**sections: dict[str, Any]) -> VertexWorld:
         w = VertexWorld(vertex_config(tmp_path, fake_vertex, **sections), clock, fake_vertex, gcs)
-        made.append(w)
+        worlds.append(w)
         return w
 
-    yield make
-    for w in made:
-        w.store.close()
+    return make

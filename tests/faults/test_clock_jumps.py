@@ -20,9 +20,10 @@ from batchd.clock import Ages, JumpWatch
 from batchd.config import load
 from batchd.manager import BatchManager
 from batchd.store import Store
+from tests.configs import daemon_config
 from tests.conftest import batchd_cmd
 from tests.fakes.membackend import read_counters, set_knobs
-from tests.test_daemon import Daemon, counts, wait_until, write_config
+from tests.test_daemon import Daemon, counts, wait_until
 
 DAY = 86400.0
 
@@ -142,8 +143,7 @@ def test_daemon_keeps_working_across_wall_clock_jumps(tmp_path: Path, batchd_env
     env = dict(batchd_env, LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(spec), FAKETIME_DONT_FAKE_MONOTONIC="1",
                FAKETIME_CACHE_DURATION="1")
     # max_wait, not min_batch_size, triggers every flush: it is the setting a jump used to break.
-    cfg = write_config(tmp_path, min_batch_size=1000, extra="")
-    cfg.write_text(cfg.read_text().replace("[embedding]", 'max_wait = "2s"\njob_timeout = "1h"\n[embedding]'))
+    cfg = daemon_config(tmp_path, min_batch_size=1000, queue={"max_wait": "2s", "job_timeout": "1h"})
     db = tmp_path / "app.db"
     set_knobs(tmp_path / "testbackend", never_finish=True)
 

@@ -17,29 +17,12 @@ import pytest
 from batchd.config import load
 from batchd.faults import POINTS
 from batchd.store import Store
-from tests.conftest import MEMBACKEND, batchd_cmd
+from tests.configs import daemon_config
+from tests.conftest import batchd_cmd
 from tests.fakes.membackend import set_knobs
 from tests.faults.invariants import problems, remote_jobs
 
 SLICE_CHUNKS = 2_100  # more than one RESULT_SLICE (2,000), so a crash can fall between two slices
-
-
-def write_config(folder: Path) -> Path:
-    cfg = folder / "batchd.toml"
-    cfg.write_text(f"""
-[database]
-path = "{folder / 'app.db'}"
-[queue]
-min_batch_size = 1
-max_batch_size = 5000
-flush_interval = "0.2s"
-sync_interval = "0.2s"
-[embedding]
-backend = "{MEMBACKEND}"
-model = "test-model"
-dimensions = 16
-""")
-    return cfg
 
 
 def batchd(env: dict[str, str], cfg: Path, *args: str, crash_at: str | None = None,
@@ -61,7 +44,7 @@ def setup(tmp_path: Path, batchd_env: dict[str, str]) -> Any:
     """The application's table, filled by the application itself (stdlib sqlite3) before batchd ever ran."""
     import sqlite3
 
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path, flush="0.2s", sync="0.2s")
     app = sqlite3.connect(tmp_path / "app.db")
     app.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL)")
     app.executemany("INSERT INTO chunks(content) VALUES (?)", [(f"crash test paragraph {i}",) for i in range(SLICE_CHUNKS)])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import math
 import subprocess
 import tempfile
 import tomllib
@@ -30,6 +29,7 @@ from batchd.config import MAX_DURATION, MIN_DURATION, Config, ConfigError, from_
 from batchd.ingest import Rejected, read_jsonl
 from batchd.manager import BatchManager
 from batchd.store import Store
+from tests.configs import toml_str, toml_text, toml_value
 from tests.conftest import MEMBACKEND, REPO, Clock, batchd_cmd
 from tests.storehelp import store_chunks
 
@@ -181,40 +181,6 @@ toml_values = st.one_of(toml_scalars, st.lists(toml_scalars, max_size=3),
                         st.dictionaries(st.sampled_from(["a", "path"]), toml_scalars, max_size=2))
 
 
-def toml_value(v: Any) -> str:
-    """A tiny TOML writer for the values above (the stdlib reads TOML but does not write it)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return toml_str(v)
-    if isinstance(v, dt.datetime):
-        return v.isoformat()
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return "{" + ", ".join(f"{toml_str(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
-
-
-def toml_str(s: str) -> str:
-    """A TOML basic string: quote and backslash escaped, control characters as \\uXXXX, the rest as is."""
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
 def check_usable(cfg: Config) -> None:
     """What the daemon and store do with a loaded config must not be able to crash on its values."""
     for section in (cfg.queue, cfg.vertex):
@@ -236,8 +202,7 @@ def test_mutated_shipped_config_loads_or_names_the_key(picks: list[tuple[tuple[s
     for (section, key), value in picks:
         doc[section][key] = value
         mutated.add(f"{section}.{key}")
-    text = "".join(f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items())
-                   for section, table in doc.items())
+    text = toml_text(doc)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "batchd.toml"
         path.write_text(text, encoding="utf-8")

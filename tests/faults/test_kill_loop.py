@@ -22,11 +22,11 @@ import pytest
 
 from batchd.config import load
 from batchd.store import Store
+from tests.configs import daemon_config
 from tests.conftest import batchd_cmd
 from tests.fakes.membackend import set_knobs
 from tests.faults import appwriter
 from tests.faults.invariants import problems, remote_jobs
-from tests.faults.test_crash_points import write_config
 
 SEED = int(os.environ.get("BATCHD_KILL_SEED", "20261130"))
 KILLS = 30
@@ -53,7 +53,7 @@ def _last_event(log: Path) -> str:
 @pytest.mark.slow
 def test_thirty_sigkills_while_the_app_edits(tmp_path: Path, batchd_env: dict[str, str]) -> None:
     rng = random.Random(SEED)
-    cfg = write_config(tmp_path)
+    cfg = daemon_config(tmp_path, flush="0.2s", sync="0.2s")
     cfg.write_text(cfg.read_text().replace("max_batch_size = 5000", "max_batch_size = 200"))
     db = tmp_path / "app.db"
     app = __import__("sqlite3").connect(db)

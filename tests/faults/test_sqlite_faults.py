@@ -26,9 +26,10 @@ from batchd.config import load
 from batchd.daemon import Worker
 from batchd.manager import BatchManager
 from batchd.store import Store, explain
+from tests.configs import daemon_config
 from tests.conftest import MEMBACKEND, Clock, batchd_cmd
 from tests.fakes.membackend import set_knobs
-from tests.test_daemon import Daemon, NotifySocket, counts, wait_until, write_config
+from tests.test_daemon import Daemon, NotifySocket, counts, wait_until
 
 
 def write_cfg(folder: Path) -> Path:
@@ -363,7 +364,7 @@ def test_daemon_waits_out_a_full_disk_then_embeds(small_disk: Path, batchd_env: 
                                                  tmp_path: Path) -> None:
     """The daemon used to exit 1 at start-up on a full disk (systemd gave up after 5 restarts). Now it stays up,
     says "disk full" in STATUS=, and embeds everything once space is freed."""
-    cfg = write_config(small_disk)
+    cfg = daemon_config(small_disk)
     db = small_disk / "app.db"
     data = "".join(json.dumps({"text": f"queued before the disk filled {i}"}) + "\n" for i in range(30))
     r = subprocess.run([*batchd_cmd(), "--config", str(cfg), "enqueue"], input=data, text=True, env=batchd_env,
