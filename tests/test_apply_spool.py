@@ -110,3 +110,31 @@ def test_error_lines_of_the_spool_go_through_the_retry_path(world):
     assert bad["embedding_status"] == "PENDING" and bad["attempts"] == 1
     assert "simulated line failure" in bad["error_message"]
 
+
+
+def test_stopped_in_the_apply_phase_keeps_whole_slices_and_the_next_sync_applies_the_rest(world):
+    """Issue 15: a stop (SIGTERM) between two slices of the apply phase: the slices committed stay, none is
+    half-written, the spool file is gone, and the next sync applies the rest, each vector once."""
+    from batchd.backends import Stopped
+
+    w = world(queue={"max_batch_size": 5000})
+    w.knobs(shuffle=True)
+    texts = [f"row {i}" for i in range(3000)]
+    w.manager.enqueue([(None, t) for t in texts])
+    w.manager.flush_queue(force=True)
+
+    def progress() -> None:  # the first call that sees a READY chunk comes right after the first applied slice
+        if any(c["embedding_status"] == "READY" for c in store_chunks(w.store)):
+            raise Stopped()
+
+    s = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress).sync_status()
+    assert s.stopped
+    ready = [c for c in store_chunks(w.store) if c["embedding_status"] == "READY"]
+    assert 0 < len(ready) < 3000 and [c["id"] for c in ready] == list(range(1, len(ready) + 1))
+    for c in ready:
+        assert store_vector(w.store, c["id"]) == fake_vector(c["text"], w.config.embedding.dimensions)
+    assert w.store.batch(1).status == "RUNNING" and spools(w) == []
+    s = w.manager.sync_status()
+    assert s.finished == 1 and s.applied == 3000 - len(ready)
+    assert all(c["embedding_status"] == "READY" for c in store_chunks(w.store))
+    assert w.store._conn.execute("SELECT count(*) FROM chunks_vec").fetchone()[0] == 3000
