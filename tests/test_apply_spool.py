@@ -138,3 +138,32 @@ def test_stopped_in_the_apply_phase_keeps_whole_slices_and_the_next_sync_applies
     assert s.finished == 1 and s.applied == 3000 - len(ready)
     assert all(c["embedding_status"] == "READY" for c in store_chunks(w.store))
     assert w.store._conn.execute("SELECT count(*) FROM chunks_vec").fetchone()[0] == 3000
+
+
+def test_marking_ready_goes_by_id_even_when_analyze_saw_the_batch_index_empty(world):
+    """The quadratic plan found by the 1M-row benchmark: with statistics gathered while nothing was in flight
+    (``sqlite_stat1`` says the batch's partial index is empty), SQLite walked that index — every chunk in flight
+    — once per slice. The statement that marks chunks READY must look them up by id, whatever the statistics."""
+    w = world(queue={"max_batch_size": 5000})
+    w.manager.enqueue([(None, f"row {i}") for i in range(1500)])
+    w.store._conn.execute("ANALYZE")  # nothing in flight yet: the partial batch index is empty
+    assert w.store._conn.execute("SELECT stat FROM sqlite_stat1 WHERE idx LIKE '%batch'").fetchone()[0].startswith("0")
+    w.manager.flush_queue(force=True)
+    marks: list[str] = []
+    plans: list[str] = []
+    w.store._conn.set_trace_callback(
+        lambda sql: marks.append(sql) if sql.startswith("UPDATE") and "'READY'" in sql else None)
+
+    def progress() -> None:  # after a slice, the spool still attached: how would SQLite run that statement?
+        if marks and not plans:
+            w.store._conn.set_trace_callback(None)
+            plans.extend(r[3] for r in w.store._conn.execute("EXPLAIN QUERY PLAN " + marks[-1]))
+
+    try:
+        s = BatchManager(w.store, w.backend, w.config, clock=w.clock, progress=progress).sync_status()
+    finally:
+        w.store._conn.set_trace_callback(None)
+    assert s.applied == 1500 and plans, marks
+    chunks_step = [p for p in plans if " chunks " in f" {p} "]
+    assert chunks_step and all("INTEGER PRIMARY KEY" in p for p in chunks_step), plans
+    assert not any("batchd_chunks" in p for p in plans), plans
