@@ -167,8 +167,12 @@ def test_live_check_timeout_cancels_and_cleans(tmp_path: Path, fake_vertex, gcs)
 def test_ctrl_c_cancels_the_job_and_deletes_its_files(tmp_path: Path, fake_vertex, gcs) -> None:
     cfg = cli_config(tmp_path, fake_vertex.url)
     env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs.url)
+    # SIGINT back to its default in the child: a shell without job control starts background commands (a CI
+    # runner's `cmd &`) with SIGINT ignored, the ignore is inherited across exec, and Python then installs no
+    # KeyboardInterrupt handler — Ctrl-C would never reach batchd (the test hung 60 s in such a run).
     proc = subprocess.Popen([*batchd_cmd(), "--config", str(cfg), "check", "--live", "--poll", "100ms"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not fake_vertex.job_names() and time.monotonic() < deadline:
