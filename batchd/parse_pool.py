@@ -14,6 +14,7 @@ like any read that failed); the workers are killed on every way out, including `
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -61,15 +62,14 @@ def worker_count(setting: str | int, texts: int) -> int:
     return int(setting)
 
 
-def line_chunks(blocks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[tuple[int, list[Any]]]:
-    """(number of the first line, whole lines as a list of buffers) pieces of about ``size`` bytes from a file's
-    blocks. The last piece always ends with a newline (one is added to a file that does not end with one).
+def line_chunks(blocks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[list[Any]]:
+    """Whole lines as a list of buffers, pieces of about ``size`` bytes from a file's blocks. The last piece always
+    ends with a newline (one is added to a file that does not end with one).
 
-    No byte is copied here (memoryview slices; the pipe write is the one copy): this process's CPU is shared
-    with the workers."""
+    No byte is copied or scanned here beyond finding each block's last newline (memoryview slices; the pipe write
+    is the one copy): this process's CPU is shared with the workers, which count the lines."""
     parts: list[Any] = []
     have = 0
-    first = 1
     for block in blocks:
         cut = block.rfind(b"\n") + 1
         if cut == 0 or have + cut < size:  # not enough whole lines yet: keep gathering
@@ -78,13 +78,37 @@ def line_chunks(blocks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[tu
             continue
         view = memoryview(block)
         parts.append(view[:cut])
-        yield first, parts
-        first += sum(p.count(b"\n") if isinstance(p, bytes) else 0 for p in parts[:-1]) + block.count(b"\n", 0, cut)
+        yield parts
         parts, have = ([view[cut:]], len(block) - cut) if cut < len(block) else ([], 0)
     if have:
         if bytes(parts[-1][-1:]) != b"\n":
             parts.append(b"\n")
-        yield first, parts
+        yield parts
+
+
+class _LineNumbers:
+    """File line numbers for the lines workers found malformed, from each chunk's line count: a malformed line
+    is reported once the counts of every earlier chunk of its file are in (chunks come back out of order)."""
+
+    def __init__(self, report: Callable[[str, int], None]):
+        self._report = report
+        self._counts: dict[str, list[int | None]] = {}
+        self._pending: list[tuple[str, int, int]] = []  # (file, chunk, index in chunk)
+
+    def chunk_done(self, name: str, seq: int, lines: int, malformed: list[int]) -> None:
+        counts = self._counts.setdefault(name, [])
+        counts.extend([None] * (seq + 1 - len(counts)))
+        counts[seq] = lines
+        self._pending.extend((name, seq, index) for index in malformed)
+        if self._pending:
+            keep = []
+            for name_, seq_, index in self._pending:
+                before = self._counts[name_][:seq_]
+                if None in before:
+                    keep.append((name_, seq_, index))
+                else:
+                    self._report(name_, 1 + sum(before) + index)  # type: ignore[arg-type]
+            self._pending = keep
 
 
 def _widen(pipe: Any) -> None:
@@ -103,6 +127,7 @@ class _Worker:
     def __init__(self, index: int, spec: str, results: queue.Queue[tuple[int, str, Any]]):
         self.index = index
         self.in_flight = 0
+        self.sent: collections.deque[tuple[str, int]] = collections.deque()  # (file, chunk) awaiting an answer
         self.peak_rss_kb = 0
         self.stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
@@ -131,15 +156,16 @@ class _Worker:
         except Exception as e:  # noqa: BLE001 - reported by the consumer as the worker's failure
             results.put((self.index, "broken", e))
 
-    def send(self, name: str, first: int, chunk: list[Any]) -> None:
+    def send(self, name: str, seq: int, chunk: list[Any]) -> None:
         assert self.proc.stdin is not None
         f = self.proc.stdin
-        write_frame(f, json.dumps({"file": name, "line": first}).encode())
+        write_frame(f, json.dumps({"file": name, "chunk": seq}).encode())
         f.write(sum(len(p) for p in chunk).to_bytes(HEADER, "little"))
         for part in chunk:
             f.write(part)
         f.flush()
         self.in_flight += 1
+        self.sent.append((name, seq))
 
     def finish_input(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -185,7 +211,7 @@ class ParsePool:
         self._spec = json.dumps({"parser": spec[0], "kwargs": spec[1]})
         self._n = workers
         self._wait = wait
-        self._on_malformed = on_malformed
+        self._numbers = _LineNumbers(on_malformed)
         self._chunk_bytes = chunk_bytes
         self._results: queue.Queue[tuple[int, str, Any]] = queue.Queue()
         self._workers: list[_Worker] = []
@@ -227,13 +253,13 @@ class ParsePool:
     def lines(self, files: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[ResultLine]:
         """Every parsed line of ``files`` ((name, blocks) pairs, read in this process)."""
         for name, blocks in files:
-            for first, chunk in line_chunks(blocks, self._chunk_bytes):
+            for seq, chunk in enumerate(line_chunks(blocks, self._chunk_bytes)):
                 w = min(self._workers, key=lambda x: x.in_flight)
                 while w.in_flight >= IN_FLIGHT:
                     yield from self._take(block=True)
                     w = min(self._workers, key=lambda x: x.in_flight)
                 try:
-                    w.send(name, first, chunk)
+                    w.send(name, seq, chunk)
                 except OSError:  # a broken pipe: the worker died
                     raise w.failure("failed") from None
                 yield from self._take(block=False)
@@ -285,9 +311,9 @@ class ParsePool:
             w.peak_rss_kb = int(msg.get("peak_rss_kb", 0))
             return []
         w.in_flight -= 1
-        rows, malformed = msg
-        for name, lineno in malformed:
-            self._on_malformed(name, lineno)
+        rows, malformed, lines = msg
+        name, seq = w.sent.popleft()
+        self._numbers.chunk_done(name, seq, lines, malformed)
         return [ResultLine(*row) for row in rows]
 
 

@@ -6,11 +6,10 @@ fork is unsafe with the daemon's threads and client sockets). ``SPEC`` is JSON: 
 "kwargs": {...}}``; ``Class(**kwargs).parse(raw_line)`` returns a ResultLine, or None for a line tied to no row.
 
 Protocol (both directions: 8-byte little-endian length, then that many bytes):
-  in   a header frame ``{"file": name, "line": number of the chunk's first line}`` (JSON), then the chunk: whole
-       lines, newline-terminated. End of input = end of stdin.
-  out  first ``{"ready": true}`` once the parser is loaded; then per chunk, a pickle of ``(tuples, malformed)``: one tuple of ResultLine's fields per non-empty line, and
-       the ``(file, line)`` of each line that named no row (the parent logs them). Last, a pickle of
-       ``{"peak_rss_kb": ...}``.
+  in   a header frame ``{"file": name, "chunk": its number in the file}`` (JSON, for the reader of a dump), then
+       the chunk: whole lines, newline-terminated. End of input = end of stdin.
+  out  first ``{"ready": true}`` once the parser is loaded; then per chunk, in the order received, a pickle of
+       :func:`parse_chunk`'s ``(tuples, malformed, lines)``. Last, a pickle of ``{"peak_rss_kb": ...}``.
 The worker holds no database, no credentials and no network connection; it only computes. Anything it prints
 goes to stderr (file descriptor 1 is moved away for the frames), which the parent keeps for its error message.
 """
@@ -53,21 +52,26 @@ def load_parser(spec: dict[str, Any]) -> Any:
     return getattr(importlib.import_module(module), attr)(**spec.get("kwargs", {}))
 
 
-def parse_chunk(parser: Any, name: str, first: int, chunk: bytes) -> tuple[list[tuple], list[tuple[str, int]]]:
-    """Parse the whole lines of ``chunk`` (its first line is line ``first`` of file ``name``)."""
+def parse_chunk(parser: Any, chunk: bytes) -> tuple[list[tuple], list[int], int]:
+    """Parse the whole lines of ``chunk``: (one tuple of ResultLine fields per non-empty line, the 0-based
+    indexes of the lines that named no row, the number of lines). The parent turns indexes into file line
+    numbers from the chunks' line counts, so it never scans the bytes itself (~0.4 s of its CPU per 500 MB)."""
     out: list[tuple] = []
-    malformed: list[tuple[str, int]] = []
+    malformed: list[int] = []
     parse = parser.parse
-    for lineno, raw in enumerate(chunk.split(b"\n"), first):
+    lines = chunk.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the chunk ends with a newline
+    for index, raw in enumerate(lines):
         if not raw.strip():
             continue
         r = parse(raw)
         if r is None:
-            malformed.append((name, lineno))
-            out.append(((), None, f"{name}:{lineno}: an output line tied to no row", None, False, None, False))
+            malformed.append(index)
+            out.append(((), None, "an output line tied to no row", None, False, None, False, None))
         else:
-            out.append((r.keys, r.vector, r.error, r.token_count, r.truncated, r.answered_dims, r.cut))
-    return out, malformed
+            out.append((r.keys, r.vector, r.error, r.token_count, r.truncated, r.answered_dims, r.cut, r.characters))
+    return out, malformed, len(lines)
 
 
 def _peak_rss_kb() -> int:
@@ -92,11 +96,10 @@ def main(argv: list[str]) -> int:
         head = read_frame(stdin)
         if head is None:
             break
-        meta = json.loads(head)
         chunk = read_frame(stdin)
         if chunk is None:
             raise EOFError("a chunk header without its chunk")
-        write_frame(frames, pickle.dumps(parse_chunk(parser, meta["file"], meta["line"], chunk), protocol=5))
+        write_frame(frames, pickle.dumps(parse_chunk(parser, chunk), protocol=5))
         frames.flush()
     write_frame(frames, pickle.dumps({"peak_rss_kb": _peak_rss_kb()}, protocol=5))
     frames.flush()

@@ -7,6 +7,8 @@ import orjson
 import pytest
 
 from batchd.backends import JobState
+from batchd.cost import cost_report
+from batchd.pricing import billable_characters
 from tests.fakes.fake_vertex import fake_vector
 from tests.fakes.vertex_env import fake_vertex, gcs, vworld
 from tests.storehelp import store_chunks, store_vector
@@ -88,6 +90,9 @@ def test_end_to_end(vworld, model: str, errors_file: bool, echo_unknown: bool) -
     assert sum(b.completed_chunks for b in batches) == N - failed_rows
     assert sum(b.failed_chunks for b in batches) == failed_rows
     assert all(w.objects(b) == [] for b in created)  # staged input and output cleaned up
+    # Billed: every distinct text answered, counted from the output's echo of it (VertexBackend's lines).
+    answered = {t for t in texts if t not in bad}
+    assert cost_report(w.store, w.config, None)["billable_characters"] == sum(map(billable_characters, answered))
 
     # A second sync changes nothing.
     before = (store_chunks(w.store), w.store.vector_count(), w.store.batches())

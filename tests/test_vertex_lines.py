@@ -37,7 +37,20 @@ CLASSIC_OK = {"instance": {"content": "hi", "task_type": "RETRIEVAL_DOCUMENT"},
 
 
 def test_classic_success_maps_by_echoed_content() -> None:
-    assert backend("text-embedding-005").parse(line(CLASSIC_OK)) == ResultLine((key("hi"),), BLOB, None, 3, answered_dims=4)
+    assert backend("text-embedding-005").parse(line(CLASSIC_OK)) == ResultLine((key("hi"),), BLOB, None, 3, answered_dims=4,
+                                                                               characters=2)
+
+
+@pytest.mark.parametrize("obj, characters", [
+    ({"instance": {"content": " a b\n\tc\u00a0d "}}, 4),  # white space is not billed (str.isspace)
+    ({"key": "k1", "request": {"content": {"parts": [{"text": "é é"}]}}}, 2),
+    ({"key": "k1"}, None),  # a line that echoes no text (the Gemini API's): the store counts from the chunk
+])
+def test_a_line_carries_the_billable_characters_of_the_text_it_echoes(obj: dict, characters: int | None) -> None:
+    model = "text-embedding-005" if "instance" in obj else "gemini-embedding-001"
+    response = {"response": {"embedding": {"values": VALUES}}} if "key" in obj else \
+        {"predictions": [{"embeddings": {"values": VALUES}}]}
+    assert backend(model).parse(line({**obj, **response})).characters == characters
 
 
 def test_classic_echo_without_task_type_uses_the_configured_one() -> None:
@@ -76,7 +89,8 @@ def unit(values: list[float]) -> bytes:
 def test_gemini_success_maps_by_key(response: dict) -> None:
     """A Gemini vector smaller than 3,072 does not come normalised: batchd renormalises it."""
     obj = {"key": "k1", "request": GEMINI_REQ, "response": response, "status": ""}
-    assert backend("gemini-embedding-001").parse(line(obj)) == ResultLine(("k1",), unit(VALUES), answered_dims=4)
+    assert backend("gemini-embedding-001").parse(line(obj)) == ResultLine(("k1",), unit(VALUES), answered_dims=4,
+                                                                          characters=2)
 
 
 def test_gemini_without_key_falls_back_to_the_request_text() -> None:

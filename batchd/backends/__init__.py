@@ -115,7 +115,9 @@ class ResultLine:
     (unparseable, or not tied to any text): it changes no chunk and is counted as unmatched.
     ``token_count`` is what the service billed for the line's input, when it says; ``truncated`` that the
     service cut the input to its token limit; ``answered_dims`` the vector length it answered with and
-    ``cut`` whether that was longer than asked (and so cut and renormalised).
+    ``cut`` whether that was longer than asked (and so cut and renormalised); ``characters`` the billable
+    characters (:func:`batchd.pricing.billable_characters`) of the answered text when the line echoes it (else
+    the store counts them from the chunks that hold the text).
     """
 
     keys: tuple[str, ...]
@@ -125,6 +127,7 @@ class ResultLine:
     truncated: bool = False
     answered_dims: int | None = None
     cut: bool = False
+    characters: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ import orjson
 
 from batchd.backends import Item, ResultLine, content_hash
 from batchd.backends.models import family_of
+from batchd.pricing import billable_characters
 from batchd.vectors import VectorError, fit_vector
 
 MAX_ERROR = 500  # characters of a line's error kept for error_message
@@ -75,13 +76,16 @@ class LineFormat:
         obj = json_object(raw)
         if obj is None:
             return None
-        key = self.key_of(obj)
+        text = echoed_text(obj)
+        key = self.key_of(obj, text)
         if key is None:
             return None
-        return result_for((key,), obj, self.dimensions, renormalise=self.gemini)
+        return result_for((key,), obj, self.dimensions, renormalise=self.gemini,
+                          characters=billable_characters(text) if text is not None else None)
 
-    def key_of(self, obj: dict[str, Any]) -> str | None:
-        """The content hash a line answers: its ``key``, else a hash of the echoed text.
+    def key_of(self, obj: dict[str, Any], text: str | None = None) -> str | None:
+        """The content hash a line answers: its ``key``, else a hash of the echoed text (``text``, when the
+        caller has it already).
 
         The echoed text is hashed with the configured task type: batchd sends no other, and an echo that
         spells it differently (``taskType``, lower case) or leaves it out must still find its rows.
@@ -89,23 +93,29 @@ class LineFormat:
         key = obj.get("key")
         if isinstance(key, str) and key:
             return key
-        inst = obj.get("instance")
-        if not isinstance(inst, dict) and isinstance(obj.get("content"), str):
-            inst = obj  # an errors-file line that is the bare instance plus "error"
-        if isinstance(inst, dict) and isinstance(inst.get("content"), str):
-            return self._hash(inst["content"])
-        req = obj.get("request")
-        if isinstance(req, dict):  # a Gemini line without its key: hash the request's text
-            try:
-                text = req["content"]["parts"][0]["text"]
-            except (KeyError, IndexError, TypeError):
-                return None
-            if isinstance(text, str):
-                return self._hash(text)
-        return None
+        text = text if text is not None else echoed_text(obj)
+        return self._hash(text) if text is not None else None
 
     def _hash(self, text: str) -> str:
         return content_hash(text, self.model, self.task_type, self.dimensions)
+
+
+def echoed_text(obj: dict[str, Any]) -> str | None:
+    """The input text a line echoes: a classic ``instance.content`` (or an errors-file line that is the bare
+    instance), or a Gemini ``request``'s first part; None without one."""
+    inst = obj.get("instance")
+    if not isinstance(inst, dict) and isinstance(obj.get("content"), str):
+        inst = obj  # an errors-file line that is the bare instance plus "error"
+    if isinstance(inst, dict) and isinstance(inst.get("content"), str):
+        return inst["content"]
+    req = obj.get("request")
+    if isinstance(req, dict):
+        try:
+            text = req["content"]["parts"][0]["text"]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return text if isinstance(text, str) else None
+    return None
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:
@@ -117,8 +127,10 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def result_for(keys: tuple[str, ...], obj: dict[str, Any], dimensions: int, *, renormalise: bool) -> ResultLine:
-    """The ResultLine for an output object already tied to ``keys``: its error, or its fitted vector."""
+def result_for(keys: tuple[str, ...], obj: dict[str, Any], dimensions: int, *, renormalise: bool,
+               characters: int | None = None) -> ResultLine:
+    """The ResultLine for an output object already tied to ``keys``: its error, or its fitted vector (with the
+    billable ``characters`` of its text, when known)."""
     err = line_error(obj)
     if err is not None:
         return ResultLine(keys, error=err)
@@ -130,7 +142,7 @@ def result_for(keys: tuple[str, ...], obj: dict[str, Any], dimensions: int, *, r
     except VectorError as e:
         return ResultLine(keys, error=str(e)[:MAX_ERROR], token_count=emb.token_count)
     return ResultLine(keys, vector=blob, token_count=emb.token_count, truncated=emb.truncated,
-                      answered_dims=len(emb.values), cut=cut)
+                      answered_dims=len(emb.values), cut=cut, characters=characters)
 
 
 def line_error(obj: dict[str, Any]) -> str | None:
@@ -207,5 +219,5 @@ def float32_blob(values: list[Any]) -> bytes:
     return vec.tobytes()
 
 
-__all__ = ["Embedding", "LineFormat", "as_count", "embedding_of", "embedding_values", "float32_blob",
+__all__ = ["Embedding", "LineFormat", "as_count", "echoed_text", "embedding_of", "embedding_values", "float32_blob",
            "gemini_embedding", "json_object", "line_error", "result_for"]

@@ -208,14 +208,14 @@ class ResultsMixin(StoreBase):
             c.execute("PRAGMA batchd_spool.cache_size = -8192")  # read once, in plan order: a big cache buys nothing
             c.execute("DELETE FROM batchd_spool.plan")
             # Reads the shared database (a WAL snapshot, no write lock) and writes only the spool.
-            c.execute(f"INSERT INTO batchd_spool.plan(id, key, line, truncated) "
-                      f"SELECT c.{i}, c.content_hash, s.rowid, s.truncated "
-                      f"FROM {t} c JOIN batchd_spool.lines s ON s.key = c.content_hash AND s.vector IS NOT NULL "
+            c.execute(f"INSERT INTO batchd_spool.plan(id, key, vec, truncated) "
+                      f"SELECT c.{i}, c.content_hash, s.vec, s.truncated "
+                      f"FROM {t} c JOIN batchd_spool.lines s ON s.key = c.content_hash AND s.vec IS NOT NULL "
                       "WHERE c.batch_job_id = ? AND c.embedding_status = 'PENDING'", (batch_id,))
             rows_per_slice, last = SLICE_ROWS_START, None
             while True:
                 todo = c.execute(
-                    "SELECT p.id, s.vector FROM batchd_spool.plan p JOIN batchd_spool.lines s ON s.rowid = p.line "
+                    "SELECT p.id, v.vector FROM batchd_spool.plan p JOIN batchd_spool.vectors v ON v.id = p.vec "
                     "WHERE p.id > ? ORDER BY p.id LIMIT ?",
                     (last if last is not None else -(1 << 63), rows_per_slice)).fetchall()
                 if not todo:
@@ -239,14 +239,16 @@ class ResultsMixin(StoreBase):
                 rows_per_slice = _next_slice_rows(rows_per_slice, elapsed)
                 if on_slice:
                     on_slice(len(ok))
-            errors = c.execute("SELECT key, error FROM batchd_spool.lines WHERE vector IS NULL").fetchall()
-            tokens = c.execute(
-                "SELECT coalesce(sum(tokens), 0) FROM batchd_spool.lines WHERE vector IS NOT NULL").fetchone()[0]
+            errors = c.execute("SELECT key, error FROM batchd_spool.lines WHERE vec IS NULL").fetchall()
+            tokens, billable = c.execute(
+                "SELECT coalesce(sum(tokens), 0), coalesce(sum(characters), 0) FROM batchd_spool.lines "
+                "WHERE vec IS NOT NULL").fetchone()
             # Cost ledger: the billable characters of every answered text (counted once per complete apply, like
-            # the tokens; a text no chunk holds any more cannot be counted).
-            billable = sum(billable_characters(text) for (text,) in c.execute(
+            # the tokens): from the line's echo of the text, else from a chunk that holds it (a text no chunk
+            # holds any more, and that its line did not echo, cannot be counted).
+            billable += sum(billable_characters(text) for (text,) in c.execute(
                 f"SELECT (SELECT c.{self.q_text} FROM {t} c WHERE c.content_hash = s.key LIMIT 1) "
-                "FROM batchd_spool.lines s WHERE s.vector IS NOT NULL") if isinstance(text, str))
+                "FROM batchd_spool.lines s WHERE s.vec IS NOT NULL AND s.characters IS NULL") if isinstance(text, str))
             for start in range(0, max(len(errors), 1), IN_SLICE):
                 with self.transaction() as w:
                     part_errored = 0
