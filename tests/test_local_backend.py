@@ -152,6 +152,17 @@ def test_job_files_lifecycle(local: Callable[..., Any]) -> None:
     assert backend.status("gs://not/local").state is JobState.FAILED
 
 
+def test_check_creates_nothing_and_says_where_the_job_folder_will_be(local: Callable[..., Any]) -> None:
+    """`batchd check` promises it changes nothing: the job folder is made by the first flush, not by check."""
+    cfg, store, backend = local()
+    before = sorted(p.name for p in cfg.state_dir.iterdir())
+    folder = backend._check_jobs_dir()
+    assert folder.ok and "made by the first flush" in folder.detail, folder
+    assert sorted(p.name for p in cfg.state_dir.iterdir()) == before
+    backend.submit(1, [Item("k1", "one")])
+    assert backend._check_jobs_dir().detail == str(backend.jobs_dir)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can create files for another owner")
 def test_job_files_root_creates_get_the_database_owner(local: Callable[..., Any], tmp_path: Path) -> None:
     """`sudo batchd flush` must not leave root-owned job folders and files the service cannot write."""

@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import os
 import re
+import tempfile
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -234,15 +235,23 @@ class LocalBackend:
             ok = len(vec) == 4 * self.model_dimensions
             out.append(CheckResult("local model loads", ok, f"embedded a test sentence on {self.device}"
                                    if ok else f"got {len(vec) // 4} dimensions"))
-        try:
-            self._make_jobs_dir()
-            probe = self.jobs_dir / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-            out.append(CheckResult("local job folder", True, str(self.jobs_dir)))
-        except OSError as e:
-            out.append(CheckResult("local job folder", False, f"{self.jobs_dir}: {e.strerror or e}"))
+        out.append(self._check_jobs_dir())
         return out
+
+    def _check_jobs_dir(self) -> CheckResult:
+        """Can the job folder be written (or, not made yet, be made)? Creates nothing: ``check`` changes nothing."""
+        there = self.jobs_dir
+        while not there.is_dir() and there != there.parent:
+            there = there.parent
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".batchd-check-", dir=there)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return CheckResult("local job folder", False, f"{self.jobs_dir}: cannot write in {there}: {e.strerror or e}")
+        if there == self.jobs_dir:
+            return CheckResult("local job folder", True, str(self.jobs_dir))
+        return CheckResult("local job folder", True, f"{self.jobs_dir} (made by the first flush; {there} is writable)")
 
     # ------------------------------------------------------------------ the model
 
