@@ -316,6 +316,25 @@ def test_oneshot_unit_runs_one_cycle(sd: Instance):
     assert db(sd) == {"pending": 0, "running": 0, "ready": 352, "failed": 0}
 
 
+def test_parse_workers_run_inside_the_units_sandbox(sd: Instance):
+    """The parse workers are subprocesses of the service: the unit's sandbox (NoNewPrivileges, the system call
+    filter, the read-only file system...) must let them start, or every big job would fall back in-process."""
+    raw = CONFIG.replace(MEMBACKEND, "tests.fakes.membackend:RawScriptedBackend") + "[daemon]\nparse_workers = 2\n"
+    sd.install_config(raw)
+    before = len(sd.events())
+    sd.x("systemctl", "restart", UNIT)
+    try:
+        sd.enqueue(texts("w", 30))
+        wait_until(lambda: db(sd)["ready"] == 382, what="30 chunks READY through the parse workers")
+        names = [e["event"] for _, e in sd.events()[before:]]
+        assert "job.parse_workers" in names and "job.parse_workers_unavailable" not in names, names
+        started = [e for _, e in sd.events()[before:] if e["event"] == "job.parse_workers"]
+        assert started[-1]["workers"] == 2
+    finally:
+        sd.x("systemctl", "stop", UNIT)  # as the tests before left it
+        sd.install_config(CONFIG)
+
+
 def test_bad_config_fails_once_with_78_and_no_restart_loop(sd: Instance, tmp_path: Path):
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG + '[daemon]\nlog_levle = "debug"\n')
