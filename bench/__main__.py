@@ -248,7 +248,22 @@ def summarize(r: dict[str, Any]) -> dict[str, float]:
         "parse_workers": r["sync"].get("workers", 0),
         "writer_max_wait_ms": round(r["concurrency"]["writer"]["max_ms"], 1),
         "stats_1m_ms": round(r["stats"]["median_ms"], 2),
+        "sync_cpu_vs_limit_cpu": round((r["sync"]["cpu_seconds"] + r["sync"]["worker_cpu_seconds"]) / limit_cpu(r), 2),
+        "sync_cpus_busy": round((r["sync"]["cpu_seconds"] + r["sync"]["worker_cpu_seconds"]) / r["sync"]["seconds"], 2),
     }
+
+
+def limit_cpu(r: dict[str, Any]) -> float:
+    """The limit's CPU seconds: its parse and its write (one thread each, measured apart)."""
+    return float(r["parse"]["cpu_seconds"] + r["write"]["cpu_seconds"])
+
+
+def _cpu_row(r: dict[str, Any], key: str, what: str) -> tuple[str, str, str, str, str]:
+    """Where a sync's time goes: the CPU it needs against the limit's, and how many CPUs it kept busy."""
+    x = r[key]
+    cpu = x["cpu_seconds"] + x["worker_cpu_seconds"]
+    return ("cpu", what, f"{cpu:.1f} s ({x['cpu_seconds']:.1f} + workers {x['worker_cpu_seconds']:.1f})",
+            f"{cpu / limit_cpu(r):.1f} x the limit's {limit_cpu(r):.1f} s; {cpu / x['seconds']:.2f} CPUs busy", "")
 
 
 def table(r: dict[str, Any], s: dict[str, float]) -> str:
@@ -295,6 +310,9 @@ def table(r: dict[str, Any], s: dict[str, float]) -> str:
         ("", "", "", f"{s['sync_vs_overlap']:.2f} x the perfect-overlap figure", ""),
         ("", "", "", f"{s['sync_vs_naive']:.1f} x naive (>= 5)", ok(s["sync_vs_naive"] >= 5)),
         ("", "", "", f"{s['sync_per_s'] / r['naive_defaults']['per_s']:.1f} x naive on SQLite's defaults", ""),
+        *(_cpu_row(r, key, what) for key, what in (
+            ("sync", "CPU time of that sync: batchd + its parse workers (not the emulator's)"),
+            ("sync_files", "the same for the sync from local files"))),
         ("", "of which: download only (VertexBackend's reader <- emulator on the same 2 cores)",
          f"{n / r['download']['seconds']:,.0f} lines/s", f"{r['download']['bytes'] / r['download']['seconds'] / 1e6:,.0f} MB/s",
          ""),

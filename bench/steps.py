@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -68,10 +69,12 @@ def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None, parse_work
 
     gc.collect()
     base = reset_peak()
+    cpu0 = _cpu()
     started = time.perf_counter()
     with structlog.testing.capture_logs() as logs:  # the workers report their own peak RSS
         summary = manager.sync_status()
     seconds = time.perf_counter() - started
+    cpu = tuple(b - a for a, b in zip(cpu0, _cpu()))  # the workers have been waited for: counted as children
     growth = peak_growth_mb(base)
     stats = store.queue_stats()
     store.close()
@@ -82,7 +85,14 @@ def sync(db: str, vectors: int, vertex: dict[str, Any] | None = None, parse_work
     worker_mb = max((e["peak_rss_mb"] for e in logs if e["event"] == "parse.workers_done"), default=0.0)
     return {"vectors": summary.applied, "seconds": seconds, "per_s": summary.applied / seconds,
             "peak_rss_mb": growth + workers * worker_mb, "process_rss_mb": growth, "workers": workers,
-            "worker_rss_mb": worker_mb, "import_seconds": imports["seconds"], "import_mb": imports["mb"]}
+            "worker_rss_mb": worker_mb, "import_seconds": imports["seconds"], "import_mb": imports["mb"],
+            "cpu_seconds": cpu[0], "worker_cpu_seconds": cpu[1]}
+
+
+def _cpu() -> tuple[float, float]:
+    """(this process's CPU seconds, its waited-for children's), user + system."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 class TimedBackend:
@@ -179,13 +189,13 @@ def download(db: str, vertex: dict[str, Any], bucket: str, prefix: str) -> dict[
 
 
 def limit_parse(files: list[str]) -> dict[str, Any]:
-    n, full, loads = reference.parse_only([Path(f) for f in files])
-    return {"lines": n, "seconds": full, "loads_seconds": loads}
+    n, full, loads, cpu = reference.parse_only([Path(f) for f in files])
+    return {"lines": n, "seconds": full, "loads_seconds": loads, "cpu_seconds": cpu}
 
 
 def limit_write(files: list[str], db: str) -> dict[str, Any]:
-    n, seconds = reference.write_only([Path(f) for f in files], Path(db))
-    return {"rows": n, "seconds": seconds}
+    n, seconds, cpu = reference.write_only([Path(f) for f in files], Path(db))
+    return {"rows": n, "seconds": seconds, "cpu_seconds": cpu}
 
 
 def naive(files: list[str], db: str, limit: int | None = None, defaults: bool = False) -> dict[str, Any]:

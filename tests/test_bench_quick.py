@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ("enqueue_per_s", "flush_per_s", "sync_per_s", "limit_per_s", "naive_per_s", "sync_vs_limit", "sync_vs_naive",
-        "peak_rss_mb_30k", "peak_rss_mb_10k", "writer_max_wait_ms", "stats_1m_ms")
+        "peak_rss_mb_30k", "peak_rss_mb_10k", "writer_max_wait_ms", "stats_1m_ms", "sync_cpu_vs_limit_cpu", "sync_cpus_busy")
 
 
 @pytest.mark.slow
