@@ -46,6 +46,7 @@ class App:
         self._manager: Any = None
         self.may_create = False  # only enqueue, run and demo create a missing database file
         self.stop = threading.Event()  # set by SIGTERM/SIGINT in the daemon
+        self.reload = threading.Event()  # set by SIGHUP in the daemon (`systemctl reload`)
 
     @property
     def config(self) -> Config:
@@ -99,7 +100,8 @@ class App:
         from batchd.startup import wait_for_database
 
         if self._store is None:
-            store = wait_for_database(lambda: Store.open(self.config, create=self.may_create), notifier, self.stop)
+            store = wait_for_database(lambda: Store.open(self.config, create=self.may_create), notifier, self.stop,
+                                      reload=self.reload)
             if store is None:
                 sys.exit(0)
             self._store = store

@@ -77,7 +77,7 @@ def _run(app: App, once: bool, until_idle: bool, poll_s: float) -> int:
         from batchd.metrics import Metrics
 
         metrics = Metrics(mc.textfile)
-    worker = daemon.Worker(manager, notifier=notifier, stop=app.stop, metrics=metrics)
+    worker = daemon.Worker(manager, notifier=notifier, stop=app.stop, reload=app.reload, metrics=metrics)
     if once:
         return daemon.run_once(worker)
     if until_idle:

@@ -22,14 +22,17 @@ log = structlog.get_logger("batchd.daemon")
 
 
 def wait_for_database(open_store: Callable[[], Any], notifier: Notifier, stop: threading.Event, *,
-                      first: float = 1.0, cap: float = 60.0) -> Any | None:
+                      reload: threading.Event | None = None, first: float = 1.0, cap: float = 60.0) -> Any | None:
     """``batchd run``'s start: open the database, waiting out a full disk or a busy database with backoff.
 
     Says why in STATUS= (and READY=1 at the first wait, so systemd's start timeout does not kill it), keeps the
     watchdog fed (waiting is what it should be doing), backs off up to ``cap`` seconds. Returns the store, or
     None when SIGTERM/SIGINT came first. Other StoreErrors (a damaged file, a wrong config) are raised.
+
+    After READY=1, ``systemctl reload`` is allowed: a SIGHUP meanwhile sets ``reload`` (applied once the daemon
+    runs) instead of ending the process, which is SIGHUP's default.
     """
-    signals = Signals(stop).install()
+    signals = Signals(stop, reload).install()
     try:
         delay, attempt = first, 0
         ping = watchdog_interval()

@@ -108,7 +108,7 @@ class Worker:
 
     def __init__(self, manager: Any, *, notifier: Notifier | None = None, health: Health | None = None,
                  stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
-                 metrics: Any = None):
+                 metrics: Any = None, reload: threading.Event | None = None):
         self.manager = manager
         self.metrics = metrics  # batchd.metrics.Metrics, refreshed after every step (None: no metrics)
         self.notifier = notifier or Notifier({})
@@ -123,7 +123,8 @@ class Worker:
         }
         self.last = LastResults()
         self.busy = threading.Lock()  # held while a step runs; shutdown waits on it
-        self.reload = threading.Event()  # set by SIGHUP (serve only)
+        # Set by SIGHUP (serve only; one that came while start-up waited for the database is already set).
+        self.reload = reload or threading.Event()
         self.activity: Activity | None = None  # what the running step is reading right now
         self.on_activity: Callable[[Activity], None] | None = None  # e.g. a terminal's progress bar
         self._status_sent = 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -379,8 +380,13 @@ def test_daemon_waits_out_a_full_disk_then_embeds(small_disk: Path, batchd_env: 
         daemon.wait_event("daemon.database_unavailable", timeout=60, attempt=2)
         assert daemon.proc.poll() is None, daemon.tail()
         assert notify.assignments("READY")  # so systemd's start timeout does not kill it while it waits
+        # READY=1 allows `systemctl reload`: SIGHUP while waiting must not end it (SIGHUP's default action).
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_event("daemon.database_unavailable", timeout=60, attempt=3)
+        assert daemon.proc.poll() is None, daemon.tail()
         filler.unlink()
         wait_until(lambda: counts(db)["ready"] == 30, timeout=120, what="every chunk READY after space was freed")
+        daemon.wait_event("config.reloaded", timeout=30)  # the reload asked for while waiting, applied once up
         daemon.proc.terminate()
         assert daemon.finish(timeout=60) == 0
         event = daemon.wait_event("daemon.database_unavailable")
