@@ -79,6 +79,9 @@ class JobEndings(_Base):
                 reason = f"job {info.state.value}" + (f": {info.error}" if info.error else "")
             self._close(summary, b.id, job, "FAILED", "job.timed_out" if timed_out else "job.failed", reason=reason,
                         state=info.state.value, error=info.error, applied=applied, unmatched=unmatched, lines=lines)
+            # Its export was applied and its batch is closed (the chunks without a result go out in a new batch):
+            # the staged texts and the output are of no more use, as after a success.
+            self._cleanup(b.id, job)
             return
         self._compare_counts(b.id, job, info, lines or 0)
         self._close(summary, b.id, job, "COMPLETED", "batch.synced", state=info.state.value,

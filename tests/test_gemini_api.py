@@ -154,6 +154,7 @@ def test_failed_batch_partial_results_applied_rest_resent(gworld) -> None:
     assert all(r["embedding_status"] == "PENDING" and r["attempts"] == 1 for r in rest)
     assert all("job FAILED: fake: the batch failed part way" in r["error_message"] for r in rest)
     assert w.store.batch(1).status == "FAILED"
+    assert fake.files == {}  # the uploaded texts and the partial result file are deleted once it is applied
 
     fake.final_state, fake.partial = "SUCCEEDED", None
     assert w.manager.flush_queue().created == [2]
@@ -212,7 +213,8 @@ def test_cancel_and_timeout_cancel_remotely(gworld, clock) -> None:
     clock.advance(2 * 3600)
     w.manager.sync_status()
     assert fake.state(f"batches/{b2.id}") == "CANCELLED"
-    assert not b2.deleted  # never deleted while it might still run: cancel first
+    # Deleted only once it had ended (cancelled first: deleting a batch does not cancel it), with its files.
+    assert b2.deleted and b2.input_file not in fake.files
 
 
 def test_cleanup_off_keeps_files(gworld) -> None:

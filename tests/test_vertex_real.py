@@ -112,6 +112,20 @@ def test_failed_job_after_exporting_60_percent_resends_only_the_other_40(vworld,
     never_paid_twice(w)
 
 
+def test_a_failed_jobs_staged_files_are_deleted_once_its_export_is_applied(vworld) -> None:
+    """vertex.cleanup: the texts staged for a job that failed (and its partial output) do not stay in the bucket
+    once the batch is closed; its chunks go out again in a batch of their own."""
+    w = vworld(embedding={"dimensions": DIMS})
+    enqueue(w, 20)
+    w.manager.flush_queue()
+    w.fake.final_state, w.fake.export_fraction = "FAILED", 0.5
+    w.fake.finish()
+    assert w.objects(1)  # the staged input and the partial output
+    w.manager.sync_status()
+    assert w.store.batch(1).status == "FAILED" and w.store.batch(1).completed_chunks == 10
+    assert w.objects(1) == []
+
+
 def test_job_timeout_cancel_waits_for_the_export_and_applies_it(vworld) -> None:
     """batchd's own job_timeout cancel: the job goes CANCELLING, then CANCELLED with half its rows exported;
     those are applied, only the rest go back (one attempt each)."""
