@@ -180,9 +180,13 @@ def enqueue(app: App, file: Any) -> None:
     """Queue texts from JSON Lines: {"id": 17, "text": "..."} per line (id optional).
 
     Without an id a new row is inserted; with an id an existing row is re-queued when its text changed and left
-    alone when it did not. Bad lines are reported with their number and skipped; exit status 1 if any was.
+    alone when it did not. Bad lines, and lines the application's table refuses (a constraint, a trigger), are
+    reported with their number and skipped; exit status 1 if any was.
     """
-    from batchd.ingest import Rejected, read_jsonl
+    import collections
+
+    from batchd.ingest import Rejected, read_jsonl_numbered
+    from batchd.store import ENQUEUE_SLICE
 
     app.setup_logging()
     app.may_create = True
@@ -203,8 +207,22 @@ def enqueue(app: App, file: Any) -> None:
         if show:
             click.echo(f"\r  queued {done:,} chunks", nl=False)
 
+    numbers: collections.deque[int] = collections.deque(maxlen=2 * ENQUEUE_SLICE)  # of the last rows read
+    read = 0
+
+    def rows() -> Any:
+        nonlocal read
+        for number, cid, text in read_jsonl_numbered(file, on_reject):
+            numbers.append(number)
+            read += 1
+            yield cid, text
+
+    def on_refused(index: int, reason: str) -> None:  # index: of the row in rows(), within the slice just read
+        on_reject(Rejected(numbers[index - (read - len(numbers))],
+                           f"the table {app.config.database.chunks_table} refused it ({reason})"))
+
     try:
-        counts = app.manager.enqueue(read_jsonl(file, on_reject), on_slice=on_slice)
+        counts = app.manager.enqueue(rows(), on_slice=on_slice, on_refused=on_refused)
     except Exception as e:
         # Slices are transactions: say how far it got, so that lines without an id are not queued twice.
         problem = explain(e, app.config.database.path)

@@ -23,6 +23,13 @@ def read_jsonl(stream: BinaryIO, on_reject: Callable[[Rejected], None]) -> Itera
     A bad line is: not JSON, not an object, no "text", text not a string or empty, or an id that is not an
     integer (or outside SQLite's 64-bit range). Blank lines are ignored. Reading never stops at a bad line.
     """
+    for _, cid, text in read_jsonl_numbered(stream, on_reject):
+        yield cid, text
+
+
+def read_jsonl_numbered(stream: BinaryIO, on_reject: Callable[[Rejected], None]
+                        ) -> Iterator[tuple[int, int | None, str]]:
+    """:func:`read_jsonl` with each good line's number: (line, id or None, text)."""
     for number, raw in enumerate(stream, start=1):
         if not raw.strip():
             continue
@@ -51,4 +58,4 @@ def read_jsonl(stream: BinaryIO, on_reject: Callable[[Rejected], None]) -> Itera
         if cid is not None and not ID_MIN <= cid <= ID_MAX:
             on_reject(Rejected(number, '"id" is out of range (SQLite ids are 64-bit signed integers)'))
             continue
-        yield cid, text
+        yield number, cid, text

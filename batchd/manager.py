@@ -88,9 +88,9 @@ class BatchManager(JobEndings):
     def hash_text(self, text: str) -> str:
         return content_hash(text, self._model, self._task, self._dims)
 
-    def enqueue(self, rows, on_slice=None):  # type: ignore[no-untyped-def]
+    def enqueue(self, rows, on_slice=None, on_refused=None):  # type: ignore[no-untyped-def]
         """Add texts to the queue: ``rows`` yields (id or None, text). See Store.enqueue."""
-        return self.store.enqueue(rows, self.hash_text, self.clock(), on_slice=on_slice)
+        return self.store.enqueue(rows, self.hash_text, self.clock(), on_slice=on_slice, on_refused=on_refused)
 
     def get_queue_stats(self) -> dict[str, Any]:
         """{"pending", "running", "ready", "failed", "batches": {status: n}}."""

@@ -70,6 +70,48 @@ def test_enqueue_reports_bad_lines_by_number_and_keeps_the_good(cfg, batchd_env,
     assert r.stdout.strip() == "inserted=1 requeued=0 unchanged=1 rejected=0"
 
 
+def test_enqueue_skips_the_lines_the_applications_table_refuses_and_names_them(cfg, batchd_env, tmp_path):
+    """A CHECK constraint or a trigger's RAISE on the app's own table used to fail the whole 10,000-line slice
+    with "database error ... run `batchd check`" and no line number. Now each refused line is named and skipped,
+    like a malformed one, and every other line of its slice is queued."""
+    import sqlite3
+
+    from batchd.store import ENQUEUE_SLICE
+
+    db = tmp_path / "app.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL CHECK (length(content) < 40))")
+    conn.execute("CREATE TRIGGER no_secrets BEFORE INSERT ON chunks WHEN NEW.content LIKE '%secret%' "
+                 "BEGIN SELECT RAISE(ABORT, 'no secrets here'); END")
+    conn.execute("INSERT INTO chunks(id, content) VALUES (7, 'seven')")
+    conn.commit()
+    conn.close()
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(ENQUEUE_SLICE + 10)]
+    lines[3] = json.dumps({"text": "x" * 50})  # first slice
+    lines[ENQUEUE_SLICE + 4] = json.dumps({"text": "a secret"})  # second slice: line numbers must still be right
+    lines[ENQUEUE_SLICE + 6] = json.dumps({"id": 7, "text": "y" * 60})  # an update refused: the row keeps its text
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    r = run(batchd_env, cfg, "enqueue", str(data))
+    assert r.returncode == 1
+    assert r.stdout.strip() == f"inserted={ENQUEUE_SLICE + 7} requeued=0 unchanged=0 rejected=3"
+    assert r.stderr.strip().splitlines() == [
+        f"batchd: enqueue: {data}:4: the table chunks refused it (IntegrityError: CHECK constraint failed: "
+        "length(content) < 40); line skipped",
+        f"batchd: enqueue: {data}:{ENQUEUE_SLICE + 5}: the table chunks refused it (IntegrityError: no secrets "
+        "here); line skipped",
+        f"batchd: enqueue: {data}:{ENQUEUE_SLICE + 7}: the table chunks refused it (IntegrityError: CHECK "
+        "constraint failed: length(content) < 40); line skipped",
+    ]
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == ENQUEUE_SLICE + 8
+        assert conn.execute("SELECT content FROM chunks WHERE id = 7").fetchone()[0] == "seven"
+        assert conn.execute("SELECT count(*) FROM chunks WHERE content = 'line 9'").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
 def test_flush_sync_stats_jobs_retry_cancel(cfg, batchd_env, tmp_path):
     texts = "".join(json.dumps({"text": f"chunk {i}"}) + "\n" for i in range(10))
     assert run(batchd_env, cfg, "enqueue", stdin=texts).returncode == 0

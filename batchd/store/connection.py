@@ -138,6 +138,18 @@ def _parse_claimed(text: str) -> tuple[str, int] | None:
     return None
 
 
+# SQLite errors about the database as a whole: retried later by the step, never blamed on one chunk.
+_WHOLE_DATABASE = ("database is locked", "database table is locked", "disk i/o error", "database or disk is full",
+                   "readonly database", "unable to open", "no such table", "no such module", "no such column",
+                   "malformed", "not a database", "interrupted", "savepoint", "no transaction")
+
+
+def about_one_row(e: Exception) -> bool:
+    """True for a refusal of one row's write (a constraint, an app trigger's RAISE, a value vec0 rejects)."""
+    text = str(e).lower()
+    return not any(marker in text for marker in _WHOLE_DATABASE)
+
+
 def claimed_before(db_path: str) -> tuple[str, int] | None:
     """What the lock file remembers of this database file's claims: (instance id, highest batch id), or None."""
     try:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from batchd.backends import Item
 from batchd.pricing import billable_characters
-from batchd.store.connection import StoreBase, iso
+from batchd.store.connection import StoreBase, about_one_row, iso
 
 HASH_SLICE = 5_000
 ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: short for the app, yet fewer commits (README, "Benchmarks")
@@ -29,11 +30,16 @@ class EnqueueCounts:
 
 class IntakeMixin(StoreBase):
     def enqueue(self, rows: Iterable[tuple[int | None, str]], hasher: Callable[[str], str], now: float,
-                on_slice: Callable[[int], None] | None = None) -> EnqueueCounts:
+                on_slice: Callable[[int], None] | None = None,
+                on_refused: Callable[[int, str], None] | None = None) -> EnqueueCounts:
         """Insert texts (id None) or upsert by id, in transactions of ENQUEUE_SLICE rows.
 
         An existing row whose text is unchanged is left alone; one whose text changed is re-queued by the
         update trigger (out of any batch, attempts reset, old vector scheduled for removal).
+
+        A row the application's table refuses (a CHECK or NOT NULL constraint, a trigger's RAISE) fails its whole
+        slice; with ``on_refused(index, reason)`` that slice is written again row by row instead, each refused row
+        reported by its 0-based index in ``rows`` and left out, the others written (in the same transaction).
         """
         inserted = requeued = unchanged = 0
         t, i, x = self.q_table, self.q_id, self.q_text
@@ -46,41 +52,79 @@ class IntakeMixin(StoreBase):
         exists = f"SELECT {x} FROM {t} WHERE {i} = ?"
         buf: list[tuple[int | None, str]] = []
 
-        def write(batch: list[tuple[int | None, str]]) -> None:
+        def put(c: Any, batch: list[tuple[int | None, str]], hashes: list[str]) -> tuple[int, int, int]:
+            """Write ``batch``; returns its (inserted, requeued, unchanged)."""
+            ins = req = same = 0
+            run: list[tuple[str, str, str]] = []  # consecutive rows without id: one executemany, in order
+            for (cid, text), digest in zip(batch, hashes):
+                if cid is None:
+                    run.append((text, digest, q_at))
+                    continue
+                if run:
+                    c.executemany(insert, run)
+                    ins += len(run)
+                    run = []
+                old = c.execute(exists, (cid,)).fetchone()
+                if old is None:
+                    ins += 1
+                elif old[0] == text:
+                    same += 1
+                    continue
+                else:
+                    req += 1
+                c.execute(upsert, (cid, text, digest, q_at))
+            if run:
+                c.executemany(insert, run)
+                ins += len(run)
+            return ins, req, same
+
+        def one_by_one(c: Any, batch: list[tuple[int | None, str]], hashes: list[str],
+                       first: int) -> tuple[int, int, int]:
+            ins = req = same = 0
+            for k, (row, digest) in enumerate(zip(batch, hashes)):
+                c.execute("SAVEPOINT batchd_row")
+                try:
+                    i1, r1, s1 = put(c, [row], [digest])
+                except self._sqlite.DatabaseError as e:
+                    c.execute("ROLLBACK TO batchd_row")
+                    c.execute("RELEASE batchd_row")
+                    if not about_one_row(e):
+                        raise
+                    assert on_refused is not None
+                    on_refused(first + k, f"{type(e).__name__}: {' '.join(str(e).split())}")
+                    continue
+                c.execute("RELEASE batchd_row")
+                ins, req, same = ins + i1, req + r1, same + s1
+            return ins, req, same
+
+        def write(batch: list[tuple[int | None, str]], first: int) -> None:
             nonlocal inserted, requeued, unchanged
             hashes = [hasher(text) for _, text in batch]  # before BEGIN: the write lock is held for SQL only
             with self.transaction() as c:
-                run: list[tuple[str, str, str]] = []  # consecutive rows without id: one executemany, in order
-                for (cid, text), digest in zip(batch, hashes):
-                    if cid is None:
-                        run.append((text, digest, q_at))
-                        continue
-                    if run:
-                        c.executemany(insert, run)
-                        inserted += len(run)
-                        run = []
-                    old = c.execute(exists, (cid,)).fetchone()
-                    if old is None:
-                        inserted += 1
-                    elif old[0] == text:
-                        unchanged += 1
-                        continue
-                    else:
-                        requeued += 1
-                    c.execute(upsert, (cid, text, digest, q_at))
-                if run:
-                    c.executemany(insert, run)
-                    inserted += len(run)
+                c.execute("SAVEPOINT batchd_slice")
+                try:
+                    got = put(c, batch, hashes)
+                except self._sqlite.DatabaseError as e:
+                    c.execute("ROLLBACK TO batchd_slice")
+                    c.execute("RELEASE batchd_slice")
+                    if on_refused is None or not about_one_row(e):
+                        raise
+                    got = one_by_one(c, batch, hashes, first)
+                else:
+                    c.execute("RELEASE batchd_slice")
+            inserted, requeued, unchanged = inserted + got[0], requeued + got[1], unchanged + got[2]
             if on_slice:
                 on_slice(len(batch))
 
+        first = 0
         for row in rows:
             buf.append(row)
             if len(buf) >= ENQUEUE_SLICE:
-                write(buf)
+                write(buf, first)
+                first += len(buf)
                 buf = []
         if buf:
-            write(buf)
+            write(buf, first)
         return EnqueueCounts(inserted, requeued, unchanged)
 
     def purge_tombstones(self) -> int:

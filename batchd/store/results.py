@@ -27,22 +27,12 @@ from typing import Any
 
 from batchd.backends import ResultLine
 from batchd.pricing import billable_characters
-from batchd.store.connection import StoreBase, iso
+from batchd.store.connection import StoreBase, about_one_row, iso
 from batchd.store.spool import Spool, spool_path, wipe_spools
 
 IN_SLICE = 500  # keys per "IN (?, ...)" query: well under SQLite's oldest variable limit (999)
-# SQLite errors about the database as a whole: retried later by the step, never blamed on one chunk.
-_WHOLE_DATABASE = ("database is locked", "database table is locked", "disk i/o error", "database or disk is full",
-                   "readonly database", "unable to open", "no such table", "no such module", "no such column",
-                   "malformed", "not a database", "interrupted", "savepoint", "no transaction")
 SLICE_SECONDS = 0.07  # target time of one apply_spool transaction, COMMIT included (the app waits at most this)
 SLICE_ROWS_START, SLICE_ROWS_MIN, SLICE_ROWS_MAX = 500, 50, 20_000
-
-
-def _about_one_row(e: Exception) -> bool:
-    """True for a refusal of one row's write (a constraint, an app trigger's RAISE, a value vec0 rejects)."""
-    text = str(e).lower()
-    return not any(marker in text for marker in _WHOLE_DATABASE)
 
 
 def _next_slice_rows(rows: int, elapsed: float) -> int:
@@ -325,7 +315,7 @@ class ResultsMixin(StoreBase):
         try:
             return self._in_savepoint(c, functools.partial(write, ids)), []
         except self._sqlite.DatabaseError as e:
-            if not _about_one_row(e):
+            if not about_one_row(e):
                 raise
         done: list[int] = []
         refused: list[tuple[int, str]] = []
@@ -333,7 +323,7 @@ class ResultsMixin(StoreBase):
             try:
                 done.extend(self._in_savepoint(c, functools.partial(write, [cid])))
             except self._sqlite.DatabaseError as e:
-                if not _about_one_row(e):
+                if not about_one_row(e):
                     raise
                 refused.append((cid, " ".join(str(e).split())))
         return done, refused
