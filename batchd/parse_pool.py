@@ -88,27 +88,30 @@ def line_chunks(blocks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[li
 
 class _LineNumbers:
     """File line numbers for the lines workers found malformed, from each chunk's line count: a malformed line
-    is reported once the counts of every earlier chunk of its file are in (chunks come back out of order)."""
+    is reported once the counts of every earlier chunk of its file are in (chunks come back out of order).
+
+    Linear in the job: a file of nothing but garbage lines must not make numbering them quadratic."""
 
     def __init__(self, report: Callable[[str, int], None]):
         self._report = report
-        self._counts: dict[str, list[int | None]] = {}
-        self._pending: list[tuple[str, int, int]] = []  # (file, chunk, index in chunk)
+        # Per file: lines before each chunk, for the chunks whose earlier chunks are all counted; the counts that
+        # came early; the malformed lines (chunk -> indexes) waiting for their chunk's start.
+        self._starts: dict[str, list[int]] = {}
+        self._early: dict[str, dict[int, int]] = {}
+        self._pending: dict[str, dict[int, list[int]]] = {}
 
     def chunk_done(self, name: str, seq: int, lines: int, malformed: list[int]) -> None:
-        counts = self._counts.setdefault(name, [])
-        counts.extend([None] * (seq + 1 - len(counts)))
-        counts[seq] = lines
-        self._pending.extend((name, seq, index) for index in malformed)
-        if self._pending:
-            keep = []
-            for name_, seq_, index in self._pending:
-                before = self._counts[name_][:seq_]
-                if None in before:
-                    keep.append((name_, seq_, index))
-                else:
-                    self._report(name_, 1 + sum(before) + index)  # type: ignore[arg-type]
-            self._pending = keep
+        starts = self._starts.setdefault(name, [0])
+        early = self._early.setdefault(name, {})
+        pending = self._pending.setdefault(name, {})
+        early[seq] = lines
+        if malformed:
+            pending.setdefault(seq, []).extend(malformed)
+        while len(starts) - 1 in early:  # the next chunk's start is now known
+            starts.append(starts[-1] + early.pop(len(starts) - 1))
+        for chunk in [c for c in pending if c < len(starts)]:
+            for index in pending.pop(chunk):
+                self._report(name, starts[chunk] + index + 1)
 
 
 def _widen(pipe: Any) -> None:
