@@ -28,6 +28,7 @@ from batchd.backends import BackendError, JobInfo, JobState, PermanentError, Raw
 from batchd.config import format_duration
 from batchd.errors import is_expected, one_line
 from batchd.faults import crash_point
+from batchd.logs import MalformedLines
 from batchd.parse_pool import ParsePool, worker_count
 from batchd.progress import Activity, ReadProgress, computes_results
 from batchd.store import ApplyCounts, parse_iso
@@ -169,12 +170,9 @@ class JobEndings(_Base):
         if not n or not isinstance(self.backend, RawResults):
             return self.backend.results(job, progress=read.tick)
 
-        def malformed(file: str, line: int) -> None:
-            log.warning("job.output_malformed", google_job_id=job, file=file, line=line)
-
         try:
             pool = workers.enter_context(ParsePool(self.backend.line_parser(), n, wait=self.progress,
-                                                   on_malformed=malformed))
+                                                   on_malformed=MalformedLines(log, job)))
         except BackendError as e:  # nothing read yet: parse in this process, as for a small batch
             log.warning("job.parse_workers_unavailable", google_job_id=job, workers=n, error=one_line(e))
             return self.backend.results(job, progress=read.tick)

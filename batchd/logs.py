@@ -207,5 +207,26 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
         "thread.crashed", thread=args.thread.name if args.thread else None,
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
+MALFORMED_LOGGED = 20  # malformed output lines of one job read that get a log line each
 
-__all__ = ["LEVELS", "configure", "fd_is_journal", "output_fd", "set_level", "stream_is_journal"]
+
+class MalformedLines:
+    """``job.output_malformed`` for the first MALFORMED_LOGGED lines of one job's output that name no row, then
+    one ``job.output_malformed_more``: an output the parser cannot read at all (a changed format, garbage) must
+    not write a warning per line, 30,000 per batch at every sync. Every such line is still counted on the batch
+    (``unmatched_lines``, and ``job.output_unmatched`` once per batch)."""
+
+    def __init__(self, logger: Any, job: str):
+        self.logger, self.job, self.count = logger, job, 0
+
+    def __call__(self, file: str, line: int) -> None:
+        self.count += 1
+        if self.count <= MALFORMED_LOGGED:
+            self.logger.warning("job.output_malformed", google_job_id=self.job, file=file, line=line)
+        elif self.count == MALFORMED_LOGGED + 1:
+            self.logger.warning("job.output_malformed_more", google_job_id=self.job, logged=MALFORMED_LOGGED,
+                                file=file, line=line, more="further lines that name no row are counted, not logged")
+
+
+__all__ = ["LEVELS", "MALFORMED_LOGGED", "MalformedLines", "configure", "fd_is_journal", "output_fd", "set_level",
+           "stream_is_journal"]

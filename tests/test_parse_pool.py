@@ -210,6 +210,32 @@ def test_a_worker_dying_mid_job_defers_the_batch_with_the_reason_and_applies_not
     assert workers_of(os.getpid()) == []
 
 
+def test_garbage_output_is_logged_twenty_times_then_once_and_counted_in_full(tmp_path, clock) -> None:
+    """An output batchd cannot read (a changed format, garbage) must not write a warning per line at every sync."""
+    from batchd.backends import make_backend
+    from batchd.logs import MALFORMED_LOGGED
+    from batchd.manager import BatchManager
+    from batchd.store import Store
+
+    cfg = config_raw(tmp_path)
+    store = Store.open(cfg)
+    try:
+        m = BatchManager(store, make_backend(cfg, store.instance_id), cfg, clock=clock)
+        m.enqueue([(None, f"text {i}") for i in range(40)])
+        m.flush_queue(force=True)
+        set_knobs(tmp_path / "testbackend", malformed_line=60)
+        with structlog.testing.capture_logs() as logs:
+            s = m.sync_status()
+        assert s.finished == 1 and s.applied == 40, s
+        said = [e for e in logs if e["event"].startswith("job.output_malformed")]
+        assert [e["event"] for e in said] == ["job.output_malformed"] * MALFORMED_LOGGED + ["job.output_malformed_more"]
+        assert [e["line"] for e in said] == list(range(1, MALFORMED_LOGGED + 2))
+        assert store.batch(1).unmatched_lines == 60
+        assert [e["lines"] for e in logs if e["event"] == "job.output_unmatched"] == [60]
+    finally:
+        store.close()
+
+
 def test_workers_that_cannot_start_fall_back_to_parsing_in_process(tmp_path, clock) -> None:
     """A worker that cannot start (here: its parser does not import; on a server, a sandbox that refuses it) is
     found before any output is read: the batch is parsed in the daemon's own process, with a warning."""

@@ -141,6 +141,25 @@ def test_permanent_error_on_create_fails_the_batch_with_the_message(vworld) -> N
     assert w.fake.job_names() == []
 
 
+def test_garbage_output_is_logged_twenty_times_then_once_and_counted_in_full(vworld) -> None:
+    """The same cap when VertexBackend parses in this process (a batch too small for the parse workers)."""
+    import structlog.testing
+
+    from batchd.logs import MALFORMED_LOGGED
+
+    w = vworld()
+    enqueue(w, 5)
+    w.manager.flush_queue()
+    w.fake.malformed = 60
+    w.fake.finish()
+    with structlog.testing.capture_logs() as logs:
+        s = w.manager.sync_status()
+    assert s.applied == 5
+    said = [e["event"] for e in logs if e["event"].startswith("job.output_malformed")]
+    assert said == ["job.output_malformed"] * MALFORMED_LOGGED + ["job.output_malformed_more"]
+    assert w.store.batch(1).unmatched_lines == 60
+
+
 def test_short_vector_is_a_line_error(vworld) -> None:
     w = vworld()
     enqueue(w, 5)

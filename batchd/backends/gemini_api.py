@@ -67,6 +67,7 @@ from batchd.backends.gemini_api_client import (
 from batchd.backends.gemini_api_lines import GeminiApiLines
 from batchd.backends.models import GEMINI_API_SERVICE
 from batchd.faults import crash_point
+from batchd.logs import MalformedLines
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -300,6 +301,7 @@ class GeminiApiBackend:
 
         Raises ResultsGone (a PermanentError) when the file has expired or was deleted.
         """
+        malformed = MalformedLines(log, job_name)
         for file_name, path in self._result_file(job_name, progress):
             with path.open("rb") as f:
                 for lineno, raw in enumerate(f, 1):
@@ -309,7 +311,7 @@ class GeminiApiBackend:
                         continue
                     line = self.lines.parse(raw)
                     if line is None:  # yielded without keys: the manager counts it as unmatched
-                        log.warning("job.output_malformed", google_job_id=job_name, file=file_name, line=lineno)
+                        malformed(file_name, lineno)
                         line = ResultLine((), error=f"{file_name}:{lineno}: an output line tied to no row")
                     yield line
             progress()

@@ -44,6 +44,7 @@ from batchd.backends.vertex_common import (
 from batchd.backends.vertex_lines import LineFormat, embedding_of
 from batchd.backends.vertex_storage import RAW_BLOCK, VertexStorage
 from batchd.faults import crash_point
+from batchd.logs import MalformedLines
 from batchd.vectors import VectorError, fit_vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -252,6 +253,7 @@ class VertexBackend:
         to no row is yielded with no keys (counted as unmatched by the caller).
         """
         n = 0
+        malformed = MalformedLines(log, job_name)
         for bucket, name in self._output_objects(job_name):
             for lineno, raw in enumerate(self.gcs.read_lines(bucket, name), 1):
                 n += 1
@@ -261,7 +263,7 @@ class VertexBackend:
                     continue
                 result = self.lines.parse(raw)
                 if result is None:
-                    log.warning("job.output_malformed", google_job_id=job_name, file=name, line=lineno)
+                    malformed(name, lineno)
                     result = ResultLine((), error=f"{name}:{lineno}: an output line tied to no row")
                 yield result
         progress()

@@ -312,8 +312,8 @@ class RawScriptedBackend(ScriptedBackend):
                     progress()
 
         yield "results.jsonl", blocks()
-        if knobs.get("malformed_line"):
-            yield "errors.jsonl", iter([b"not json at all\n"])
+        if knobs.get("malformed_line"):  # True: one garbage line; a number: that many
+            yield "errors.jsonl", iter([b"not json at all\n" * int(knobs["malformed_line"])])
 
     def line_parser(self) -> tuple[str, dict[str, object]]:
         knobs = self._knobs()
