@@ -24,7 +24,17 @@ import structlog
 from batchd.backends import Backend, make_backend
 from batchd.config import Config, ConfigError, format_duration, load, resolve_path
 from batchd.errors import one_line
-from batchd.store import Busy, DiskFull, Missing, SchemaMismatch, Store, StoreError, explain, is_sqlite_error
+from batchd.store import (
+    Busy,
+    DiskFull,
+    Missing,
+    SchemaMismatch,
+    Store,
+    StoreError,
+    TableRefuses,
+    explain,
+    is_sqlite_error,
+)
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -223,6 +233,11 @@ def enqueue(app: App, file: Any) -> None:
 
     try:
         counts = app.manager.enqueue(rows(), on_slice=on_slice, on_refused=on_refused)
+    except TableRefuses as e:
+        if show and done:
+            click.echo()
+        fail(f"enqueue: {name}: {e}; " + (f"the first {done:,} good lines were queued, the rest were not"
+                                          if done else "nothing was queued"))
     except Exception as e:
         # Slices are transactions: say how far it got, so that lines without an id are not queued twice.
         problem = explain(e, app.config.database.path)

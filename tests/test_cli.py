@@ -112,6 +112,21 @@ def test_enqueue_skips_the_lines_the_applications_table_refuses_and_names_them(c
         conn.close()
 
 
+def test_enqueue_into_a_table_that_refuses_every_line_is_one_line(cfg, batchd_env, tmp_path):
+    """A table with a NOT NULL column batchd does not fill refuses everything: one line naming the cause, not a
+    "line skipped" per line."""
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "app.db")
+    conn.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, content TEXT NOT NULL, doc_id INTEGER NOT NULL)")
+    conn.commit()
+    conn.close()
+    r = run(batchd_env, cfg, "enqueue", stdin="".join(json.dumps({"text": f"t {i}"}) + "\n" for i in range(50)))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == ("batchd: enqueue: -: the table chunks refused every line of a slice of 50 "
+                                "(IntegrityError: NOT NULL constraint failed: chunks.doc_id); nothing was queued")
+
+
 def test_flush_sync_stats_jobs_retry_cancel(cfg, batchd_env, tmp_path):
     texts = "".join(json.dumps({"text": f"chunk {i}"}) + "\n" for i in range(10))
     assert run(batchd_env, cfg, "enqueue", stdin=texts).returncode == 0

@@ -26,7 +26,7 @@ from batchd.store.connection import (
     parse_iso,
     quote_ident,
 )
-from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin
+from batchd.store.intake import ENQUEUE_SLICE, HASH_SLICE, EnqueueCounts, IntakeMixin, TableRefuses
 from batchd.store.ledger import FAILURE_REASONS, LedgerMixin, ModelLedger, Sent
 from batchd.store.lifecycle import Change, Inspection, LifecycleMixin
 from batchd.store.problems import (
@@ -71,6 +71,7 @@ __all__ = [
     "Store",
     "StoreBase",
     "StoreError",
+    "TableRefuses",
     "_sqlite_module",
     "describe_problem",
     "explain",

@@ -15,10 +15,14 @@ from typing import Any
 
 from batchd.backends import Item
 from batchd.pricing import billable_characters
-from batchd.store.connection import StoreBase, about_one_row, iso
+from batchd.store.connection import StoreBase, StoreError, about_one_row, iso
 
 HASH_SLICE = 5_000
 ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: short for the app, yet fewer commits (README, "Benchmarks")
+
+
+class TableRefuses(StoreError):
+    """The application's table refused every row of an enqueue slice for one reason: its schema, not the input."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class IntakeMixin(StoreBase):
         def one_by_one(c: Any, batch: list[tuple[int | None, str]], hashes: list[str],
                        first: int) -> tuple[int, int, int]:
             ins = req = same = 0
+            refused: list[tuple[int, str]] = []
             for k, (row, digest) in enumerate(zip(batch, hashes)):
                 c.execute("SAVEPOINT batchd_row")
                 try:
@@ -90,11 +95,18 @@ class IntakeMixin(StoreBase):
                     c.execute("RELEASE batchd_row")
                     if not about_one_row(e):
                         raise
-                    assert on_refused is not None
-                    on_refused(first + k, f"{type(e).__name__}: {' '.join(str(e).split())}")
+                    refused.append((first + k, f"{type(e).__name__}: {' '.join(str(e).split())}"))
                     continue
                 c.execute("RELEASE batchd_row")
                 ins, req, same = ins + i1, req + r1, same + s1
+            reasons = {reason for _, reason in refused}
+            if len(refused) == len(batch) > 1 and len(reasons) == 1:
+                # Not a few bad lines: the table takes none of them (a NOT NULL column batchd cannot fill...).
+                raise TableRefuses(f"the table {self.config.database.chunks_table} refused every line of a slice "
+                                   f"of {len(batch):,} ({reasons.pop()})")
+            assert on_refused is not None
+            for index, reason in refused:
+                on_refused(index, reason)
             return ins, req, same
 
         def write(batch: list[tuple[int | None, str]], first: int) -> None:
