@@ -21,6 +21,9 @@ HASH_SLICE = 5_000
 ENQUEUE_SLICE = 10_000  # rows per enqueue transaction: short for the app, yet fewer commits (README, "Benchmarks")
 
 
+ALL_REFUSED_MIN = 20  # a slice this big refused whole for one reason is the table's schema, not bad lines
+
+
 class TableRefuses(StoreError):
     """The application's table refused every row of an enqueue slice for one reason: its schema, not the input."""
 
@@ -100,7 +103,7 @@ class IntakeMixin(StoreBase):
                 c.execute("RELEASE batchd_row")
                 ins, req, same = ins + i1, req + r1, same + s1
             reasons = {reason for _, reason in refused}
-            if len(refused) == len(batch) > 1 and len(reasons) == 1:
+            if len(refused) == len(batch) >= ALL_REFUSED_MIN and len(reasons) == 1:
                 # Not a few bad lines: the table takes none of them (a NOT NULL column batchd cannot fill...).
                 raise TableRefuses(f"the table {self.config.database.chunks_table} refused every line of a slice "
                                    f"of {len(batch):,} ({reasons.pop()})")
