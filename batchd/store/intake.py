@@ -45,8 +45,9 @@ class IntakeMixin(StoreBase):
         update trigger (out of any batch, attempts reset, old vector scheduled for removal).
 
         A row the application's table refuses (a CHECK or NOT NULL constraint, a trigger's RAISE) fails its whole
-        slice; with ``on_refused(index, reason)`` that slice is written again row by row instead, each refused row
-        reported by its 0-based index in ``rows`` and left out, the others written (in the same transaction).
+        slice; with ``on_refused(index, reason)`` that slice is rolled back and written again row by row in a
+        transaction of its own, each refused row reported by its 0-based index in ``rows`` and left out. A slice of
+        ALL_REFUSED_MIN rows or more refused whole for one reason raises :class:`TableRefuses` instead.
         """
         inserted = requeued = unchanged = 0
         t, i, x = self.q_table, self.q_id, self.q_text
