@@ -179,84 +179,74 @@ def config_raw(tmp_path: Path, **sections):
     return from_dict(merge(base, sections), source=str(tmp_path / "batchd.toml"))
 
 
-def test_a_worker_dying_mid_job_defers_the_batch_with_the_reason_and_applies_nothing(tmp_path, clock) -> None:
+@pytest.fixture
+def raw_job(tmp_path, clock):
+    """``raw_job(n)``: a manager on RawScriptedBackend with two parse workers and one submitted batch of ``n``
+    texts; ``(manager, store)``. The store is closed, and no worker may be left, at the end."""
     from batchd.backends import make_backend
     from batchd.manager import BatchManager
     from batchd.store import Store
 
     cfg = config_raw(tmp_path)
     store = Store.open(cfg)
-    try:
+
+    def make(n: int) -> tuple[BatchManager, Store]:
         m = BatchManager(store, make_backend(cfg, store.instance_id), cfg, clock=clock)
-        m.enqueue([(None, f"text {i}") for i in range(120)])
+        m.enqueue([(None, f"text {i}") for i in range(n)])
         m.flush_queue(force=True)
-        set_knobs(tmp_path / "testbackend", parser_die_at=30, malformed_line=True)
-        with structlog.testing.capture_logs() as logs:
-            s = m.sync_status()
-        assert s.finished == 0 and s.applied == 0 and len(s.errors) == 1
-        b = store.batch(1)
-        assert b.status == "RUNNING" and b.error_message.startswith(
-            "reading results failed, will retry: parse worker failed (exit status 3)"), b.error_message
-        assert store.queue_stats()["ready"] == 0
-        assert any(e["event"] == "job.parse_workers" and e["workers"] == 2 for e in logs)
-        set_knobs(tmp_path / "testbackend", malformed_line=True)
-        with structlog.testing.capture_logs() as logs:
-            s = m.sync_status()
-        assert s.finished == 1 and s.applied == 120, s
-        assert [(e["file"], e["line"]) for e in logs if e["event"] == "job.output_malformed"] == [("errors.jsonl", 1)]
-        assert store.batch(1).unmatched_lines == 1
+        return m, store
+
+    try:
+        yield make
     finally:
         store.close()
     assert workers_of(os.getpid()) == []
 
 
-def test_garbage_output_is_logged_twenty_times_then_once_and_counted_in_full(tmp_path, clock) -> None:
+def test_a_worker_dying_mid_job_defers_the_batch_with_the_reason_and_applies_nothing(raw_job, tmp_path) -> None:
+    m, store = raw_job(120)
+    set_knobs(tmp_path / "testbackend", parser_die_at=30, malformed_line=True)
+    with structlog.testing.capture_logs() as logs:
+        s = m.sync_status()
+    assert s.finished == 0 and s.applied == 0 and len(s.errors) == 1
+    b = store.batch(1)
+    assert b.status == "RUNNING" and b.error_message.startswith(
+        "reading results failed, will retry: parse worker failed (exit status 3)"), b.error_message
+    assert store.queue_stats()["ready"] == 0
+    assert any(e["event"] == "job.parse_workers" and e["workers"] == 2 for e in logs)
+    set_knobs(tmp_path / "testbackend", malformed_line=True)
+    with structlog.testing.capture_logs() as logs:
+        s = m.sync_status()
+    assert s.finished == 1 and s.applied == 120, s
+    assert [(e["file"], e["line"]) for e in logs if e["event"] == "job.output_malformed"] == [("errors.jsonl", 1)]
+    assert store.batch(1).unmatched_lines == 1
+
+
+def test_garbage_output_is_logged_twenty_times_then_once_and_counted_in_full(raw_job, tmp_path) -> None:
     """An output batchd cannot read (a changed format, garbage) must not write a warning per line at every sync."""
-    from batchd.backends import make_backend
     from batchd.logs import MALFORMED_LOGGED
-    from batchd.manager import BatchManager
-    from batchd.store import Store
 
-    cfg = config_raw(tmp_path)
-    store = Store.open(cfg)
-    try:
-        m = BatchManager(store, make_backend(cfg, store.instance_id), cfg, clock=clock)
-        m.enqueue([(None, f"text {i}") for i in range(40)])
-        m.flush_queue(force=True)
-        set_knobs(tmp_path / "testbackend", malformed_line=60)
-        with structlog.testing.capture_logs() as logs:
-            s = m.sync_status()
-        assert s.finished == 1 and s.applied == 40, s
-        said = [e for e in logs if e["event"].startswith("job.output_malformed")]
-        assert [e["event"] for e in said] == ["job.output_malformed"] * MALFORMED_LOGGED + ["job.output_malformed_more"]
-        assert [e["line"] for e in said] == list(range(1, MALFORMED_LOGGED + 2))
-        assert store.batch(1).unmatched_lines == 60
-        assert [e["lines"] for e in logs if e["event"] == "job.output_unmatched"] == [60]
-    finally:
-        store.close()
+    m, store = raw_job(40)
+    set_knobs(tmp_path / "testbackend", malformed_line=60)
+    with structlog.testing.capture_logs() as logs:
+        s = m.sync_status()
+    assert s.finished == 1 and s.applied == 40, s
+    said = [e for e in logs if e["event"].startswith("job.output_malformed")]
+    assert [e["event"] for e in said] == ["job.output_malformed"] * MALFORMED_LOGGED + ["job.output_malformed_more"]
+    assert [e["line"] for e in said] == list(range(1, MALFORMED_LOGGED + 2))
+    assert store.batch(1).unmatched_lines == 60
+    assert [e["lines"] for e in logs if e["event"] == "job.output_unmatched"] == [60]
 
 
-def test_workers_that_cannot_start_fall_back_to_parsing_in_process(tmp_path, clock) -> None:
+def test_workers_that_cannot_start_fall_back_to_parsing_in_process(raw_job, tmp_path) -> None:
     """A worker that cannot start (here: its parser does not import; on a server, a sandbox that refuses it) is
     found before any output is read: the batch is parsed in the daemon's own process, with a warning."""
-    from batchd.backends import make_backend
-    from batchd.manager import BatchManager
-    from batchd.store import Store
-
-    cfg = config_raw(tmp_path)
-    store = Store.open(cfg)
-    try:
-        m = BatchManager(store, make_backend(cfg, store.instance_id), cfg, clock=clock)
-        m.enqueue([(None, f"text {i}") for i in range(40)])
-        m.flush_queue(force=True)
-        set_knobs(tmp_path / "testbackend", parser_missing=True)
-        with structlog.testing.capture_logs() as logs:
-            s = m.sync_status()
-        assert s.finished == 1 and s.applied == 40, s
-        warn = [e for e in logs if e["event"] == "job.parse_workers_unavailable"]
-        assert len(warn) == 1 and warn[0]["log_level"] == "warning"
-        assert warn[0]["error"].startswith("parse worker could not start (exit status 1)")
-        assert "No module named 'tests.fakes.no_such_module'" in warn[0]["error"]
-    finally:
-        store.close()
-    assert workers_of(os.getpid()) == []
+    m, store = raw_job(40)
+    set_knobs(tmp_path / "testbackend", parser_missing=True)
+    with structlog.testing.capture_logs() as logs:
+        s = m.sync_status()
+    assert s.finished == 1 and s.applied == 40, s
+    warn = [e for e in logs if e["event"] == "job.parse_workers_unavailable"]
+    assert len(warn) == 1 and warn[0]["log_level"] == "warning"
+    assert warn[0]["error"].startswith("parse worker could not start (exit status 1)")
+    assert "No module named 'tests.fakes.no_such_module'" in warn[0]["error"]
